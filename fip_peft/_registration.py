@@ -1,0 +1,36 @@
+"""Register `FIP` with PEFT: a `PeftType` member, then `peft.utils.register_peft_method`.
+
+peft 0.21 only accepts methods that its `PeftType` enum names, so the member is added to the enum at import.
+"""
+
+from __future__ import annotations
+
+from peft.utils import PeftType, register_peft_method
+
+NAME = "FIP"
+
+
+def _add_peft_type_member() -> None:
+    if NAME in PeftType.__members__:
+        return
+    member = str.__new__(PeftType, NAME)
+    member._name_ = NAME
+    member._value_ = NAME
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_map_[NAME] = member
+    PeftType._value2member_map_[NAME] = member
+    PeftType._member_names_.append(NAME)
+    type.__setattr__(PeftType, NAME, member)
+
+
+def register() -> None:
+    """Make `FIP` a PEFT method (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    _add_peft_type_member()
+    if PeftType.FIP in PEFT_TYPE_TO_TUNER_MAPPING:
+        return
+    from .config import FIPConfig
+    from .model import FIPModel
+
+    register_peft_method(name=NAME.lower(), config_cls=FIPConfig, model_cls=FIPModel, prefix="fip_")

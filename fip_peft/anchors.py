@@ -1,0 +1,153 @@
+"""Turn what users pass to `remember` (tensor, dict, `datasets.Dataset`, `DataLoader`) into anchor tensors.
+
+Anchors are kept as a dict of batched tensors keyed by the model's input names; a plain tensor for a custom
+`nn.Module` is stored under `POSITIONAL` and passed as the first positional argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+POSITIONAL = "_positional"
+LABEL_KEYS = ("labels", "label", "label_ids", "targets")
+# A DataLoader is read up to this many times the anchors wanted, then subsampled, so unshuffled loaders still
+# give anchors from more than their first batches.
+MAX_LOADER_OVERSAMPLING = 8
+
+AnchorInputs = dict[str, torch.Tensor]
+
+
+def pad_and_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, right-padding every other dim with zeros to the largest size."""
+    if len({t.dim() for t in tensors}) != 1:
+        raise ValueError(f"Anchors of different ranks cannot be combined: {[tuple(t.shape) for t in tensors]}.")
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"Anchors of different dtypes cannot be combined: {sorted({str(t.dtype) for t in tensors})}.")
+    sizes = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, t.dim())):
+            pad += [0, sizes[d - 1] - t.shape[d]]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded, dim=0)
+
+
+def concat_inputs(parts: list[AnchorInputs]) -> AnchorInputs:
+    """Concatenate several anchor dicts that share the same keys."""
+    keys = set(parts[0])
+    for part in parts[1:]:
+        if set(part) != keys:
+            raise ValueError(
+                f"Anchors must always have the same input names; got {sorted(keys)} and {sorted(part)}. Pass the "
+                "same kind of data (tensor or the same dict keys) to every `remember` call."
+            )
+    return {key: pad_and_stack([part[key] for part in parts]) for key in parts[0]}
+
+
+def num_rows(inputs: AnchorInputs) -> int:
+    return next(iter(inputs.values())).shape[0] if inputs else 0
+
+
+def select_rows(inputs: AnchorInputs, index: torch.Tensor) -> AnchorInputs:
+    return {key: value[index] for key, value in inputs.items()}
+
+
+def _as_tensor(name: str, values: object) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu()
+    try:
+        rows = [torch.as_tensor(v) for v in values]  # type: ignore[union-attr]
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"Anchor input {name!r} cannot be turned into a tensor: {error}") from error
+    if not rows:
+        return torch.empty(0)
+    return pad_and_stack([row.unsqueeze(0) for row in rows])
+
+
+def _from_mapping(batch: Mapping, model_inputs: set[str] | None) -> AnchorInputs:
+    inputs = {}
+    for key, value in batch.items():
+        if key in LABEL_KEYS or (model_inputs is not None and key not in model_inputs):
+            continue
+        inputs[key] = _as_tensor(key, value)
+    if not inputs:
+        wanted = f" The model takes {sorted(model_inputs)}." if model_inputs else ""
+        raise ValueError(f"`remember` found no model inputs among the data's fields {sorted(batch)}.{wanted}")
+    sizes = {key: value.shape[0] for key, value in inputs.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"All anchor inputs must have the same number of rows, got {sizes}.")
+    return inputs
+
+
+def _from_batch(batch: object, model_inputs: set[str] | None) -> AnchorInputs:
+    if isinstance(batch, torch.Tensor):
+        return {POSITIONAL: batch.detach().cpu()}
+    if isinstance(batch, Mapping):
+        return _from_mapping(batch, model_inputs)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return {POSITIONAL: batch[0].detach().cpu()}
+    raise TypeError(
+        f"`remember` cannot use a batch of type {type(batch).__name__}; pass a tensor, a dict of batched tensors, a "
+        "datasets.Dataset or a DataLoader yielding tensors, (inputs, labels) tuples or dicts."
+    )
+
+
+def forward_input_names(model: nn.Module) -> set[str] | None:
+    """The keyword inputs `model.forward` accepts, or None when it takes arbitrary keywords."""
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        named = {p.name for p in params if p.kind != inspect.Parameter.VAR_KEYWORD}
+        return named | {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "inputs_embeds"}
+    return {p.name for p in params}
+
+
+def collect_inputs(
+    data: object, model: nn.Module, num_anchors: int, generator: torch.Generator | None = None
+) -> AnchorInputs:
+    """Read up to `num_anchors` anchor inputs from `data`, drawn at random when there are more."""
+    model_inputs = forward_input_names(model)
+    if _is_hf_dataset(data):
+        columns = [c for c in data.column_names if c not in LABEL_KEYS and (model_inputs is None or c in model_inputs)]
+        if not columns:
+            raise ValueError(
+                f"`remember` found none of the model's inputs {sorted(model_inputs or [])} among the dataset "
+                f"columns {data.column_names}; tokenize the dataset first (e.g. `dataset.map(tokenizer, ...)`)."
+            )
+        if len(data) == 0:
+            raise ValueError("`remember` got an empty dataset; pass at least one example.")
+        if len(data) > num_anchors:
+            data = data.select(torch.randperm(len(data), generator=generator)[:num_anchors].tolist())
+        return _from_mapping(data.select_columns(columns)[:], None)
+    if isinstance(data, DataLoader):
+        parts, rows = [], 0
+        for batch in data:
+            part = _from_batch(batch, model_inputs)
+            parts.append(part)
+            rows += num_rows(part)
+            if rows >= MAX_LOADER_OVERSAMPLING * num_anchors:
+                break
+        if not parts:
+            raise ValueError("`remember` got an empty DataLoader; pass at least one batch.")
+        inputs = concat_inputs(parts)
+    else:
+        inputs = _from_batch(data, model_inputs)
+    total = num_rows(inputs)
+    if total == 0:
+        raise ValueError("`remember` got empty data; pass at least one example.")
+    if total > num_anchors:
+        inputs = select_rows(inputs, torch.randperm(total, generator=generator)[:num_anchors])
+    return inputs
+
+
+def _is_hf_dataset(data: object) -> bool:
+    try:
+        from datasets import Dataset
+    except ImportError:
+        return False
+    return isinstance(data, Dataset)

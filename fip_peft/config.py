@@ -1,0 +1,128 @@
+"""`FIPConfig`: the settings of a functionally-invariant-path adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+DISTANCES = ("logits", "bhattacharyya", "kl")
+OBJECTIVES = ("continual", "sparsify")
+SOLVERS = ("penalty",)
+
+
+@dataclass
+class FIPConfig(PeftConfig):
+    """Configuration of a [`FIPModel`].
+
+    The adapter holds the weight displacement `delta` of each target module from its base weight, so the adapted
+    weight is `W + delta`. Training moves `delta` along a functionally invariant path: every optimizer step descends
+    the secondary objective L (the task loss) plus the functional distance D(w, w_ref) between the model's outputs
+    and the recorded reference outputs on the remembered anchor inputs, divided by `beta`:
+
+        step direction = grad L + (1 / beta) * grad D
+
+    which is the penalty form of the paper's step `argmin_theta theta^T g theta + beta <theta, grad L>` (g, the
+    metric, is the Hessian of D at the reference weights).
+
+    Args:
+        target_modules: Module names, a regex, or `"all-linear"`. `None` means `"all-linear"` on transformers
+            models; custom models must name their targets.
+        exclude_modules: Module names or a regex of modules not to adapt.
+        modules_to_save: Extra modules trained in full and saved with the adapter (e.g. a new classifier head).
+        objective: `"continual"` (learn a new task, keep remembered tasks). `"sparsify"` is reserved.
+        distance: How output change on anchors is measured. `"logits"`: mean squared difference of the logits
+            (or the last hidden state), whose metric is g = J^T J, the paper's metric. `"bhattacharyya"`: between
+            softmax outputs, what the authors' code uses. `"kl"`: KL(p_ref || p) between softmax outputs.
+        beta: Weight of the secondary objective against output preservation (> 0). Larger moves faster and
+            preserves less.
+        rank: `None` for a full-rank displacement; an int r for a low-rank displacement `B @ A` (B zero-initialised)
+            at LoRA-like memory. LoRA users raise the learning rate about 10x with a low rank.
+        anchor_budget: Most anchors kept over all remembered tasks, split evenly across tasks.
+        anchor_batch_size: Anchors drawn per optimizer step to measure D.
+        save_anchors: Store anchors and reference outputs in the adapter file so that training can resume
+            anywhere. Anchors are training inputs: mind their privacy before pushing to a public Hub.
+        anchor_seed: Seed of anchor selection and per-step anchor sampling (identical on every process).
+        solver: How the FIP step is solved. `"penalty"`: first-order step on L + D / beta.
+        init_weights: `True` starts from a zero displacement (the base function). `False` starts from a small
+            random displacement, for tests.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names, a regex, or 'all-linear'. None means 'all-linear' on transformers models."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new head."}
+    )
+    objective: Literal["continual", "sparsify"] = field(
+        default="continual", metadata={"help": "'continual' keeps remembered tasks while learning a new one."}
+    )
+    distance: Literal["logits", "bhattacharyya", "kl"] = field(
+        default="logits", metadata={"help": "Output distance on anchors: 'logits', 'bhattacharyya' or 'kl'."}
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "Weight of the new objective against preservation; larger preserves less."}
+    )
+    rank: int | None = field(
+        default=None, metadata={"help": "None: full-rank displacement; int r: low-rank B @ A displacement."}
+    )
+    anchor_budget: int = field(default=512, metadata={"help": "Most anchors kept over all tasks, split evenly."})
+    anchor_batch_size: int = field(default=16, metadata={"help": "Anchors drawn per optimizer step."})
+    save_anchors: bool = field(
+        default=True, metadata={"help": "Store anchors and reference outputs in the adapter file."}
+    )
+    anchor_seed: int = field(default=0, metadata={"help": "Seed of anchor selection and sampling."})
+    solver: Literal["penalty"] = field(default="penalty", metadata={"help": "How the FIP step is solved."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: zero displacement (base function); False: random, for tests."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.FIP
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"FIPConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.objective == "sparsify":
+            raise ValueError(
+                "FIPConfig.objective='sparsify' is reserved and not implemented yet; use objective='continual'."
+            )
+        if self.distance not in DISTANCES:
+            raise ValueError(f"FIPConfig.distance must be one of {DISTANCES}, got {self.distance!r}.")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"FIPConfig.solver must be one of {SOLVERS}, got {self.solver!r}.")
+        _check_number("beta", self.beta, positive=True)
+        if self.rank is not None:
+            _check_int("rank", self.rank, minimum=1, hint="or None for a full-rank displacement")
+        _check_int("anchor_budget", self.anchor_budget, minimum=1)
+        _check_int("anchor_batch_size", self.anchor_batch_size, minimum=1)
+        _check_int("anchor_seed", self.anchor_seed, minimum=0)
+        if not isinstance(self.save_anchors, bool):
+            raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
+
+
+def _check_number(name: str, value: object, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"FIPConfig.{name} must be a number, got {type(value).__name__}.")
+    if positive and not value > 0:
+        raise ValueError(f"FIPConfig.{name} must be > 0, got {value}.")
+
+
+def _check_int(name: str, value: object, *, minimum: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"FIPConfig.{name} must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        suffix = f" ({hint})" if hint else ""
+        raise ValueError(f"FIPConfig.{name} must be >= {minimum}, got {value}{suffix}.")

@@ -1,0 +1,68 @@
+"""Output distances d(f(x; w), f(x; w_ref)) on anchors: the math of the functional distance D.
+
+Each function maps outputs and reference outputs of shape (N, ..., C) to per-position distances of shape (N, ...);
+`functional_distance` averages them over anchors (and over valid tokens when a mask is given).
+Their second-order terms define the metric g = E[J^T M J]: M = I for `logits`, the output Fisher
+(diag p - p p^T) / 8 for `bhattacharyya` and (diag p - p p^T) / 2 for `kl`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def logits_distance(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance over the last dimension (logits or hidden features): metric g = J^T J."""
+    return (outputs.float() - reference.float()).pow(2).sum(dim=-1)
+
+
+def bhattacharyya_distance(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """-log sum_c sqrt(p_c q_c) between the softmax of `outputs` and of `reference` (the authors' choice)."""
+    log_p = F.log_softmax(outputs.float(), dim=-1)
+    log_q = F.log_softmax(reference.float(), dim=-1)
+    return -torch.logsumexp(0.5 * (log_p + log_q), dim=-1)
+
+
+def kl_distance(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p): how much the softmax of `outputs` lost of the reference distribution."""
+    log_p = F.log_softmax(outputs.float(), dim=-1)
+    log_q = F.log_softmax(reference.float(), dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+
+
+DISTANCE_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "logits": logits_distance,
+    "bhattacharyya": bhattacharyya_distance,
+    "kl": kl_distance,
+}
+
+
+def functional_distance(
+    outputs: torch.Tensor, reference: torch.Tensor, kind: str = "logits", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """D: mean over anchors (and over positions where `mask` is 1) of the per-position distance `kind`."""
+    if outputs.shape != reference.shape:
+        raise ValueError(
+            f"Outputs of shape {tuple(outputs.shape)} cannot be compared with reference outputs of shape "
+            f"{tuple(reference.shape)}: the model's output shape changed since `remember` recorded them."
+        )
+    per_position = DISTANCE_FUNCTIONS[kind](outputs, reference)
+    if mask is None or mask.shape != per_position.shape:
+        return per_position.mean()
+    mask = mask.to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def distance_scale(reference: torch.Tensor, kind: str) -> float:
+    """The typical size of the outputs, by which D is divided so that `beta` means the same on any model.
+
+    For `logits` it is the mean squared norm of the centred reference outputs (their spread across the last
+    dimension), so D / scale is the relative output change; the softmax distances are already scale-free (1.0).
+    """
+    if kind != "logits" or reference.numel() == 0:
+        return 1.0
+    centred = reference.float() - reference.float().mean(dim=-1, keepdim=True)
+    return max(float(centred.pow(2).sum(dim=-1).mean()), 1e-8)

@@ -1,0 +1,134 @@
+"""`AnchorMemory`: the anchors X_a of one adapter and the reference outputs f(X_a; w_ref) recorded on them.
+
+It is an `nn.Module` whose tensors are buffers, so it lives on the model's device and, when the config says
+`save_anchors=True`, travels inside `adapter_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .anchors import AnchorInputs, concat_inputs, num_rows, select_rows
+
+ANCHOR_PREFIX = "anchor__"
+MAX_REFERENCE_BYTES = 2 * 1024**3
+
+
+class AnchorMemory(nn.Module):
+    """Anchors grouped by task (`task_ids`), their reference outputs, and the sampling step counter.
+
+    With `persistent=False` (config `save_anchors=False`) none of it enters `state_dict`, so nothing is saved.
+    """
+
+    def __init__(self, persistent: bool = True) -> None:
+        super().__init__()
+        self.persistent = persistent
+        self.register_buffer("task_ids", torch.zeros(0, dtype=torch.long), persistent=persistent)
+        self.register_buffer("reference", torch.zeros(0), persistent=persistent)
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long), persistent=persistent)
+        self.register_buffer("scale", torch.ones(()), persistent=persistent)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name.removeprefix(ANCHOR_PREFIX) for name, _ in self.named_buffers() if name.startswith(ANCHOR_PREFIX)]
+
+    @property
+    def inputs(self) -> AnchorInputs:
+        return {name: getattr(self, ANCHOR_PREFIX + name) for name in self.input_names}
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.task_ids.max()) + 1 if len(self) else 0
+
+    def __len__(self) -> int:
+        return int(self.task_ids.shape[0])
+
+    def anchors_per_task(self) -> list[int]:
+        return torch.bincount(self.task_ids, minlength=self.num_tasks).tolist() if len(self) else []
+
+    def with_new_task(
+        self, new_inputs: AnchorInputs, budget: int, num_new: int
+    ) -> tuple[AnchorInputs, torch.Tensor]:
+        """Anchors and task ids after adding a task of `num_new` anchors, old tasks sharing the rest of `budget`.
+
+        Anchors within a task are stored in random order, so keeping each old task's first rows keeps a random
+        subset of it. Nothing is changed here; `replace` commits the result.
+        """
+        old_tasks = self.num_tasks
+        per_old_task = (budget - num_new) // old_tasks if old_tasks else 0
+        keep = torch.cat(
+            [torch.nonzero(self.task_ids == t).flatten()[:per_old_task] for t in range(old_tasks)]
+            + [torch.zeros(0, dtype=torch.long, device=self.task_ids.device)]
+        )
+        parts = []
+        if old_tasks:
+            parts.append({k: v.cpu() for k, v in select_rows(self.inputs, keep).items()})
+        parts.append(select_rows(new_inputs, torch.arange(num_new)))
+        task_ids = torch.cat([self.task_ids[keep].cpu(), torch.full((num_new,), old_tasks, dtype=torch.long)])
+        return concat_inputs(parts), task_ids
+
+    def replace(
+        self, inputs: AnchorInputs, task_ids: torch.Tensor, reference: torch.Tensor, scale: float = 1.0
+    ) -> None:
+        """Commit a new set of anchors, reference outputs and the distance scale at once."""
+        device = self.task_ids.device
+        for name in self.input_names:
+            delattr(self, ANCHOR_PREFIX + name)
+        for name, value in inputs.items():
+            self.register_buffer(ANCHOR_PREFIX + name, value.to(device), persistent=self.persistent)
+        self.task_ids = task_ids.to(device)
+        self.reference = reference.to(device)
+        self.scale.fill_(scale)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the memory from saved buffers (`name -> tensor`, names as in `state_dict`)."""
+        inputs = {k.removeprefix(ANCHOR_PREFIX): v for k, v in tensors.items() if k.startswith(ANCHOR_PREFIX)}
+        if not inputs and "task_ids" in tensors and tensors["task_ids"].numel() == 0:
+            self.clear()
+            return
+        missing = {"task_ids", "reference"} - set(tensors)
+        if missing or not inputs:
+            raise ValueError(f"The saved FIP anchor memory is incomplete: missing {sorted(missing) or 'anchors'}.")
+        if num_rows(inputs) != tensors["task_ids"].shape[0] or tensors["reference"].shape[0] != num_rows(inputs):
+            raise ValueError("The saved FIP anchor memory is inconsistent: anchors and references differ in count.")
+        self.replace(inputs, tensors["task_ids"].long(), tensors["reference"], float(tensors.get("scale", 1.0)))
+        if "sample_step" in tensors:
+            self.sample_step.fill_(int(tensors["sample_step"]))
+
+    def clear(self) -> None:
+        self.replace({}, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+
+    def next_batch_index(self, batch_size: int, seed: int) -> torch.Tensor:
+        """Anchor indices for the next step: the same on every process, since they depend only on seed and step."""
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(self.sample_step))
+        self.sample_step += 1
+        size = len(self)
+        if batch_size >= size:
+            return torch.arange(size)
+        return torch.randperm(size, generator=generator)[:batch_size]
+
+    def batch(self, index: torch.Tensor) -> tuple[AnchorInputs, torch.Tensor]:
+        """Anchor inputs and reference outputs at `index`, trimmed of columns that are padding in every row."""
+        index = index.to(self.task_ids.device)
+        inputs = select_rows(self.inputs, index)
+        reference = self.reference[index]
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            length = int(mask.sum(dim=1).max())
+            if length < mask.shape[1] and not mask[:, length:].any():
+                full = mask.shape[1]
+                inputs = {k: v[:, :length] if v.dim() >= 2 and v.shape[1] == full else v for k, v in inputs.items()}
+                if reference.dim() >= 3 and reference.shape[1] == full:
+                    reference = reference[:, :length]
+        return inputs, reference
+
+
+def check_reference_size(num_anchors: int, output_shape: torch.Size) -> None:
+    """Refuse reference outputs too big to keep (e.g. per-token logits over a large vocabulary)."""
+    size = num_anchors * int(torch.Size(output_shape[1:]).numel()) * 4
+    if size > MAX_REFERENCE_BYTES:
+        raise ValueError(
+            f"Reference outputs for {num_anchors} anchors of output shape {tuple(output_shape[1:])} would take "
+            f"{size / 1024**3:.1f} GiB; lower FIPConfig.anchor_budget or pass shorter anchors."
+        )

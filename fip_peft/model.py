@@ -1,0 +1,231 @@
+"""`FIPModel`: the PEFT tuner that injects FIP layers and keeps each adapter's anchor memory."""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from .anchors import POSITIONAL, AnchorInputs, collect_inputs, num_rows
+from .config import FIPConfig
+from .distances import distance_scale, functional_distance
+from .layer import FIPLayer, fip_layer_class
+from .memory import AnchorMemory, check_reference_size
+
+logger = logging.get_logger(__name__)
+
+MEMORY_ATTR = "fip_memory"
+REFERENCE_BATCH_SIZE = 64
+
+
+def model_output(outputs: object) -> torch.Tensor:
+    """The tensor FIP preserves: `logits` when present, else the last hidden state, else the first output."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(outputs, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(outputs, dict):
+        outputs = tuple(outputs.values())
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(f"FIP cannot find an output tensor in a model output of type {type(outputs).__name__}.")
+
+
+class FIPModel(BaseTuner):
+    """Creates a functionally-invariant-path adapter on a model.
+
+    Example:
+
+        ```py
+        >>> import fip_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, fip_peft.FIPConfig(task_type="SEQ_CLS"))
+        >>> model.remember(task_a_dataset)  # anchors + reference outputs of what the model knows now
+        >>> optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-4)
+        ```
+    """
+
+    prefix: str = "fip_"
+    tuner_layer_cls = FIPLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._fip_optimizers: weakref.WeakSet = weakref.WeakSet()
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    def _prepare_adapter_config(self, peft_config: FIPConfig, model_config: dict) -> FIPConfig:
+        if peft_config.target_modules is None:
+            if not isinstance(self.model, PreTrainedModel):
+                raise ValueError(
+                    "FIPConfig.target_modules is required for a model that is not a transformers PreTrainedModel: "
+                    "name its layers (e.g. ['fc1', 'fc2']), give a regex, or use 'all-linear'."
+                )
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Inject the FIP layers of `adapter_name` and give it an empty anchor memory."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if MEMORY_ATTR not in self._modules:
+            self.fip_memory = nn.ModuleDict()
+        self.fip_memory[adapter_name] = AnchorMemory(persistent=self.peft_config[adapter_name].save_anchors)
+
+    def _create_and_replace(
+        self, peft_config: FIPConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ) -> None:
+        kwargs = {"rank": peft_config.rank, "init_weights": peft_config.init_weights}
+        if isinstance(target, FIPLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        new_module = fip_layer_class(base)(target, adapter_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.fip_memory:
+            del self.fip_memory[adapter_name]
+
+    # ---- anchors --------------------------------------------------------------------------------------------------
+
+    def _adapter(self, adapter_name: str | None) -> str:
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {name!r}; this model has {sorted(self.peft_config)}.")
+        return name
+
+    def memory(self, adapter_name: str | None = None) -> AnchorMemory:
+        """The anchor memory of `adapter_name` (default: the active adapter)."""
+        return self.fip_memory[self._adapter(adapter_name)]
+
+    @contextmanager
+    def _evaluating(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def _run(self, inputs: AnchorInputs) -> torch.Tensor:
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        positional = inputs.pop(POSITIONAL, None)
+        outputs = self.model(positional, **inputs) if positional is not None else self.model(**inputs)
+        return model_output(outputs)
+
+    @torch.no_grad()
+    def _outputs_on(self, inputs: AnchorInputs) -> torch.Tensor:
+        with self._evaluating():
+            rows = num_rows(inputs)
+            chunks = []
+            for start in range(0, rows, REFERENCE_BATCH_SIZE):
+                chunk = {k: v[start : start + REFERENCE_BATCH_SIZE] for k, v in inputs.items()}
+                chunks.append(self._run(chunk).float().cpu())
+        return torch.cat(chunks)
+
+    def remember(self, data, num_anchors: int | None = None, adapter_name: str | None = None) -> dict[str, object]:
+        """Add anchors from `data` and record the current outputs on every anchor kept so far.
+
+        Training after this call keeps the function on all remembered anchors. `data` is a tensor of inputs (custom
+        `nn.Module`), a dict of batched tensors, a `datasets.Dataset` with the model's input columns, or a
+        `DataLoader`. By default the new task gets an equal share of `anchor_budget`; older tasks shrink to share the
+        rest. Returns a summary: anchors per task and total.
+        """
+        name = self._adapter(adapter_name)
+        config: FIPConfig = self.peft_config[name]
+        memory = self.fip_memory[name]
+        if num_anchors is not None:
+            if isinstance(num_anchors, bool) or not isinstance(num_anchors, int):
+                raise TypeError(f"`num_anchors` must be an int or None, got {type(num_anchors).__name__}.")
+            if not 1 <= num_anchors <= config.anchor_budget:
+                raise ValueError(
+                    f"`num_anchors` must be between 1 and FIPConfig.anchor_budget={config.anchor_budget}, got "
+                    f"{num_anchors}; raise anchor_budget or pass fewer anchors."
+                )
+        tasks = memory.num_tasks + 1
+        wanted = num_anchors if num_anchors is not None else config.anchor_budget // tasks
+        if wanted < 1:
+            raise ValueError(
+                f"FIPConfig.anchor_budget={config.anchor_budget} is too small for {tasks} tasks; raise it to at least "
+                f"{tasks}."
+            )
+        generator = torch.Generator().manual_seed(config.anchor_seed + memory.num_tasks)
+        new_inputs = collect_inputs(data, self.model, wanted, generator)
+        if memory.input_names and set(memory.input_names) != set(new_inputs):
+            raise ValueError(
+                f"`remember` got inputs {sorted(new_inputs)} but earlier anchors have {sorted(memory.input_names)}; "
+                "pass the same kind of data to every call."
+            )
+        try:
+            probe = self._outputs_on({k: v[:2] for k, v in new_inputs.items()})
+        except Exception as error:  # the model's own error says what is wrong with the inputs
+            raise ValueError(
+                f"The model cannot run on the anchors given to `remember` (inputs {sorted(new_inputs)}): {error}"
+            ) from error
+        inputs, task_ids = memory.with_new_task(new_inputs, config.anchor_budget, num_rows(new_inputs))
+        check_reference_size(num_rows(inputs), probe.shape)
+        reference = self._outputs_on(inputs)
+        memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance))
+        summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory)}
+        logger.info(f"FIP adapter {name!r} remembers {summary['total']} anchors: {summary['anchors_per_task']}.")
+        return summary
+
+    def anchor_distance(self, adapter_name: str | None = None) -> torch.Tensor | None:
+        """D(w, w_ref) / scale on the next batch of anchors (with grad), or None when nothing is remembered.
+
+        Run in eval mode so that dropout does not blur how far the function moved.
+        """
+        name = self._adapter(adapter_name)
+        config: FIPConfig = self.peft_config[name]
+        memory = self.fip_memory[name]
+        if len(memory) == 0:
+            return None
+        inputs, reference = memory.batch(memory.next_batch_index(config.anchor_batch_size, config.anchor_seed))
+        with self._evaluating():
+            outputs = self._run(inputs)
+        mask = inputs.get("attention_mask")
+        distance = functional_distance(outputs, reference.to(outputs.device), config.distance, mask)
+        return distance / memory.scale
+
+    # ---- the FIP step guard ---------------------------------------------------------------------------------------
+
+    def _register_fip_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._fip_optimizers.add(optimizer)
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and not len(self._fip_optimizers):
+            remembered = any(len(self.fip_memory[n]) for n in self.active_adapters if n in self.fip_memory)
+            if remembered and any(p.requires_grad for p in self.parameters()):
+                raise RuntimeError(
+                    "This FIP model has remembered anchors but is being trained without the FIP step, which would "
+                    "silently fall back to plain fine-tuning. Use `fip_peft.FIPTrainer` instead of `Trainer`, or "
+                    "pass `optimizers=(fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=...), None)` to "
+                    "`Trainer`, or build your loop's optimizer with `fip_peft.create_fip_optimizer`."
+                )
+        return self.model(*args, **kwargs)
+
+    # ---- saving and loading the memory -----------------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Size the anchor memory to the saved anchors first, so that the generic loading then fills it."""
+        marker = f"{MEMORY_ATTR}."
+        saved = {k.split(marker, 1)[1]: v for k, v in state_dict.items() if marker in k}
+        if saved:
+            tuner = next((m for m in model.modules() if isinstance(m, FIPModel)), None)
+            if tuner is None:
+                logger.warning("The FIP adapter's saved anchors are ignored: the model has no FIPModel to hold them.")
+                state_dict = {k: v for k, v in state_dict.items() if marker not in k}
+            else:
+                tuner.fip_memory[adapter_name].load_tensors(saved)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

@@ -1,0 +1,104 @@
+"""`create_fip_optimizer`: an optimizer whose `step()` is the FIP step.
+
+`step()` adds the gradient of the functional distance, (1 / beta) * grad D(w, w_ref) on a batch of remembered
+anchors, to the gradient of the secondary objective already in `.grad`, then lets the wrapped optimizer move the
+weights. A plain loop `loss.backward(); optimizer.step()` therefore follows the functionally invariant path with
+no other call.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from torch import nn
+
+from ..model import FIPModel
+
+
+def find_fip_model(model: nn.Module) -> FIPModel:
+    """The `FIPModel` inside `model` (a `PeftModel`, the `FIPModel` itself, or any wrapper holding one)."""
+    if isinstance(model, FIPModel):
+        return model
+    found = next((m for m in model.modules() if isinstance(m, FIPModel)), None)
+    if found is None:
+        raise TypeError(
+            f"{type(model).__name__} has no FIP adapter; wrap it first with "
+            "`peft.get_peft_model(model, fip_peft.FIPConfig(...))`."
+        )
+    return found
+
+
+class FIPStepMixin:
+    """Turns any `torch.optim.Optimizer` subclass into one whose `step()` performs the FIP step."""
+
+    _fip_model: FIPModel
+
+    def _attach_fip(self, fip_model: FIPModel) -> None:
+        self._fip_model = fip_model
+        self.fip_distance_sum = 0.0
+        self.fip_distance_count = 0
+        fip_model._register_fip_optimizer(self)
+
+    def add_anchor_gradient(self) -> float | None:
+        """Accumulate (1 / beta) * grad D into `.grad`; return D, or None when nothing is remembered."""
+        fip_model = self._fip_model
+        config = fip_model.peft_config[fip_model.active_adapters[0]]
+        with torch.enable_grad():
+            distance = fip_model.anchor_distance()
+            if distance is None:
+                return None
+            (distance / config.beta).backward()
+        value = float(distance.detach())
+        self.fip_distance_sum += value
+        self.fip_distance_count += 1
+        return value
+
+    def pop_mean_distance(self) -> float | None:
+        """Mean D over the steps since the last call (for logging)."""
+        if not self.fip_distance_count:
+            return None
+        mean = self.fip_distance_sum / self.fip_distance_count
+        self.fip_distance_sum, self.fip_distance_count = 0.0, 0
+        return mean
+
+    def step(self, closure=None):
+        self.add_anchor_gradient()
+        return super().step(closure)
+
+
+@cache
+def _fip_optimizer_class(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    return type(f"FIP{optimizer_cls.__name__}", (FIPStepMixin, optimizer_cls), {"__module__": __name__})
+
+
+def attach_fip_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """Make an existing optimizer (e.g. the one `Trainer` built) perform the FIP step on `model`, in place."""
+    if not isinstance(optimizer, FIPStepMixin):
+        optimizer.__class__ = _fip_optimizer_class(type(optimizer))
+    optimizer._attach_fip(find_fip_model(model))
+    return optimizer
+
+
+def create_fip_optimizer(
+    model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], **optimizer_kwargs
+) -> torch.optim.Optimizer:
+    """Create an `optimizer_cls` over the trainable parameters of `model` whose `step()` is the FIP step.
+
+    Same shape as `peft.optimizers.create_loraplus_optimizer`:
+
+        ```py
+        >>> optimizer = create_fip_optimizer(model, torch.optim.AdamW, lr=1e-4)
+        >>> loss.backward()
+        >>> optimizer.step()  # descends the task loss while keeping the remembered outputs
+        ```
+    """
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise TypeError(f"`optimizer_cls` must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}.")
+    fip_model = find_fip_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters; is the FIP adapter in inference mode?")
+    optimizer = _fip_optimizer_class(optimizer_cls)(params, **optimizer_kwargs)
+    optimizer._attach_fip(fip_model)
+    return optimizer
