@@ -47,9 +47,7 @@ class AnchorMemory(nn.Module):
     def anchors_per_task(self) -> list[int]:
         return torch.bincount(self.task_ids, minlength=self.num_tasks).tolist() if len(self) else []
 
-    def with_new_task(
-        self, new_inputs: AnchorInputs, budget: int, num_new: int
-    ) -> tuple[AnchorInputs, torch.Tensor]:
+    def with_new_task(self, new_inputs: AnchorInputs, budget: int, num_new: int) -> tuple[AnchorInputs, torch.Tensor]:
         """Anchors and task ids after adding a task of `num_new` anchors, old tasks sharing the rest of `budget`.
 
         Anchors within a task are stored in random order, so keeping each old task's first rows keeps a random

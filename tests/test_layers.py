@@ -29,7 +29,10 @@ TARGETS = ["emb", "conv", "lin", "c1d"]
 
 def inputs() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return {"ids": torch.randint(0, 20, (3, 7), generator=generator), "image": torch.randn(3, 1, 4, 4, generator=generator)}
+    return {
+        "ids": torch.randint(0, 20, (3, 7), generator=generator),
+        "image": torch.randn(3, 1, 4, 4, generator=generator),
+    }
 
 
 def wrapped(rank=None, init_weights=True) -> tuple[nn.Module, nn.Module]:
