@@ -59,6 +59,7 @@ class FIPModel(BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._fip_optimizers: weakref.WeakSet = weakref.WeakSet()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        self._install_guard()
 
     def _prepare_adapter_config(self, peft_config: FIPConfig, model_config: dict) -> FIPConfig:
         if peft_config.target_modules is None:
@@ -95,7 +96,7 @@ class FIPModel(BaseTuner):
         if adapter_name in self.fip_memory:
             del self.fip_memory[adapter_name]
 
-    # ---- anchors --------------------------------------------------------------------------------------------------
+    # ---- anchors ----------------------------------------------------------------------------------------------------
 
     def _adapter(self, adapter_name: str | None) -> str:
         name = adapter_name or self.active_adapters[0]
@@ -197,24 +198,38 @@ class FIPModel(BaseTuner):
         distance = functional_distance(outputs, reference.to(outputs.device), config.distance, mask)
         return distance / memory.scale
 
-    # ---- the FIP step guard ---------------------------------------------------------------------------------------
+    # ---- the FIP step guard: no silent plain fine-tuning ------------------------------------------------------------
 
     def _register_fip_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self._fip_optimizers.add(optimizer)
 
-    def forward(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled() and not len(self._fip_optimizers):
-            remembered = any(len(self.fip_memory[n]) for n in self.active_adapters if n in self.fip_memory)
-            if remembered and any(p.requires_grad for p in self.parameters()):
-                raise RuntimeError(
-                    "This FIP model has remembered anchors but is being trained without the FIP step, which would "
-                    "silently fall back to plain fine-tuning. Use `fip_peft.FIPTrainer` instead of `Trainer`, or "
-                    "pass `optimizers=(fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=...), None)` to "
-                    "`Trainer`, or build your loop's optimizer with `fip_peft.create_fip_optimizer`."
-                )
-        return self.model(*args, **kwargs)
+    def _check_fip_step(self) -> None:
+        """Refuse a training forward pass with anchors but no FIP optimizer: it would be plain fine-tuning."""
+        if not (self.model.training and torch.is_grad_enabled()) or len(self._fip_optimizers):
+            return
+        remembered = any(len(self.fip_memory[n]) for n in self.active_adapters if n in self.fip_memory)
+        if remembered and any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError(
+                "This FIP model has remembered anchors but is being trained without the FIP step, which would "
+                "silently fall back to plain fine-tuning. Use `fip_peft.FIPTrainer` instead of `Trainer`, or pass "
+                "`optimizers=(fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=...), None)` to `Trainer`, "
+                "or build your loop's optimizer with `fip_peft.create_fip_optimizer`."
+            )
 
-    # ---- saving and loading the memory -----------------------------------------------------------------------------
+    def _install_guard(self) -> None:
+        tuner = weakref.ref(self)
+
+        def guard(module, args, kwargs):
+            if (owner := tuner()) is not None:
+                owner._check_fip_step()
+
+        self._guard_handle = self.model.register_forward_pre_hook(guard, with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        self._guard_handle.remove()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    # ---- saving and loading the memory ------------------------------------------------------------------------------
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -17,14 +17,16 @@ class FIPTrainer(Trainer):
             find_fip_model(model)
         super().__init__(model, *args, **kwargs)
 
+    _fip_optimizer = None
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        return attach_fip_step(optimizer, self.model)
+        self._fip_optimizer = attach_fip_step(optimizer, self.model)
+        return optimizer
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        pop = getattr(self.optimizer, "pop_mean_distance", None)
-        if "loss" in logs and pop is not None:
-            distance = pop()
+        if "loss" in logs and self._fip_optimizer is not None:
+            distance = self._fip_optimizer.pop_mean_distance()
             if distance is not None:
                 logs["fip_distance"] = round(distance, 6)
         super().log(logs, *args, **kwargs)
