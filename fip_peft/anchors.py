@@ -6,12 +6,13 @@ Anchors are kept as a dict of batched tensors keyed by the model's input names; 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from .model_io import forward_input_names
 
 POSITIONAL = "_positional"
 LABEL_KEYS = ("labels", "label", "label_ids", "targets")
@@ -98,25 +99,16 @@ def _from_batch(batch: object, model_inputs: set[str] | None) -> AnchorInputs:
     )
 
 
-def forward_input_names(model: nn.Module) -> set[str] | None:
-    """The keyword inputs `model.forward` accepts, or None when it takes arbitrary keywords."""
-    params = inspect.signature(model.forward).parameters.values()
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
-        named = {p.name for p in params if p.kind != inspect.Parameter.VAR_KEYWORD}
-        return named | {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "inputs_embeds"}
-    return {p.name for p in params}
-
-
 def collect_inputs(
     data: object, model: nn.Module, num_anchors: int, generator: torch.Generator | None = None
 ) -> AnchorInputs:
     """Read up to `num_anchors` anchor inputs from `data`, drawn at random when there are more."""
     model_inputs = forward_input_names(model)
     if _is_hf_dataset(data):
-        columns = [c for c in data.column_names if c not in LABEL_KEYS and (model_inputs is None or c in model_inputs)]
+        columns = [c for c in data.column_names if c not in LABEL_KEYS and c in model_inputs]
         if not columns:
             raise ValueError(
-                f"`remember` found none of the model's inputs {sorted(model_inputs or [])} among the dataset "
+                f"`remember` found none of the model's inputs {sorted(model_inputs)} among the dataset "
                 f"columns {data.column_names}; tokenize the dataset first (e.g. `dataset.map(tokenizer, ...)`)."
             )
         if len(data) == 0:

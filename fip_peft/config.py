@@ -67,7 +67,7 @@ class FIPConfig(PeftConfig):
         default="logits", metadata={"help": "Output distance on anchors: 'logits', 'bhattacharyya' or 'kl'."}
     )
     beta: float = field(
-        default=0.1, metadata={"help": "Weight of the new objective against preservation; larger preserves less."}
+        default=0.3, metadata={"help": "Weight of the new objective against preservation; larger preserves less."}
     )
     rank: int | None = field(
         default=None, metadata={"help": "None: full-rank displacement; int r: low-rank B @ A displacement."}

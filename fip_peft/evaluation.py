@@ -8,7 +8,6 @@ This module imports nothing else from ``fip_peft`` so it can be used, and tested
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.utils import logging
+
+from .model_io import forward_input_names, model_output
 
 if TYPE_CHECKING:
     import evaluate
@@ -217,15 +218,6 @@ def load_accuracy_metric() -> evaluate.EvaluationModule:
     return evaluate.load(str(ACCURACY_METRIC_PATH))
 
 
-def _model_input_names(model: nn.Module) -> set[str] | None:
-    """Named parameters of ``model.forward``, or None when it takes ``**kwargs`` only (any column may be an input)."""
-    parameters = inspect.signature(model.forward).parameters.values()
-    named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    if not named and any(p.kind == p.VAR_KEYWORD for p in parameters):
-        return None
-    return named
-
-
 def _prepare_hf_dataset(dataset: Any, model: nn.Module, label_key: str) -> tuple[Any, str]:
     """Format a ``datasets.Dataset`` to torch with the model's input columns plus the label column."""
     columns = list(dataset.column_names)
@@ -234,14 +226,8 @@ def _prepare_hf_dataset(dataset: Any, model: nn.Module, label_key: str) -> tuple
             label_key = "label"
         else:
             raise KeyError(f"Label column {label_key!r} not in dataset columns {columns}; pass `label_key`.")
-    input_names = _model_input_names(model)
-    if input_names is None:
-        text_types = ("string", "large_string")
-        inputs = [
-            c for c in columns if c != label_key and getattr(dataset.features[c], "dtype", None) not in text_types
-        ]
-    else:
-        inputs = [c for c in columns if c in input_names and c != label_key]
+    input_names = forward_input_names(model)
+    inputs = [c for c in columns if c != label_key and c in input_names]
     if not inputs:
         raise ValueError(f"No dataset column matches an input of the model's forward (columns: {columns}).")
     return dataset.with_format("torch", columns=[*inputs, label_key]), label_key
@@ -255,17 +241,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(item, device) for item in value)
     return value
-
-
-def _predictions(outputs: Any) -> torch.Tensor:
-    """Class predictions: argmax over the last dim of ``outputs.logits``, the tensor, or a tuple's first element."""
-    if hasattr(outputs, "logits"):
-        logits = outputs.logits
-    elif isinstance(outputs, (tuple, list)):
-        logits = outputs[0]
-    else:
-        logits = outputs
-    return logits.argmax(dim=-1)
 
 
 def _default_device(model: nn.Module) -> torch.device:
@@ -316,7 +291,7 @@ def evaluate_tasks(
                     else:
                         inputs, labels = batch[0], batch[1]
                         outputs = model(_to_device(inputs, device))
-                    predictions = _predictions(outputs)
+                    predictions = model_output(outputs).argmax(dim=-1)
                     metric.add_batch(
                         predictions=predictions.reshape(-1).cpu().numpy(),
                         references=torch.as_tensor(labels).reshape(-1).cpu().numpy(),

@@ -16,26 +16,12 @@ from .config import FIPConfig
 from .distances import distance_scale, functional_distance
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory, check_reference_size
+from .model_io import model_output
 
 logger = logging.get_logger(__name__)
 
 MEMORY_ATTR = "fip_memory"
 REFERENCE_BATCH_SIZE = 64
-
-
-def model_output(outputs: object) -> torch.Tensor:
-    """The tensor FIP preserves: `logits` when present, else the last hidden state, else the first output."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(outputs, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(outputs, dict):
-        outputs = tuple(outputs.values())
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise TypeError(f"FIP cannot find an output tensor in a model output of type {type(outputs).__name__}.")
 
 
 class FIPModel(BaseTuner):
