@@ -9,7 +9,7 @@ from torch import nn
 
 
 def forward_input_names(model: nn.Module) -> set[str]:
-    """The keyword inputs `model.forward` accepts; with `**kwargs`, its named ones plus the usual transformers inputs."""
+    """The keyword inputs `model.forward` accepts; with `**kwargs`, its named ones and the usual HF inputs."""
     params = inspect.signature(model.forward).parameters.values()
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
         named = {p.name for p in params if p.kind != inspect.Parameter.VAR_KEYWORD}
