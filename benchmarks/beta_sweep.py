@@ -42,6 +42,7 @@ def base_model(kind: str, seed: int, digits: dict):
 def train_task_b(setting: tuple, beta: float | None) -> tuple[float, float]:
     """Train task B; `beta=None` is plain fine-tuning (no anchors). Returns (task-A logit change, task-B accuracy)."""
     base, config, encode, rank, lr, seed, digits, before = setting
+    torch.manual_seed(seed)
     model = get_peft_model(clone(base), fip_peft.FIPConfig(rank=rank, beta=beta or 1.0, **config))
     if beta is not None:
         model.remember(encode(digits["x_a_train"]))

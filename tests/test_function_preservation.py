@@ -36,6 +36,7 @@ def base_and_config(kind: str, digits):
 
 
 def train_task_b(base, config: dict, encode, digits, rank, remember: bool):
+    torch.manual_seed(0)
     model = get_peft_model(clone(base), fip_peft.FIPConfig(rank=rank, **config))
     if remember:
         model.remember(encode(digits["x_a_train"]))
