@@ -126,14 +126,21 @@ class FIPLayer(BaseTunerLayer):
         return None
 
 
-class Linear(nn.Module, FIPLayer):
-    """FIP on `nn.Linear`: `y = x (W + delta)^T + b`; low rank adds `x A^T B^T` as LoRA does."""
+class FIPModule(nn.Module, FIPLayer):
+    """An `nn.Module` FIP layer wrapping `base_layer` with the displacement of `adapter_name`."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, rank: int | None = None, **kwargs) -> None:
         super().__init__()
         FIPLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, rank, **kwargs)
+
+    def __repr__(self) -> str:
+        return "fip." + super().__repr__()
+
+
+class Linear(FIPModule):
+    """FIP on `nn.Linear`: `y = x (W + delta)^T + b`; low rank adds `x A^T B^T` as LoRA does."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._base_only(x, *args, **kwargs)
@@ -153,18 +160,9 @@ class Linear(nn.Module, FIPLayer):
                 result = result + F.linear(F.linear(x.to(a.dtype), a), b).to(result.dtype)
         return result
 
-    def __repr__(self) -> str:
-        return "fip." + super().__repr__()
 
-
-class Conv1D(nn.Module, FIPLayer):
+class Conv1D(FIPModule):
     """FIP on transformers' `Conv1D` (GPT-2), whose weight is stored (in, out): `y = x (W + delta) + b`."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, rank: int | None = None, **kwargs) -> None:
-        super().__init__()
-        FIPLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, rank, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._base_only(x, *args, **kwargs)
@@ -185,18 +183,9 @@ class Conv1D(nn.Module, FIPLayer):
                 result = result + ((x.to(b.dtype) @ b) @ a).to(result.dtype)
         return result
 
-    def __repr__(self) -> str:
-        return "fip." + super().__repr__()
 
-
-class Embedding(nn.Module, FIPLayer):
+class Embedding(FIPModule):
     """FIP on `nn.Embedding`: looks rows up in `W` and in `delta` (never materialising `W + delta`)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, rank: int | None = None, **kwargs) -> None:
-        super().__init__()
-        FIPLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, rank, **kwargs)
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
@@ -214,18 +203,9 @@ class Embedding(nn.Module, FIPLayer):
                 result = result + (self._lookup(x, self.fip_B[name]) @ self.fip_A[name]).to(result.dtype)
         return result
 
-    def __repr__(self) -> str:
-        return "fip." + super().__repr__()
 
-
-class Conv2d(nn.Module, FIPLayer):
+class Conv2d(FIPModule):
     """FIP on `nn.Conv2d`: one convolution with the kernel `W + delta`."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, rank: int | None = None, **kwargs) -> None:
-        super().__init__()
-        FIPLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, rank, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._base_only(x, *args, **kwargs)
@@ -234,9 +214,6 @@ class Conv2d(nn.Module, FIPLayer):
         base = self.get_base_layer()
         weight = self._adapted_weight(self._active())
         return base._conv_forward(x.to(weight.dtype), weight, base.bias)
-
-    def __repr__(self) -> str:
-        return "fip." + super().__repr__()
 
 
 LAYER_CLASSES: dict[type[nn.Module], type[FIPLayer]] = {
