@@ -139,49 +139,53 @@ class FIPModule(nn.Module, FIPLayer):
         return "fip." + super().__repr__()
 
 
-class Linear(FIPModule):
+class _DenseFIPModule(FIPModule):
+    """Shared forward of the matrix-product layers: full-rank displacements join the weight, low-rank ones add a
+    `x -> B A`-style term without forming `B @ A`."""
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _low_rank_term(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self._base_only(x, *args, **kwargs)
+        if result is not None:
+            return result
+        active = self._active()
+        full = [name for name in active if self.rank[name] is None]
+        if full:
+            result = self._with_weight(x, self._adapted_weight(full))
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            if self.rank[name] is not None:
+                result = result + self._low_rank_term(x, name).to(result.dtype)
+        return result
+
+
+class Linear(_DenseFIPModule):
     """FIP on `nn.Linear`: `y = x (W + delta)^T + b`; low rank adds `x A^T B^T` as LoRA does."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self._base_only(x, *args, **kwargs)
-        if result is not None:
-            return result
-        base = self.get_base_layer()
-        active = self._active()
-        full = [name for name in active if self.rank[name] is None]
-        if full:
-            weight = self._adapted_weight(full)
-            result = F.linear(x.to(weight.dtype), weight, base.bias)
-        else:
-            result = base(x, *args, **kwargs)
-        for name in active:
-            if self.rank[name] is not None:
-                a, b = self.fip_A[name], self.fip_B[name]
-                result = result + F.linear(F.linear(x.to(a.dtype), a), b).to(result.dtype)
-        return result
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(weight.dtype), weight, self.get_base_layer().bias)
+
+    def _low_rank_term(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        a, b = self.fip_A[adapter], self.fip_B[adapter]
+        return F.linear(F.linear(x.to(a.dtype), a), b)
 
 
-class Conv1D(FIPModule):
+class Conv1D(_DenseFIPModule):
     """FIP on transformers' `Conv1D` (GPT-2), whose weight is stored (in, out): `y = x (W + delta) + b`."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self._base_only(x, *args, **kwargs)
-        if result is not None:
-            return result
-        base = self.get_base_layer()
-        active = self._active()
-        full = [name for name in active if self.rank[name] is None]
-        if full:
-            weight = self._adapted_weight(full)
-            result = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]).to(weight.dtype), weight)
-            result = result.view(*x.shape[:-1], weight.shape[1])
-        else:
-            result = base(x, *args, **kwargs)
-        for name in active:
-            if self.rank[name] is not None:
-                b, a = self.fip_B[name], self.fip_A[name]
-                result = result + ((x.to(b.dtype) @ b) @ a).to(result.dtype)
-        return result
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        return torch.addmm(self.get_base_layer().bias, flat, weight).view(*x.shape[:-1], weight.shape[1])
+
+    def _low_rank_term(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        b, a = self.fip_B[adapter], self.fip_A[adapter]
+        return (x.to(b.dtype) @ b) @ a
 
 
 class Embedding(FIPModule):
