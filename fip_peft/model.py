@@ -71,8 +71,12 @@ class FIPModel(BaseTuner):
         if isinstance(target, FIPLayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        new_module = fip_layer_class(base)(target, adapter_name, **kwargs)
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(
+                f"FIP cannot adapt {target_name!r}: it is already adapted by another PEFT method "
+                f"({type(target).__name__}). Merge that adapter first (`merge_and_unload()`)."
+            )
+        new_module = fip_layer_class(target)(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

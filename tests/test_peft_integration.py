@@ -117,3 +117,11 @@ def test_push_to_hub_uploads_the_adapter_files(monkeypatch):
     model.push_to_hub("someone/fip-mlp", token="not-a-real-token")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(uploaded)
     assert json.loads(uploaded["adapter_config.json"])["peft_type"] == "FIP"
+
+
+def test_a_layer_already_adapted_by_another_method_is_refused():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(target_modules=["fc1"]), MLP())
+    with pytest.raises(TypeError, match="already adapted"):
+        get_peft_model(model, fip_peft.FIPConfig(target_modules=["fc1"]))
