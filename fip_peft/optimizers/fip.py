@@ -40,8 +40,9 @@ class FIPStepMixin:
         self.fip_distance_count = 0
         fip_model._register_fip_optimizer(self)
 
-    def add_anchor_gradient(self) -> float | None:
-        """Accumulate (1 / beta) * grad D into `.grad`; return D, or None when nothing is remembered."""
+    def add_anchor_gradient(self) -> torch.Tensor | None:
+        """Accumulate (1 / beta) * grad D into `.grad`; return D (a tensor, so that no step waits on the
+        device), or None when nothing is remembered."""
         fip_model = self._fip_model
         config = fip_model.peft_config[fip_model.active_adapters[0]]
         with torch.enable_grad():
@@ -49,8 +50,8 @@ class FIPStepMixin:
             if distance is None:
                 return None
             (distance / config.beta).backward()
-        value = float(distance.detach())
-        self.fip_distance_sum += value
+        value = distance.detach()
+        self.fip_distance_sum = self.fip_distance_sum + value
         self.fip_distance_count += 1
         return value
 
@@ -58,7 +59,7 @@ class FIPStepMixin:
         """Mean D over the steps since the last call (for logging)."""
         if not self.fip_distance_count:
             return None
-        mean = self.fip_distance_sum / self.fip_distance_count
+        mean = float(self.fip_distance_sum) / self.fip_distance_count
         self.fip_distance_sum, self.fip_distance_count = 0.0, 0
         return mean
 
