@@ -157,7 +157,7 @@ def run_continual(args: argparse.Namespace, tasks: list[Task], *, remember: bool
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         timings[f"train {task.name}"] = time.perf_counter() - start
 
         start = time.perf_counter()
