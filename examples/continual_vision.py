@@ -33,12 +33,13 @@ from typing import Any
 import torch
 from data import load_fashion_mnist, split_tasks
 from peft import get_peft_model
+from reporting import print_timings, save_matrix, side_by_side
 from torch import nn
 from tqdm.auto import tqdm
 
 import fip_peft
 from fip_peft.config import DEFAULT_BETA_FULL_RANK, DEFAULT_BETA_LOW_RANK
-from fip_peft.evaluation import AccuracyMatrix, plot_accuracy_matrix
+from fip_peft.evaluation import AccuracyMatrix
 
 logger = logging.getLogger("fip_peft.examples.continual_vision")
 
@@ -173,32 +174,6 @@ def run_continual(args: argparse.Namespace, tasks: list[Task], *, remember: bool
             timings[f"remember {task.name}"] = time.perf_counter() - start
             logger.info(f"[{label}] anchors per task: {summary['anchors_per_task']}")
     return RunResult(matrix=matrix, model=model, timings=timings)
-
-
-def side_by_side(left: str, right: str, left_title: str, right_title: str, gap: int = 4) -> str:
-    """Two multi-line blocks next to each other, each under its title."""
-    left_lines = [left_title, *left.splitlines()]
-    right_lines = [right_title, *right.splitlines()]
-    width = max(len(line) for line in left_lines) + gap
-    rows = max(len(left_lines), len(right_lines))
-    left_lines += [""] * (rows - len(left_lines))
-    right_lines += [""] * (rows - len(right_lines))
-    return "\n".join(f"{a.ljust(width)}{b}".rstrip() for a, b in zip(left_lines, right_lines, strict=True))
-
-
-def save_matrix(matrix: AccuracyMatrix, folder: Path, title: str) -> list[Path]:
-    """Write ``R.json`` and the ``R.png`` heatmap of ``matrix`` into ``folder``."""
-    json_path = matrix.to_json(folder / "R.json")
-    png_path = plot_accuracy_matrix(matrix.as_array(), folder / "R.png", task_names=matrix.task_names, title=title)
-    return [json_path, png_path]
-
-
-def print_timings(title: str, timings: dict[str, float]) -> None:
-    """Seconds per phase and their total."""
-    print(f"\n{title} time per phase:")
-    for phase, seconds in timings.items():
-        print(f"  {phase:<32} {seconds:7.1f} s")
-    print(f"  {'total':<32} {sum(timings.values()):7.1f} s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
