@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from data import load_fashion_mnist, split_tasks
 from peft import get_peft_model
-from reporting import print_timings, save_matrix, side_by_side
+from reporting import print_report, save_matrix
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -241,19 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     if baseline is not None:
         written += save_matrix(baseline.matrix, output_dir / "baseline", "plain fine-tuning")
 
-    print("\nAccuracy matrix R[i][j]: accuracy on task j (columns) after training task i (rows).")
-    print(f"Class-incremental: argmax over all {NUM_CLASSES} classes of the shared head.\n")
-    if baseline is None:
-        print("FIP\n" + str(fip.matrix))
-    else:
-        print(side_by_side(str(fip.matrix), str(baseline.matrix), "FIP", "plain fine-tuning (no remember)"))
-    print_timings("FIP", fip.timings)
-    if baseline is not None:
-        print_timings("Baseline", baseline.timings)
-    print(f"\nWall time: {time.perf_counter() - total_start:.1f} s")
-    print("Wrote:")
-    for path in [*written, adapter_dir]:
-        print(f"  {path}")
+    print_report(fip, baseline, NUM_CLASSES, [*written, adapter_dir], time.perf_counter() - total_start)
 
 
 if __name__ == "__main__":

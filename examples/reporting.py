@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fip_peft.evaluation import AccuracyMatrix, plot_accuracy_matrix
 
@@ -30,3 +31,23 @@ def print_timings(title: str, timings: dict[str, float]) -> None:
     for phase, seconds in timings.items():
         print(f"  {phase:<32} {seconds:7.1f} s")
     print(f"  {'total':<32} {sum(timings.values()):7.1f} s")
+
+
+def print_report(fip: Any, baseline: Any | None, num_classes: int, written: list[Path], wall_seconds: float) -> None:
+    """Print the accuracy matrices (side by side with the baseline's when there is one), timings and outputs.
+
+    `fip` and `baseline` are run results with an `AccuracyMatrix` in `.matrix` and phase timings in `.timings`.
+    """
+    print("\nAccuracy matrix R[i][j]: accuracy on task j (columns) after training task i (rows).")
+    print(f"Class-incremental: argmax over all {num_classes} classes of the shared head.\n")
+    if baseline is None:
+        print("FIP\n" + str(fip.matrix))
+    else:
+        print(side_by_side(str(fip.matrix), str(baseline.matrix), "FIP", "plain fine-tuning (no remember)"))
+    print_timings("FIP", fip.timings)
+    if baseline is not None:
+        print_timings("Baseline", baseline.timings)
+    print(f"\nWall time: {wall_seconds:.1f} s")
+    print("Wrote:")
+    for path in written:
+        print(f"  {path}")
