@@ -47,13 +47,14 @@ class AnchorMemory(nn.Module):
     def anchors_per_task(self) -> list[int]:
         return torch.bincount(self.task_ids, minlength=self.num_tasks).tolist() if len(self) else []
 
-    def with_new_task(self, new_inputs: AnchorInputs, budget: int, num_new: int) -> tuple[AnchorInputs, torch.Tensor]:
-        """Anchors and task ids after adding a task of `num_new` anchors, old tasks sharing the rest of `budget`.
+    def with_new_task(self, new_inputs: AnchorInputs, budget: int) -> tuple[AnchorInputs, torch.Tensor]:
+        """Anchors and task ids after adding `new_inputs` as a new task, old tasks sharing the rest of `budget`.
 
         Anchors within a task are stored in random order, so keeping each old task's first rows keeps a random
         subset of it. Nothing is changed here; `replace` commits the result.
         """
         old_tasks = self.num_tasks
+        num_new = num_rows(new_inputs)
         per_old_task = (budget - num_new) // old_tasks if old_tasks else 0
         keep = torch.cat(
             [torch.nonzero(self.task_ids == t).flatten()[:per_old_task] for t in range(old_tasks)]
@@ -62,7 +63,7 @@ class AnchorMemory(nn.Module):
         parts = []
         if old_tasks:
             parts.append({k: v.cpu() for k, v in select_rows(self.inputs, keep).items()})
-        parts.append(select_rows(new_inputs, torch.arange(num_new)))
+        parts.append(new_inputs)
         task_ids = torch.cat([self.task_ids[keep].cpu(), torch.full((num_new,), old_tasks, dtype=torch.long)])
         return concat_inputs(parts), task_ids
 

@@ -163,7 +163,7 @@ class FIPModel(BaseTuner):
             raise ValueError(
                 f"The model cannot run on the anchors given to `remember` (inputs {sorted(new_inputs)}): {error}"
             ) from error
-        inputs, task_ids = memory.with_new_task(new_inputs, config.anchor_budget, num_rows(new_inputs))
+        inputs, task_ids = memory.with_new_task(new_inputs, config.anchor_budget)
         check_reference_size(num_rows(inputs), probe.shape)
         reference = self._outputs_on(inputs)
         memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance))
