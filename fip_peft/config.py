@@ -8,6 +8,8 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .checks import check_config_consistency, drop_unknown_config_fields
+
 DISTANCES = ("logits", "bhattacharyya", "kl")
 OBJECTIVES = ("continual", "sparsify")
 SOLVERS = ("penalty",)
@@ -53,6 +55,9 @@ class FIPConfig(PeftConfig):
         solver: How the FIP step is solved. `"penalty"`: first-order step on L + D / beta.
         init_weights: `True` starts from a zero displacement (the base function). `False` starts from a small
             random displacement, for tests.
+        on_nonfinite: What the optimizer step does when the task gradient or the anchor distance D is NaN or
+            infinite (a bad batch, an overflow). `"skip"`: the step changes nothing (parameters and optimizer state
+            stay as they were) and a warning names the step. `"raise"`: `NonFiniteStepError` names the step.
     """
 
     target_modules: list[str] | str | None = field(
@@ -91,6 +96,10 @@ class FIPConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero displacement (base function); False: random, for tests."}
     )
+    on_nonfinite: Literal["skip", "raise"] = field(
+        default="skip",
+        metadata={"help": "A NaN/inf task gradient or anchor distance: 'skip' the step (with a warning) or 'raise'."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +113,11 @@ class FIPConfig(PeftConfig):
         elif self.beta is None:
             self.beta = DEFAULT_BETA_FULL_RANK
         self._validate()
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Drop (with a warning) fields that a newer fip_peft wrote into `adapter_config.json`."""
+        return drop_unknown_config_fields(cls, kwargs)
 
     def _validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -124,6 +138,7 @@ class FIPConfig(PeftConfig):
         _check_int("anchor_seed", self.anchor_seed, minimum=0)
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
+        check_config_consistency(self)
 
 
 def _check_number(name: str, value: object, *, positive: bool) -> None:

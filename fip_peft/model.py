@@ -12,6 +12,14 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .anchors import POSITIONAL, AnchorInputs, collect_inputs, num_rows
+from .checks import (
+    check_adaptable_targets,
+    check_anchor_inputs,
+    check_anchors_match,
+    check_finite_reference,
+    check_remember_adapter,
+    check_remember_budget,
+)
 from .config import FIPConfig
 from .distances import distance_scale, functional_distance
 from .layer import FIPLayer, fip_layer_class
@@ -56,6 +64,10 @@ class FIPModel(BaseTuner):
                 )
             peft_config.target_modules = "all-linear"
         return peft_config
+
+    def _prepare_model(self, peft_config: FIPConfig, model: nn.Module) -> None:
+        """Refuse any target FIP cannot adapt before the first layer is replaced."""
+        check_adaptable_targets(self, peft_config, model)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject the FIP layers of `adapter_name` and give it an empty anchor memory."""
@@ -132,6 +144,7 @@ class FIPModel(BaseTuner):
         `DataLoader`. By default the new task gets an equal share of `anchor_budget`; older tasks shrink to share the
         rest. Returns a summary: anchors per task and total.
         """
+        check_remember_adapter(self, adapter_name)
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
         memory = self.fip_memory[name]
@@ -157,15 +170,19 @@ class FIPModel(BaseTuner):
                 f"`remember` got inputs {sorted(new_inputs)} but earlier anchors have {sorted(memory.input_names)}; "
                 "pass the same kind of data to every call."
             )
+        check_anchor_inputs(new_inputs, self.model)
+        check_remember_budget(config.anchor_budget, memory.anchors_per_task(), num_rows(new_inputs))
         try:
             probe = self._outputs_on({k: v[:2] for k, v in new_inputs.items()})
         except Exception as error:  # the model's own error says what is wrong with the inputs
             raise ValueError(
                 f"The model cannot run on the anchors given to `remember` (inputs {sorted(new_inputs)}): {error}"
             ) from error
+        check_anchors_match(new_inputs, memory.inputs)
         inputs, task_ids = memory.with_new_task(new_inputs, config.anchor_budget)
         check_reference_size(num_rows(inputs), probe.shape)
         reference = self._outputs_on(inputs)
+        check_finite_reference(reference)
         memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance))
         summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory)}
         logger.info(f"FIP adapter {name!r} remembers {summary['total']} anchors: {summary['anchors_per_task']}.")

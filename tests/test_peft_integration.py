@@ -75,7 +75,9 @@ def test_each_adapter_keeps_its_own_anchors(tmp_path):
     model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1"], anchor_budget=5))
     model.add_adapter("other", fip_peft.FIPConfig(target_modules=["fc1"], anchor_budget=7))
     model.remember(data["x_a_train"])
+    model.set_adapter("other")
     model.remember(data["x_b_train"], adapter_name="other")
+    model.set_adapter("default")
     assert len(model.base_model.memory("default")) == 5
     assert len(model.base_model.memory("other")) == 7
     model.save_pretrained(tmp_path)

@@ -12,8 +12,12 @@ from functools import cache
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
+from ..checks import NonFiniteStepError
 from ..model import FIPModel
+
+logger = logging.get_logger(__name__)
 
 
 def find_fip_model(model: nn.Module) -> FIPModel:
@@ -38,6 +42,7 @@ class FIPStepMixin:
         self._fip_model = fip_model
         self.fip_distance_sum = 0.0
         self.fip_distance_count = 0
+        self.fip_steps = 0
         fip_model._register_fip_optimizer(self)
 
     def add_anchor_gradient(self) -> torch.Tensor | None:
@@ -63,8 +68,45 @@ class FIPStepMixin:
         self.fip_distance_sum, self.fip_distance_count = 0.0, 0
         return mean
 
+    def skip_nonfinite_step(self) -> bool:
+        """Apply `FIPConfig.on_nonfinite` when this step's gradient (task loss + D / beta) or anchor distance D holds a
+        NaN or an infinity: return True under "skip" (the step must change nothing), raise `NonFiniteStepError` under
+        "raise". One host sync per step.
+        """
+        self.fip_steps += 1
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        flags = [torch.isfinite(p.grad).all() for p in params]
+        distance = self.fip_distance_sum
+        if isinstance(distance, torch.Tensor):
+            flags.append(torch.isfinite(distance))
+        if not flags or bool(torch.stack([flag.to(flags[0].device) for flag in flags]).all()):
+            return False
+        names = {id(p): name for name, p in self._fip_model.named_parameters()}
+        bad = [names.get(id(p), "an unnamed parameter") for p in params if not torch.isfinite(p.grad).all()]
+        distance_bad = isinstance(distance, torch.Tensor) and not bool(torch.isfinite(distance))
+        what = []
+        if distance_bad:
+            what.append("the anchor distance D")
+        if bad:
+            what.append(f"the gradient of {len(bad)} parameter tensors (e.g. {bad[0]})")
+        where = f"FIP optimizer step {self.fip_steps}: {' and '.join(what)} is NaN or infinite"
+        if distance_bad:  # keep the logged mean distance finite
+            self.fip_distance_sum, self.fip_distance_count = 0.0, 0
+        config = self._fip_model.peft_config[self._fip_model.active_adapters[0]]
+        if config.on_nonfinite == "raise":
+            raise NonFiniteStepError(
+                f"{where}. Check the batch for NaN/inf inputs or labels and lower the learning rate; "
+                "FIPConfig(on_nonfinite='skip') skips such steps instead."
+            )
+        for p in params:
+            p.grad = None
+        logger.warning(f"{where}; the step is skipped (parameters and optimizer state unchanged).")
+        return True
+
     def step(self, closure=None):
         self.add_anchor_gradient()
+        if self.skip_nonfinite_step():
+            return None
         return super().step(closure)
 
 

@@ -1,0 +1,280 @@
+"""Checks that refuse bad input before any work starts, and the search for NaN/inf values.
+
+Every error names the argument or config field at fault and what would work. Nothing here changes a model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import FIPConfig
+    from .model import FIPModel
+
+NONFINITE_POLICIES = ("skip", "raise")
+# Inputs that index an embedding table: integer ids below the table's size.
+ID_INPUTS = ("input_ids", "token_type_ids", "position_ids")
+# Float inputs whose later dimensions may differ between tasks (sequences, right-padded when anchors combine).
+SEQUENCE_FLOAT_INPUTS = ("inputs_embeds",)
+
+
+class NonFiniteStepError(RuntimeError):
+    """An optimizer step met a NaN or infinite gradient or anchor distance and `FIPConfig.on_nonfinite="raise"`."""
+
+
+# ---- config ---------------------------------------------------------------------------------------------------------
+
+
+def _check_names(name: str, value: object, *, allow_str: bool) -> None:
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    kinds = "None, a regex string or a list of module names" if allow_str else "None or a list of module names"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise TypeError(f"FIPConfig.{name} must be {kinds}, got {type(value).__name__}.")
+    bad = [item for item in value if not isinstance(item, str)]
+    if bad:
+        raise TypeError(f"FIPConfig.{name} must hold module names (str), got {bad[:3]!r}.")
+
+
+def check_config_consistency(config: FIPConfig) -> None:
+    """Types of the fields `_validate` does not cover, and checks that involve several fields."""
+    if config.on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"FIPConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}.")
+    if not math.isfinite(config.beta):
+        raise ValueError(
+            f"FIPConfig.beta must be finite, got {config.beta}: beta=inf would ignore the remembered outputs (plain "
+            "fine-tuning). Use a large finite beta to preserve less, or leave beta=None for the default."
+        )
+    if not isinstance(config.init_weights, bool):
+        raise TypeError(f"FIPConfig.init_weights must be a bool, got {type(config.init_weights).__name__}.")
+    _check_names("target_modules", config.target_modules, allow_str=True)
+    _check_names("exclude_modules", config.exclude_modules, allow_str=True)
+    _check_names("modules_to_save", config.modules_to_save, allow_str=False)
+    if isinstance(config.target_modules, (set, list)) and config.modules_to_save:
+        both = sorted(set(config.target_modules) & set(config.modules_to_save))
+        if both:
+            raise ValueError(
+                f"{both} are both in FIPConfig.target_modules (given a FIP displacement) and in "
+                "FIPConfig.modules_to_save (trained in full): name each module in one of them only."
+            )
+
+
+def drop_unknown_config_fields(config_cls: type, kwargs: dict) -> dict:
+    """`kwargs` without the fields `config_cls` does not have, with a warning naming them (a newer fip_peft's)."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        from . import __version__
+
+        warnings.warn(
+            f"The FIP adapter config has fields {unknown} that fip_peft {__version__} does not know; they are "
+            "ignored. The adapter was probably saved by a newer fip_peft: upgrade it (`pip install -U fip-peft`) "
+            "if the adapter does not behave as it did when saved.",
+            stacklevel=3,
+        )
+    return {key: value for key, value in kwargs.items() if key in known}
+
+
+# ---- layers FIP can adapt -------------------------------------------------------------------------------------------
+
+
+def _weight_of(module: nn.Module) -> object:
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(weight, torch.Tensor):  # torch.ao quantized modules expose weight()
+        try:
+            weight = weight()
+        except Exception:  # noqa: BLE001 - any failure means there is no usable weight tensor
+            return None
+    return weight
+
+
+def check_adaptable_layer(name: str, module: nn.Module) -> None:
+    """Refuse a target FIP cannot adapt: quantized, scripted/frozen by TorchScript, or adapted by another method.
+
+    A base layer frozen in the usual sense (`requires_grad=False`) is fine: FIP never trains the base weight, it adds
+    a trainable displacement beside it. What FIP cannot adapt is a weight that is not a floating-point tensor the
+    module's forward reads (quantized weights, TorchScript modules whose graph baked the weight in).
+    """
+    from .layer import FIPLayer, fip_layer_class
+
+    if isinstance(module, FIPLayer):
+        return
+    kind = f"{type(module).__module__}.{type(module).__name__}"
+    if isinstance(module, BaseTunerLayer):
+        raise TypeError(
+            f"FIP cannot adapt {name!r}: it is already adapted by another PEFT method ({type(module).__name__}). "
+            "Merge that adapter first (`merge_and_unload()`)."
+        )
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            f"FIP cannot adapt {name!r} ({kind}): a TorchScript (scripted or `torch.jit.freeze`d) module bakes its "
+            "weight into its graph. Adapt the eager model and script it afterwards."
+        )
+    weight = _weight_of(module)
+    if isinstance(weight, torch.Tensor) and (weight.is_quantized or not weight.is_floating_point()):
+        raise TypeError(
+            f"FIP cannot adapt {name!r} ({kind}): its weight has dtype {weight.dtype}. FIP adds a floating-point "
+            "displacement to a floating-point weight, so quantized layers (torch.ao, bitsandbytes, GPTQ, ...) are not "
+            f"supported: leave {name!r} out of target_modules (or add it to exclude_modules), or load the model "
+            "unquantized."
+        )
+    try:
+        fip_layer_class(module)
+    except TypeError as error:
+        raise TypeError(f"FIP cannot adapt {name!r} ({kind}): {error}") from None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"FIP cannot adapt {name!r} ({kind}): it has no weight tensor.")
+
+
+def check_adaptable_targets(tuner: FIPModel, config: FIPConfig, model: nn.Module) -> None:
+    """Check every module `config` targets before any is replaced, so that a refusal leaves the model untouched."""
+    config = _maybe_include_all_linear_layers(copy.copy(config), model)
+    adapted = [key + "." for key, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(prefix) for prefix in adapted):
+            continue
+        matched = tuner._check_target_module_exists(config, key)
+        if matched and not isinstance(matched, _ExcludedModule):
+            check_adaptable_layer(key, module)
+
+
+# ---- anchors --------------------------------------------------------------------------------------------------------
+
+
+def _embedding_rows(module: object) -> int | None:
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def id_limits(model: nn.Module) -> dict[str, int]:
+    """How many rows each id input's embedding table has: ids must be below it."""
+    limits = {}
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if callable(get_embeddings):
+        try:
+            rows = _embedding_rows(get_embeddings())
+        except (NotImplementedError, AttributeError):
+            rows = None
+        if rows is not None:
+            limits["input_ids"] = rows
+    config = getattr(model, "config", None)
+    for name, field in (("token_type_ids", "type_vocab_size"), ("position_ids", "max_position_embeddings")):
+        size = getattr(config, field, None)
+        if isinstance(size, int) and size > 0:
+            limits[name] = size
+    return limits
+
+
+def check_anchor_inputs(inputs: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse anchors of the wrong dtype, with ids outside the model's vocabulary (before the model sees them: on a GPU
+    an out-of-range id is a device-side assert), or with NaN/inf values."""
+    limits = id_limits(model)
+    for name, value in inputs.items():
+        if name in ID_INPUTS:
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(
+                    f"Anchor input {name!r} holds ids and must be an integer tensor, got {value.dtype}; pass the "
+                    "tokenizer's ids as they are (e.g. `return_tensors='pt'`) or convert them with `.long()`."
+                )
+            if value.numel():
+                low, high, limit = int(value.min()), int(value.max()), limits.get(name)
+                if low < 0 or (limit is not None and high >= limit):
+                    allowed = f"0..{limit - 1}" if limit is not None else ">= 0"
+                    raise ValueError(
+                        f"Anchor input {name!r} holds ids from {low} to {high}, but the model takes ids {allowed}"
+                        f"{f' ({limit} embedding rows)' if limit is not None else ''}. Tokenize with the model's own "
+                        "tokenizer, or resize its embeddings (`model.resize_token_embeddings`) first."
+                    )
+        elif (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+            raise ValueError(
+                f"Anchor input {name!r} holds NaN or infinite values: the outputs recorded on them would mean "
+                "nothing. Clean the data first (e.g. drop those rows or use `torch.nan_to_num`)."
+            )
+
+
+def check_anchors_match(inputs: dict[str, torch.Tensor], earlier: dict[str, torch.Tensor]) -> None:
+    """Refuse anchors of another dtype or example shape than those remembered before (they are stored together)."""
+    for name, value in inputs.items():
+        if name in earlier:
+            _check_like_earlier(name, value, earlier[name])
+
+
+def _check_like_earlier(name: str, value: torch.Tensor, before: torch.Tensor) -> None:
+    label = "positional input" if name == "_positional" else f"input {name!r}"
+    if value.dtype != before.dtype:
+        raise TypeError(
+            f"Anchor {label} has dtype {value.dtype} but the anchors remembered before have {before.dtype}; pass the "
+            f"same dtype to every `remember` call (e.g. `.to({before.dtype})`)."
+        )
+    fixed_shape = value.is_floating_point() and name not in SEQUENCE_FLOAT_INPUTS
+    if value.dim() != before.dim() or (fixed_shape and value.shape[1:] != before.shape[1:]):
+        raise ValueError(
+            f"Anchor {label} has shape {tuple(value.shape[1:])} per example but the anchors remembered before have "
+            f"{tuple(before.shape[1:])}; pass examples of the same shape to every `remember` call."
+        )
+
+
+def check_remember_budget(budget: int, old_anchors_per_task: list[int], num_new: int) -> None:
+    """Refuse a new task that would leave earlier tasks less than one anchor each."""
+    old_tasks = len(old_anchors_per_task)
+    if old_tasks and (budget - num_new) // old_tasks < 1:
+        raise ValueError(
+            f"FIPConfig.anchor_budget={budget} is too small: {num_new} anchors for the new task leave "
+            f"{max(budget - num_new, 0)} for {old_tasks} earlier tasks, fewer than one each. Pass num_anchors <= "
+            f"{budget - old_tasks}, or raise anchor_budget to at least {old_tasks + num_new}."
+        )
+
+
+def check_remember_adapter(tuner: FIPModel, adapter_name: object) -> None:
+    """`remember` records the active adapter's function: refuse another adapter, or disabled adapters."""
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise TypeError(f"`adapter_name` must be a str or None, got {type(adapter_name).__name__}.")
+    if adapter_name is not None and adapter_name in tuner.peft_config and adapter_name not in tuner.active_adapters:
+        raise ValueError(
+            f"`adapter_name={adapter_name!r}` is not the active adapter ({tuner.active_adapters}): `remember` records "
+            f"the outputs of the function the model computes now. Call `model.set_adapter({adapter_name!r})` first."
+        )
+    from .layer import FIPLayer
+
+    if any(isinstance(m, FIPLayer) and m.disable_adapters for m in tuner.model.modules()):
+        raise RuntimeError(
+            "`remember` was called with the adapters disabled (inside `with model.disable_adapter():` or after "
+            "`disable_adapter_layers()`): the reference outputs would be the base model's, not the adapted "
+            "model's. Call it with the adapters enabled."
+        )
+
+
+def check_finite_reference(reference: torch.Tensor) -> None:
+    """Refuse reference outputs with NaN/inf: the model is already broken on the anchors."""
+    finite = torch.isfinite(reference).flatten(1).all(dim=1) if reference.dim() > 1 else torch.isfinite(reference)
+    bad = int((~finite).sum())
+    if bad:
+        raise ValueError(
+            f"The model's outputs on {bad} of {len(finite)} anchors are NaN or infinite, so there is nothing sound "
+            "to remember; nothing was stored. Check the model's weights (e.g. reload the last good adapter)."
+        )
+
+
+# ---- NaN/inf values -------------------------------------------------------------------------------------------------
+
+
+def nonfinite_names(tensors: Mapping[str, object]) -> list[str]:
+    """Names of the floating-point tensors in `tensors` that hold a NaN or an infinity."""
+    names = [
+        k for k, v in tensors.items() if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+    ]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[k]).all().cpu() for k in names]).tolist()
+    return [name for name, ok in zip(names, finite, strict=True) if not ok]
