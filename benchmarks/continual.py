@@ -1,0 +1,545 @@
+"""Side-by-side continual-learning benchmark: FIP against the methods a user would pick instead.
+
+Every method of a suite runs with the same base model initialisation, the same task order and batches, the same
+number of optimizer steps, the same seed and the same memory budget (FIP's anchors = replay's labelled buffer):
+
+- ``naive``: sequential fine-tuning of the same parameters as FIP (the FIP adapter, never remembering).
+- ``ewc``: the same, plus online EWC (diagonal empirical Fisher, lambda 5000, not tuned).
+- ``replay``: the same, plus experience replay with labels from a buffer of the anchor budget.
+- ``lora``: peft LoRA (r 8, alpha 16) on the same layers, trained sequentially, learning rate x10 (low rank).
+- ``osf``: peft OSF, merged with ``merge_and_unload()`` and re-wrapped between tasks; task t of T preserves a
+  fraction (t + 1) / (T + 1) of each weight's singular directions. OSF adapts ``nn.Linear`` only: on the CNN it
+  wraps ``fc1`` and the convolutions stay frozen.
+- ``fip_authors``: FIP with the authors' recipe (Bhattacharyya distance, beta 1).
+- ``fip``: FIP with this package's defaults.
+- ``joint``: the same adapter trained on all tasks at once for as many steps in total (the upper bound).
+
+The classification head is trained in full by every method. Suites: ``vision`` (split Fashion-MNIST, 5 tasks of 2
+classes, class-incremental over one 10-way head, the small CNN of ``examples/continual_vision.py``) and ``text``
+(all-MiniLM-L6-v2 on Rotten Tomatoes sentiment then debates, as ``examples/continual_text.py``). Each (suite, seed,
+method) runs in its own process (methods interleaved within a seed), so its peak memory (the high-water RSS from
+model construction on, after the data is loaded; max allocated on CUDA) is its own. Reported per method: ACC, BWT,
+retention R[T-1][i] / R[i][i] of each earlier task, the last task's accuracy, median seconds per optimizer step and
+peak memory, as mean and standard deviation over seeds.
+
+    python benchmarks/continual.py                          # full: both suites, every method, seeds 0, 1, 2
+    python benchmarks/continual.py --suite vision --methods naive,fip --seeds 0
+    python benchmarks/continual.py --quick                  # tiny sizes, one seed, every method (CI smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "examples"), str(Path(__file__).resolve().parent)]
+
+import torch  # noqa: E402
+from baselines import Example, OnlineEWC, ReplayBuffer  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fip_peft.evaluation import AccuracyMatrix  # noqa: E402
+
+SUITES = ("vision", "text")
+EWC_LAMBDA = 5000.0
+EWC_SAMPLES = 100
+LORA_RANK = 8
+LOW_RANK_LR_SCALE = 10.0
+
+
+@dataclass
+class Sizes:
+    """Per-suite sizes, identical for every method."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    anchors: int
+    train_size: int
+    eval_size: int | None
+    max_length: int = 64
+
+
+FULL_SIZES = {
+    "vision": Sizes(steps=200, batch_size=64, lr=1e-3, anchors=200, train_size=2000, eval_size=None),
+    "text": Sizes(steps=40, batch_size=16, lr=1e-4, anchors=512, train_size=960, eval_size=200, max_length=48),
+}
+QUICK_SIZES = {
+    "vision": Sizes(steps=8, batch_size=32, lr=1e-3, anchors=40, train_size=100, eval_size=100),
+    "text": Sizes(steps=3, batch_size=8, lr=1e-4, anchors=16, train_size=32, eval_size=16, max_length=24),
+}
+
+
+@dataclass
+class Suite:
+    """The tasks of one benchmark and how to build, feed and adapt its model."""
+
+    name: str
+    task_names: list[str]
+    train_sizes: list[int]
+    collate: Callable[[Sequence[Example]], tuple[dict[str, torch.Tensor], torch.Tensor]]
+    test_batches: list[list[tuple[dict[str, torch.Tensor], torch.Tensor]]]
+    build_model: Callable[[], nn.Module]
+    remember_data: Callable[[int], Any]
+    fip_targets: dict[str, Any]
+    lora_targets: list[str]
+    osf_targets: list[str]
+    head: str
+    sizes: Sizes
+
+
+def vision_suite(sizes: Sizes, seed: int) -> Suite:
+    """Split Fashion-MNIST with the small CNN of ``examples/continual_vision.py``."""
+    import continual_vision as cv
+
+    args = cv.parse_args(["--seed", str(seed), "--train-size", str(sizes.train_size)])
+    tasks = cv.build_tasks(args)
+    eval_size = sizes.eval_size
+
+    def collate(rows: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        images = torch.stack([tasks[t].train_images[i] for t, i in rows])
+        return {"x": images}, torch.stack([tasks[t].train_labels[i] for t, i in rows])
+
+    test_batches = []
+    for task in tasks:
+        images, labels = task.test_images[:eval_size], task.test_labels[:eval_size]
+        test_batches.append([({"x": images[s : s + 1000]}, labels[s : s + 1000]) for s in range(0, len(images), 1000)])
+    return Suite(
+        name="vision",
+        task_names=[task.name for task in tasks],
+        train_sizes=[len(task.train_labels) for task in tasks],
+        collate=collate,
+        test_batches=test_batches,
+        build_model=cv.SmallCNN,
+        remember_data=lambda t: tasks[t].train_images,
+        fip_targets={"target_modules": ["conv1", "conv2", "fc1"], "modules_to_save": ["head"]},
+        lora_targets=["conv1", "conv2", "fc1"],
+        osf_targets=["fc1"],
+        head="head",
+        sizes=sizes,
+    )
+
+
+def text_suite(sizes: Sizes, seed: int) -> Suite:
+    """MiniLM (mean pooling) on Rotten Tomatoes sentiment then debates, as ``examples/continual_text.py``."""
+    import continual_text as ct
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    argv = ["--seed", str(seed), "--train-size", str(sizes.train_size), "--max-length", str(sizes.max_length)]
+    argv += ["--eval-size", str(sizes.eval_size)]
+    args = ct.parse_args(argv)
+    args.tasks = ct.DEFAULT_TASKS[args.dataset]
+    args.model = ct.default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tasks = ct.build_tasks(args, tokenizer)
+    collator = DataCollatorWithPadding(tokenizer)
+
+    def batch_of(rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs = dict(collator(rows))
+        return inputs, inputs.pop("labels")
+
+    def collate(rows: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return batch_of([tasks[t].train[i] for t, i in rows])
+
+    test_batches = []
+    for task in tasks:
+        rows = [task.test[i] for i in range(len(task.test))]
+        test_batches.append([batch_of(rows[s : s + 64]) for s in range(0, len(rows), 64)])
+    num_labels = ct.CLASSES_PER_TASK * len(tasks)
+    linear = ["query", "key", "value", "dense"]
+    return Suite(
+        name="text",
+        task_names=[task.name for task in tasks],
+        train_sizes=[len(task.train) for task in tasks],
+        collate=collate,
+        test_batches=test_batches,
+        build_model=lambda: ct.MeanPoolingClassifier(args.model, num_labels=num_labels),
+        remember_data=lambda t: tasks[t].train,
+        fip_targets={"target_modules": linear, "modules_to_save": ["classifier"]},
+        lora_targets=linear,
+        osf_targets=linear,
+        head="classifier",
+        sizes=sizes,
+    )
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, suite: Suite) -> list[float]:
+    """Class-incremental accuracy (argmax over every class of the shared head) on each task's test batches."""
+    was_training = model.training
+    model.eval()
+    accuracies = []
+    for batches in suite.test_batches:
+        correct = total = 0
+        for inputs, labels in batches:
+            correct += int((logits_of(model(**inputs)).argmax(-1) == labels).sum())
+            total += len(labels)
+        accuracies.append(correct / total)
+    model.train(was_training)
+    return accuracies
+
+
+class Learner:
+    """One method: wraps the base model, may add a loss term, and acts between tasks."""
+
+    lr_scale = 1.0
+
+    def __init__(self, suite: Suite, seed: int) -> None:
+        self.suite = suite
+        self.seed = seed
+        self.model: nn.Module
+
+    def start(self, base: nn.Module) -> None:
+        raise NotImplementedError
+
+    def begin_task(self, task: int) -> None:
+        """Called before training ``task``; the default builds a fresh AdamW over the trainable parameters."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.suite.sizes.lr * self.lr_scale)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def end_task(self, task: int) -> None:
+        """Called after ``task`` was trained and evaluated."""
+
+
+class AdapterLearner(Learner):
+    """Sequential fine-tuning of a FIP adapter (``fip=None``: never remembers, i.e. plain fine-tuning)."""
+
+    def __init__(self, suite: Suite, seed: int, fip: dict[str, Any] | None = None) -> None:
+        super().__init__(suite, seed)
+        self.fip = fip
+
+    def start(self, base: nn.Module) -> None:
+        from peft import get_peft_model
+
+        import fip_peft
+
+        config = fip_peft.FIPConfig(
+            **self.suite.fip_targets, anchor_budget=self.suite.sizes.anchors, anchor_seed=self.seed, **(self.fip or {})
+        )
+        self.model = get_peft_model(base, config)
+
+    def begin_task(self, task: int) -> None:
+        if self.fip is None:
+            super().begin_task(task)
+            return
+        import fip_peft
+
+        self.optimizer = fip_peft.create_fip_optimizer(self.model, torch.optim.AdamW, lr=self.suite.sizes.lr)
+
+    def end_task(self, task: int) -> None:
+        if self.fip is not None:
+            self.model.remember(self.suite.remember_data(task))
+
+
+class EWCLearner(AdapterLearner):
+    def __init__(self, suite: Suite, seed: int) -> None:
+        super().__init__(suite, seed)
+        self.ewc = OnlineEWC(lam=EWC_LAMBDA, samples=EWC_SAMPLES)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return self.ewc.penalty(self.model)
+
+    def end_task(self, task: int) -> None:
+        size = self.suite.train_sizes[task]
+        rows = [(task, i) for i in torch.randperm(size, generator=self.generator)[:EWC_SAMPLES].tolist()]
+
+        def log_probs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.log_softmax(logits_of(model(**inputs)), dim=-1)
+
+        self.ewc.consolidate(self.model, rows, self.suite.collate, log_probs)
+
+
+class ReplayLearner(AdapterLearner):
+    """Replays labelled examples: per step a batch of FIP's anchor batch size (16) from a buffer of the anchor
+    budget, its cross-entropy added to the new task's."""
+
+    def __init__(self, suite: Suite, seed: int) -> None:
+        super().__init__(suite, seed)
+        import fip_peft
+
+        self.replay_batch = fip_peft.FIPConfig.anchor_batch_size
+        self.buffer = ReplayBuffer(suite.sizes.anchors, torch.Generator().manual_seed(seed + 2))
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if not len(self.buffer):
+            return None
+        inputs, labels = self.suite.collate(self.buffer.sample(self.replay_batch))
+        return nn.functional.cross_entropy(logits_of(self.model(**inputs)), labels)
+
+    def end_task(self, task: int) -> None:
+        self.buffer.add_task(task, self.suite.train_sizes[task])
+
+
+class LoraLearner(Learner):
+    lr_scale = LOW_RANK_LR_SCALE
+
+    def start(self, base: nn.Module) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=2 * LORA_RANK,
+            target_modules=self.suite.lora_targets,
+            modules_to_save=[self.suite.head],
+        )
+        self.model = get_peft_model(base, config)
+
+
+class OSFLearner(Learner):
+    """peft OSF: re-wrapped before every task on the merged weights, preserving a growing share of directions."""
+
+    def start(self, base: nn.Module) -> None:
+        self.model = base
+        self.wrapped = False
+
+    def begin_task(self, task: int) -> None:
+        from peft import OSFConfig, get_peft_model
+
+        if self.wrapped:
+            self.model = self.model.merge_and_unload()
+        tasks = len(self.suite.task_names)
+        config = OSFConfig(effective_rank=(task + 1) / (tasks + 1), target_modules=self.suite.osf_targets)
+        self.model = get_peft_model(self.model, config)
+        self.wrapped = True
+        self.model.get_submodule(f"base_model.model.{self.suite.head}").requires_grad_(True)
+        super().begin_task(task)
+
+
+METHODS: dict[str, tuple[str, Callable[[Suite, int], Learner]]] = {
+    "naive": ("naive fine-tuning", lambda suite, seed: AdapterLearner(suite, seed)),
+    "ewc": ("EWC", EWCLearner),
+    "replay": ("replay (labels)", ReplayLearner),
+    "lora": ("LoRA", LoraLearner),
+    "osf": ("OSF", OSFLearner),
+    "fip_authors": (
+        "FIP, authors' recipe",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={"distance": "bhattacharyya", "beta": 1.0}),
+    ),
+    "fip": ("FIP, defaults", lambda suite, seed: AdapterLearner(suite, seed, fip={})),
+    "joint": ("joint (upper bound)", lambda suite, seed: AdapterLearner(suite, seed)),
+}
+
+
+def peak_reset() -> None:
+    """Start a fresh peak-memory window (CUDA: peak stats; CPU: the process's high-water RSS, Linux)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_method(suite: Suite, method: str, seed: int) -> dict[str, Any]:
+    """Train ``method`` on the suite's tasks in order (all at once for ``joint``) and measure it."""
+    sizes = suite.sizes
+    num_tasks = len(suite.task_names)
+    peak_reset()
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    learner = METHODS[method][1](suite, seed)
+    learner.start(suite.build_model())
+    learner.model.train()
+    batches = torch.Generator().manual_seed(seed)
+    if method == "joint":
+        phases = [[(t, i) for t in range(num_tasks) for i in range(suite.train_sizes[t])]]
+        steps = sizes.steps * num_tasks
+    else:
+        phases = [[(t, i) for i in range(suite.train_sizes[t])] for t in range(num_tasks)]
+        steps = sizes.steps
+    matrix = AccuracyMatrix(task_names=suite.task_names)
+    step_times = []
+    for index, rows in enumerate(phases):
+        learner.begin_task(index)
+        for _ in range(steps):
+            picks = torch.randint(len(rows), (sizes.batch_size,), generator=batches).tolist()
+            inputs, labels = suite.collate([rows[i] for i in picks])
+            tick = time.perf_counter()
+            loss = nn.functional.cross_entropy(logits_of(learner.model(**inputs)), labels)
+            extra = learner.extra_loss()
+            if extra is not None:
+                loss = loss + extra
+            loss.backward()
+            learner.optimizer.step()
+            learner.optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - tick)
+        accuracies = evaluate(learner.model, suite)
+        if method == "joint":
+            final = accuracies
+            continue
+        matrix.record(after_task=index, accuracies=accuracies)
+        learner.end_task(index)
+    sequential = method != "joint"
+    R = matrix.as_array()
+    if sequential:
+        final = R[num_tasks - 1].tolist()
+    return {
+        "suite": suite.name,
+        "method": method,
+        "seed": seed,
+        "R": [[None if value != value else float(value) for value in row] for row in R] if sequential else [final],
+        "acc": statistics.fmean(final),
+        "bwt": matrix.bwt if sequential else None,
+        "forgetting": matrix.forgetting if sequential else None,
+        "retention": [final[i] / R[i][i] if R[i][i] else None for i in range(num_tasks - 1)] if sequential else None,
+        "last_task": final[-1],
+        "seconds_per_step": statistics.median(step_times),
+        "peak_mib": peak_mib(),
+        "wall_s": time.perf_counter() - start,
+        "steps": len(step_times),
+    }
+
+
+def build_suite(name: str, quick: bool, seed: int) -> Suite:
+    sizes = (QUICK_SIZES if quick else FULL_SIZES)[name]
+    return vision_suite(sizes, seed) if name == "vision" else text_suite(sizes, seed)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values: list[float | None], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def summarize(results: list[dict[str, Any]], suite: str, methods: list[str]) -> str:
+    """A markdown table of one suite: mean ± sd over seeds per method, and cost ratios to naive fine-tuning."""
+    rows = [r for r in results if r["suite"] == suite]
+    naive = [r for r in rows if r["method"] == "naive"]
+    base_time = statistics.fmean(r["seconds_per_step"] for r in naive) if naive else None
+    base_mem = statistics.fmean(r["peak_mib"] for r in naive) if naive else None
+    lines = [
+        "| method | ACC | BWT | retention R[T-1][i]/R[i][i] (min over i) | last task | s / step | x naive | "
+        "peak MiB | x naive |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        seconds = statistics.fmean(r["seconds_per_step"] for r in mine)
+        memory = statistics.fmean(r["peak_mib"] for r in mine)
+        retention = [
+            min((v for v in r["retention"] if v is not None), default=None) if r["retention"] else None for r in mine
+        ]
+        lines.append(
+            f"| {METHODS[method][0]} | {fmt([r['acc'] for r in mine])} | {fmt([r['bwt'] for r in mine])} | "
+            f"{fmt(retention)} | {fmt([r['last_task'] for r in mine])} | "
+            f"{fmt([r['seconds_per_step'] for r in mine])} | "
+            f"{seconds / base_time:.2f} | {fmt([r['peak_mib'] for r in mine], 0)} | {memory / base_mem:.2f} |"
+            if base_time
+            else f"| {METHODS[method][0]} | {fmt([r['acc'] for r in mine])} | {fmt([r['bwt'] for r in mine])} | "
+            f"{fmt(retention)} | {fmt([r['last_task'] for r in mine])} | "
+            f"{fmt([r['seconds_per_step'] for r in mine])} | n/a | {fmt([r['peak_mib'] for r in mine], 0)} | n/a |"
+        )
+    return "\n".join(lines)
+
+
+def parse_list(text: str, allowed: Sequence[str], option: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise SystemExit(f"{option}: unknown {unknown or text!r}; choose from {', '.join(allowed)} (comma-separated).")
+    return items
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="all", choices=[*SUITES, "all"], help="Which benchmark(s) to run.")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, from: {', '.join(METHODS)}.")
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated integer seeds.")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes, seed 0 only, in one process (CI smoke run).")
+    parser.add_argument("--json", help="Also write every run's results to this JSON file.")
+    parser.add_argument("--one", nargs=3, metavar=("SUITE", "METHOD", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.suites = list(SUITES) if args.suite == "all" else [args.suite]
+    args.method_list = parse_list(args.methods, list(METHODS), "--methods")
+    try:
+        args.seed_list = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected comma-separated integers such as 0,1,2, got {args.seeds!r}.") from None
+    if args.quick:
+        args.seed_list = args.seed_list[:1]
+    return args
+
+
+def run_isolated(suite: str, method: str, seed: int) -> dict[str, Any]:
+    """One (suite, method, seed) in a fresh process, so that its peak memory is its own."""
+    command = [sys.executable, __file__, "--one", suite, method, str(seed)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{suite}/{method}/seed {seed} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        suite_name, method, seed = args.one[0], args.one[1], int(args.one[2])
+        print(json.dumps(run_method(build_suite(suite_name, False, seed), method, seed)))
+        return
+    started = time.perf_counter()
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    for suite_name in args.suites:
+        print(f"{suite_name}: {sizes[suite_name]}", flush=True)
+    results = []
+    for suite_name in args.suites:
+        for seed in args.seed_list:
+            suite = build_suite(suite_name, True, seed) if args.quick else None
+            for method in args.method_list:
+                result = run_method(suite, method, seed) if args.quick else run_isolated(suite_name, method, seed)
+                results.append(result)
+                print(
+                    f"{suite_name} seed {seed} {method:<12} ACC {result['acc']:.3f} BWT "
+                    f"{result['bwt'] if result['bwt'] is None else round(result['bwt'], 3)} "
+                    f"{result['seconds_per_step']:.3f} s/step {result['peak_mib']:.0f} MiB "
+                    f"({result['wall_s']:.0f} s)",
+                    flush=True,
+                )
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=1))
+    for suite_name in args.suites:
+        print(f"\n{suite_name} (mean ± sd over seeds {args.seed_list})")
+        print(summarize(results, suite_name, args.method_list))
+    print(f"\nTotal wall time: {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
