@@ -27,7 +27,10 @@ def register() -> None:
     """Make `FIP` a PEFT method (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
+    from .saving import install as install_safe_saving
+
     _add_peft_type_member()
+    install_safe_saving()
     if PeftType.FIP in PEFT_TYPE_TO_TUNER_MAPPING:
         return
     from .config import FIPConfig
