@@ -58,6 +58,10 @@ class FIPConfig(PeftConfig):
         on_nonfinite: What the optimizer step does when the task gradient or the anchor distance D is NaN or
             infinite (a bad batch, an overflow). `"skip"`: the step changes nothing (parameters and optimizer state
             stay as they were) and a warning names the step. `"raise"`: `NonFiniteStepError` names the step.
+        task_names: The adapter's task history, one name per `remember` call (filled by `remember(task_name=...)`,
+            `"task <i>"` when no name is given); shown in the model card and by `fip-peft info`.
+        accuracy_matrix: The accuracy matrix R of the tasks, as `AccuracyMatrix.to_dict()` (set by
+            `model.record_accuracy(R)`); shown in the model card.
     """
 
     target_modules: list[str] | str | None = field(
@@ -99,6 +103,12 @@ class FIPConfig(PeftConfig):
     on_nonfinite: Literal["skip", "raise"] = field(
         default="skip",
         metadata={"help": "A NaN/inf task gradient or anchor distance: 'skip' the step (with a warning) or 'raise'."},
+    )
+    task_names: list[str] = field(
+        default_factory=list, metadata={"help": "Task history: one name per `remember` call, in order."}
+    )
+    accuracy_matrix: dict | None = field(
+        default=None, metadata={"help": "Accuracy matrix of the tasks (AccuracyMatrix.to_dict()), for the card."}
     )
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from .checks import (
 )
 from .config import FIPConfig
 from .distances import distance_scale, functional_distance
+from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory, check_reference_size
 from .model_io import model_output
@@ -136,15 +137,20 @@ class FIPModel(BaseTuner):
                 chunks.append(self._run(chunk).float().cpu())
         return torch.cat(chunks)
 
-    def remember(self, data, num_anchors: int | None = None, adapter_name: str | None = None) -> dict[str, object]:
+    def remember(
+        self, data, num_anchors: int | None = None, adapter_name: str | None = None, task_name: str | None = None
+    ) -> dict[str, object]:
         """Add anchors from `data` and record the current outputs on every anchor kept so far.
 
         Training after this call keeps the function on all remembered anchors. `data` is a tensor of inputs (custom
         `nn.Module`), a dict of batched tensors, a `datasets.Dataset` with the model's input columns, or a
         `DataLoader`. By default the new task gets an equal share of `anchor_budget`; older tasks shrink to share the
-        rest. Returns a summary: anchors per task and total.
+        rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown in the model card).
+        Returns a summary: anchors per task and total.
         """
         check_remember_adapter(self, adapter_name)
+        if task_name is not None and not isinstance(task_name, str):
+            raise TypeError(f"`task_name` must be a str or None, got {type(task_name).__name__}.")
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
         memory = self.fip_memory[name]
@@ -184,9 +190,17 @@ class FIPModel(BaseTuner):
         reference = self._outputs_on(inputs)
         check_finite_reference(reference)
         memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance))
+        config.task_names = [*config.task_names, task_name or f"task {len(config.task_names)}"]
         summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory)}
         logger.info(f"FIP adapter {name!r} remembers {summary['total']} anchors: {summary['anchors_per_task']}.")
         return summary
+
+    def record_accuracy(self, matrix: AccuracyMatrix, adapter_name: str | None = None) -> None:
+        """Keep the accuracy matrix R with the adapter (`FIPConfig.accuracy_matrix`, saved in adapter_config.json)
+        so that the model card and `fip-peft info` show it."""
+        if not isinstance(matrix, AccuracyMatrix):
+            raise TypeError(f"`matrix` must be a fip_peft.evaluation.AccuracyMatrix, got {type(matrix).__name__}.")
+        self.peft_config[self._adapter(adapter_name)].accuracy_matrix = matrix.to_dict()
 
     def anchor_distance(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """D(w, w_ref) / scale on the next batch of anchors (with grad), or None when nothing is remembered.

@@ -298,7 +298,8 @@ def test_nan_batches_in_trainer_are_skipped_and_the_saved_adapter_is_finite(digi
         max_steps=8,
         per_device_train_batch_size=8,
         learning_rate=1e-2,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=8,
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
@@ -314,8 +315,8 @@ def test_nan_batches_in_trainer_are_skipped_and_the_saved_adapter_is_finite(digi
     after = adapter_state(model)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(after[k], before[k]) for k in before)
-    model.save_pretrained(tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-8" / "adapter_model.safetensors").is_file()  # saved through the checks
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------
