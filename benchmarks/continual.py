@@ -16,9 +16,11 @@ number of optimizer steps, the same seed and the same memory budget (FIP's ancho
 
 The classification head is trained in full by every method. Suites: ``vision`` (split Fashion-MNIST, 5 tasks of 2
 classes, class-incremental over one 10-way head, the small CNN of ``examples/continual_vision.py``) and ``text``
-(all-MiniLM-L6-v2 on Rotten Tomatoes sentiment then debates, as ``examples/continual_text.py``). Each (suite, seed,
-method) runs in its own process (methods interleaved within a seed), so its peak memory (the high-water RSS from
-model construction on, after the data is loaded; max allocated on CUDA) is its own. Reported per method: ACC, BWT,
+(all-MiniLM-L6-v2 on Rotten Tomatoes sentiment then debates, as ``examples/continual_text.py``). Each (suite, seed)
+runs in its own single-threaded process, its methods one after the other (so times are compared side by side on a
+shared machine). A method's peak memory is the process's high-water RSS from the moment its model is built, after
+the previous method's memory was freed and returned to the system (max allocated on CUDA); the increment over the
+memory in use at that moment is reported too. Reported per method: ACC, BWT,
 retention R[T-1][i] / R[i][i] of each earlier task, the last task's accuracy, median seconds per optimizer step and
 peak memory, as mean and standard deviation over seeds.
 
@@ -30,6 +32,8 @@ peak memory, as mean and standard deviation over seeds.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -37,7 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +79,7 @@ class Sizes:
 
 
 FULL_SIZES = {
-    "vision": Sizes(steps=150, batch_size=64, lr=1e-3, anchors=200, train_size=2000, eval_size=None),
+    "vision": Sizes(steps=100, batch_size=64, lr=1e-3, anchors=200, train_size=2000, eval_size=1000),
     "text": Sizes(steps=30, batch_size=16, lr=1e-4, anchors=512, train_size=960, eval_size=160, max_length=40),
 }
 QUICK_SIZES = {
@@ -345,28 +349,42 @@ METHODS: dict[str, tuple[str, Callable[[Suite, int], Learner]]] = {
 }
 
 
-def peak_reset() -> None:
-    """Start a fresh peak-memory window (CUDA: peak stats; CPU: the process's high-water RSS, Linux)."""
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_reset() -> float:
+    """Free what the previous method left, start a fresh peak-memory window and return the memory in use now (MiB).
+
+    CUDA: allocated memory and its peak statistics. CPU (Linux): the resident set after returning freed heap pages to
+    the system, and its high-water mark, reset through ``/proc/self/clear_refs``.
+    """
+    gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        return
+        return torch.cuda.memory_allocated() / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
 
 
 def peak_mib() -> float:
+    """Peak memory since the last ``peak_reset`` (MiB)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return _status_mib("VmHWM")
 
 
-def run_method(suite: Suite, method: str, seed: int) -> dict[str, Any]:
-    """Train ``method`` on the suite's tasks in order (all at once for ``joint``) and measure it."""
-    sizes = suite.sizes
+def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -> dict[str, Any]:
+    """Train ``method`` on the suite's tasks in order (all at once for ``joint``) and measure it (``steps``
+    overrides the steps per task, for a warm-up)."""
+    sizes = suite.sizes if steps is None else replace(suite.sizes, steps=steps)
     num_tasks = len(suite.task_names)
-    peak_reset()
+    before = peak_reset()
     start = time.perf_counter()
     torch.manual_seed(seed)
     learner = METHODS[method][1](suite, seed)
@@ -417,6 +435,7 @@ def run_method(suite: Suite, method: str, seed: int) -> dict[str, Any]:
         "last_task": final[-1],
         "seconds_per_step": statistics.median(step_times),
         "peak_mib": peak_mib(),
+        "peak_increment_mib": peak_mib() - before,
         "wall_s": time.perf_counter() - start,
         "steps": len(step_times),
     }
@@ -442,33 +461,41 @@ def fmt(values: list[float | None], digits: int = 3) -> str:
 def summarize(results: list[dict[str, Any]], suite: str, methods: list[str]) -> str:
     """A markdown table of one suite: mean ± sd over seeds per method, and cost ratios to naive fine-tuning."""
     rows = [r for r in results if r["suite"] == suite]
-    naive = [r for r in rows if r["method"] == "naive"]
-    base_time = statistics.fmean(r["seconds_per_step"] for r in naive) if naive else None
-    base_mem = statistics.fmean(r["peak_mib"] for r in naive) if naive else None
+
+    def mean_of(method: str, key: str) -> float | None:
+        values = [r[key] for r in rows if r["method"] == method]
+        return statistics.fmean(values) if values else None
+
+    def ratio(method: str, key: str) -> str:
+        base = mean_of("naive", key)
+        return f"{mean_of(method, key) / base:.2f}" if base else "n/a"
+
     lines = [
-        "| method | ACC | BWT | retention R[T-1][i]/R[i][i] (min over i) | last task | s / step | x naive | "
-        "peak MiB | x naive |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | ACC | BWT | min retention | last task | s / step | x naive | peak MiB | x naive | "
+        "peak increment MiB | x naive |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        seconds = statistics.fmean(r["seconds_per_step"] for r in mine)
-        memory = statistics.fmean(r["peak_mib"] for r in mine)
         retention = [
             min((v for v in r["retention"] if v is not None), default=None) if r["retention"] else None for r in mine
         ]
-        lines.append(
-            f"| {METHODS[method][0]} | {fmt([r['acc'] for r in mine])} | {fmt([r['bwt'] for r in mine])} | "
-            f"{fmt(retention)} | {fmt([r['last_task'] for r in mine])} | "
-            f"{fmt([r['seconds_per_step'] for r in mine])} | "
-            f"{seconds / base_time:.2f} | {fmt([r['peak_mib'] for r in mine], 0)} | {memory / base_mem:.2f} |"
-            if base_time
-            else f"| {METHODS[method][0]} | {fmt([r['acc'] for r in mine])} | {fmt([r['bwt'] for r in mine])} | "
-            f"{fmt(retention)} | {fmt([r['last_task'] for r in mine])} | "
-            f"{fmt([r['seconds_per_step'] for r in mine])} | n/a | {fmt([r['peak_mib'] for r in mine], 0)} | n/a |"
-        )
+        cells = [
+            METHODS[method][0],
+            fmt([r["acc"] for r in mine]),
+            fmt([r["bwt"] for r in mine]),
+            fmt(retention),
+            fmt([r["last_task"] for r in mine]),
+            fmt([r["seconds_per_step"] for r in mine]),
+            ratio(method, "seconds_per_step"),
+            fmt([r["peak_mib"] for r in mine], 0),
+            ratio(method, "peak_mib"),
+            fmt([r["peak_increment_mib"] for r in mine], 0),
+            ratio(method, "peak_increment_mib"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -487,7 +514,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated integer seeds.")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, seed 0 only, in one process (CI smoke run).")
     parser.add_argument("--json", help="Also write every run's results to this JSON file.")
-    parser.add_argument("--one", nargs=3, metavar=("SUITE", "METHOD", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("SUITE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.suites = list(SUITES) if args.suite == "all" else [args.suite]
     args.method_list = parse_list(args.methods, list(METHODS), "--methods")
@@ -500,23 +527,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_isolated(suite: str, method: str, seed: int) -> dict[str, Any]:
-    """One (suite, method, seed) in a fresh process, so that its peak memory is its own."""
-    command = [sys.executable, __file__, "--one", suite, method, str(seed)]
+def run_isolated(suite: str, methods: list[str], seed: int) -> list[dict[str, Any]]:
+    """The methods of one (suite, seed) in a fresh process, one after the other; yields each method's results."""
+    command = [sys.executable, __file__, "--one", suite, str(seed), "--methods", ",".join(methods)]
     # One thread per run unless OMP_NUM_THREADS says otherwise: on a shared CPU, OpenMP threads that spin while
     # waiting for each other distort the times far more than the lost parallelism.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{suite}/{method}/seed {seed} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        for line in process.stdout:
+            if line.startswith("{"):
+                yield json.loads(line)
+        errors = process.stderr.read()
+    if process.returncode:
+        raise RuntimeError(f"{suite}/seed {seed} failed:\n{errors[-4000:]}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one:
-        suite_name, method, seed = args.one[0], args.one[1], int(args.one[2])
-        print(json.dumps(run_method(build_suite(suite_name, False, seed), method, seed)))
+        suite_name, seed = args.one[0], int(args.one[1])
+        suite = build_suite(suite_name, False, seed)
+        run_method(suite, "naive", seed, steps=2)  # warm-up: one-time allocations are nobody's cost
+        for method in args.method_list:
+            print(json.dumps(run_method(suite, method, seed)), flush=True)
         return
     started = time.perf_counter()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
@@ -525,10 +558,14 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for suite_name in args.suites:
         for seed in args.seed_list:
-            suite = build_suite(suite_name, True, seed) if args.quick else None
-            for method in args.method_list:
-                result = run_method(suite, method, seed) if args.quick else run_isolated(suite_name, method, seed)
+            if args.quick:
+                suite = build_suite(suite_name, True, seed)
+                runs = (run_method(suite, method, seed) for method in args.method_list)
+            else:
+                runs = run_isolated(suite_name, args.method_list, seed)
+            for result in runs:
                 results.append(result)
+                method = result["method"]
                 print(
                     f"{suite_name} seed {seed} {method:<12} ACC {result['acc']:.3f} BWT "
                     f"{result['bwt'] if result['bwt'] is None else round(result['bwt'], 3)} "
