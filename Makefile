@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install benchmark-quick
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,3 +27,7 @@ lint: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Every method of the continual-learning benchmark on tiny sizes, one seed (about a minute): a smoke run, not results.
+benchmark-quick: install
+	$(PY) benchmarks/continual.py --quick
