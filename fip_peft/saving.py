@@ -79,7 +79,7 @@ def atomic_save(save: Callable[[str], None], save_directory: str | os.PathLike) 
 
     A failure inside `save` leaves `save_directory` as it was; the temporary folder is removed either way.
     """
-    target = os.path.abspath(os.fspath(save_directory))
+    target = os.path.realpath(os.fspath(save_directory))  # the staging folder must be on the target's filesystem
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
