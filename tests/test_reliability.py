@@ -108,6 +108,14 @@ def test_adapter_name_of_the_wrong_type_is_a_type_error(digits):
         mlp_model().remember(digits["x_a_train"], adapter_name=["default"])
 
 
+def test_a_model_whose_adapter_is_not_fip_is_refused_by_the_fip_optimizer_and_trainer(tmp_path):
+    model = get_peft_model(MLP(), LoraConfig(target_modules=["fc1"]))
+    with pytest.raises(TypeError, match=r"no FIP adapter.*FIPConfig"):
+        fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="no FIP adapter"):
+        fip_peft.FIPTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
 def test_remember_with_the_adapters_disabled_is_refused(digits):
     model = mlp_model(anchor_budget=8)
     with model.disable_adapter(), pytest.raises(RuntimeError, match="disabled"):
