@@ -9,6 +9,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from .checks import check_config_consistency, drop_unknown_config_fields
+from .sparsity import SCHEDULES, SCOPES
 
 DISTANCES = ("logits", "bhattacharyya", "kl")
 OBJECTIVES = ("continual", "sparsify")
@@ -38,7 +39,9 @@ class FIPConfig(PeftConfig):
             models; custom models must name their targets.
         exclude_modules: Module names or a regex of modules not to adapt.
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. a new classifier head).
-        objective: `"continual"` (learn a new task, keep remembered tasks). `"sparsify"` is reserved.
+        objective: `"continual"` (learn a new task, keep remembered tasks). `"sparsify"`: walk the target weights
+            to `target_sparsity` zeros while keeping the outputs on the remembered anchors (see the `sparsity_*`
+            fields; full rank only).
         distance: How output change on anchors is measured. `"logits"`: mean squared difference of the logits
             (or the last hidden state), whose metric is g = J^T J, the paper's metric. `"bhattacharyya"`: between
             softmax outputs, what the authors' code uses. `"kl"`: KL(p_ref || p) between softmax outputs.
@@ -58,6 +61,17 @@ class FIPConfig(PeftConfig):
         on_nonfinite: What the optimizer step does when the task gradient or the anchor distance D is NaN or
             infinite (a bad batch, an overflow). `"skip"`: the step changes nothing (parameters and optimizer state
             stay as they were) and a warning names the step. `"raise"`: `NonFiniteStepError` names the step.
+        target_sparsity: `objective="sparsify"`: the fraction s_f of the target weights' entries (base + delta) that
+            are exactly zero at the end, in [0, 1). Only target modules count (norms, biases, heads only if targeted).
+        sparsity_schedule: How the mask's sparsity s_t ramps from 0 to `target_sparsity`: `"cubic"` (Zhu & Gupta,
+            s_t = s_f (1 - (1 - t/T)^3)), `"linear"`, or `"constant"` (s_f from the first step, as the authors).
+        sparsity_scope: `"global"`: one magnitude threshold over all target weights; `"layer"`: one per weight.
+        sparsity_begin_step: Optimizer step at which the mask starts to prune.
+        sparsity_ramp_steps: T, optimizer steps from `sparsity_begin_step` until the mask reaches the target.
+        sparsity_update_every: Optimizer steps between mask updates (the last ramp step always updates).
+        sparsity_lambda: Pull lambda: each step adds lambda * (w - P_s_f(w)), the gradient of
+            lambda/2 ||w - P_s_f(w)||^2, so the entries the target mask would remove shrink toward zero before the
+            scheduled mask removes them. 0 turns the pull off (gradual magnitude pruning under the anchor term).
         task_names: The adapter's task history, one name per `remember` call (filled by `remember(task_name=...)`,
             `"task <i>"` when no name is given); shown in the model card and by `fip-peft info`.
         accuracy_matrix: The accuracy matrix R of the tasks, as `AccuracyMatrix.to_dict()` (set by
@@ -100,6 +114,25 @@ class FIPConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero displacement (base function); False: random, for tests."}
     )
+    target_sparsity: float | None = field(
+        default=None,
+        metadata={"help": "objective='sparsify': fraction of target weight entries to zero, in [0, 1)."},
+    )
+    sparsity_schedule: Literal["cubic", "linear", "constant"] = field(
+        default="cubic", metadata={"help": "Ramp of the sparsity from 0 to target: 'cubic', 'linear', 'constant'."}
+    )
+    sparsity_scope: Literal["global", "layer"] = field(
+        default="global", metadata={"help": "Magnitude threshold over all target weights ('global') or per layer."}
+    )
+    sparsity_begin_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning begins."})
+    sparsity_ramp_steps: int = field(
+        default=100, metadata={"help": "Optimizer steps from begin_step until the mask reaches target_sparsity."}
+    )
+    sparsity_update_every: int = field(default=10, metadata={"help": "Optimizer steps between mask updates."})
+    sparsity_lambda: float = field(
+        default=1.0,
+        metadata={"help": "Pull lambda of the weights toward their projection at target_sparsity (>= 0)."},
+    )
     on_nonfinite: Literal["skip", "raise"] = field(
         default="skip",
         metadata={"help": "A NaN/inf task gradient or anchor distance: 'skip' the step (with a warning) or 'raise'."},
@@ -132,10 +165,7 @@ class FIPConfig(PeftConfig):
     def _validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"FIPConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
-        if self.objective == "sparsify":
-            raise ValueError(
-                "FIPConfig.objective='sparsify' is reserved and not implemented yet; use objective='continual'."
-            )
+        self._validate_sparsity()
         if self.distance not in DISTANCES:
             raise ValueError(f"FIPConfig.distance must be one of {DISTANCES}, got {self.distance!r}.")
         if self.solver not in SOLVERS:
@@ -149,6 +179,37 @@ class FIPConfig(PeftConfig):
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
         check_config_consistency(self)
+
+    def _validate_sparsity(self) -> None:
+        if self.objective != "sparsify":
+            if self.target_sparsity is not None:
+                raise ValueError(
+                    f"FIPConfig.target_sparsity={self.target_sparsity} needs objective='sparsify' (got "
+                    f"objective={self.objective!r})."
+                )
+            return
+        if self.target_sparsity is None:
+            raise ValueError("FIPConfig.objective='sparsify' needs target_sparsity, e.g. target_sparsity=0.8.")
+        _check_number("target_sparsity", self.target_sparsity, positive=False)
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ValueError(f"FIPConfig.target_sparsity must be in [0, 1), got {self.target_sparsity}.")
+        if self.rank is not None:
+            raise ValueError(
+                f"FIPConfig.objective='sparsify' needs a full-rank displacement (rank=None), got rank={self.rank}: "
+                "a low-rank displacement cannot zero arbitrary entries."
+            )
+        if self.sparsity_schedule not in SCHEDULES:
+            raise ValueError(
+                f"FIPConfig.sparsity_schedule must be one of {SCHEDULES}, got {self.sparsity_schedule!r}."
+            )
+        if self.sparsity_scope not in SCOPES:
+            raise ValueError(f"FIPConfig.sparsity_scope must be one of {SCOPES}, got {self.sparsity_scope!r}.")
+        _check_int("sparsity_begin_step", self.sparsity_begin_step, minimum=0)
+        _check_int("sparsity_ramp_steps", self.sparsity_ramp_steps, minimum=0)
+        _check_int("sparsity_update_every", self.sparsity_update_every, minimum=1)
+        _check_number("sparsity_lambda", self.sparsity_lambda, positive=False)
+        if self.sparsity_lambda < 0:
+            raise ValueError(f"FIPConfig.sparsity_lambda must be >= 0, got {self.sparsity_lambda}.")
 
 
 def _check_number(name: str, value: object, *, positive: bool) -> None:

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -23,7 +24,7 @@ class FIPLayer(BaseTunerLayer):
     """Shared state and merge logic of all FIP layers."""
 
     adapter_layer_names = ("fip_delta", "fip_A", "fip_B")
-    other_param_names = ("rank",)
+    other_param_names = ("rank", "fip_mask")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -31,6 +32,7 @@ class FIPLayer(BaseTunerLayer):
         self.fip_delta = nn.ParameterDict({})
         self.fip_A = nn.ParameterDict({})
         self.fip_B = nn.ParameterDict({})
+        self.fip_mask = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -48,9 +50,15 @@ class FIPLayer(BaseTunerLayer):
         return shape[0], math.prod(shape[1:])
 
     def update_layer(
-        self, adapter_name: str, rank: int | None, init_weights: bool = True, inference_mode: bool = False, **kwargs
+        self,
+        adapter_name: str,
+        rank: int | None,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        sparsify: bool = False,
+        **kwargs,
     ) -> None:
-        """Create the displacement of `adapter_name` on this layer."""
+        """Create the displacement of `adapter_name` on this layer (and, with `sparsify`, its all-keep mask)."""
         weight = self.get_base_layer().weight
         rows, cols = self._weight_matrix_shape
         self.rank[adapter_name] = rank
@@ -69,6 +77,8 @@ class FIPLayer(BaseTunerLayer):
             b = torch.zeros(rows, rank) if init_weights else torch.randn(rows, rank) * INIT_STD
             self.fip_A[adapter_name] = nn.Parameter(a)
             self.fip_B[adapter_name] = nn.Parameter(b)
+        if sparsify:
+            self.fip_mask[adapter_name] = torch.ones(weight.shape, dtype=torch.bool)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -89,7 +99,33 @@ class FIPLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         for name in adapters:
             weight = weight + self.get_delta_weight(name).to(weight.dtype)
+            if name in self.fip_mask:
+                weight = weight * self.fip_mask[name]
         return weight
+
+    # ---- sparsity (objective="sparsify") ----------------------------------------------------------------------------
+
+    def sparse_weight(self, adapter: str) -> torch.Tensor:
+        """The effective weight `(W + delta) * mask` of `adapter` (detached); the base weight itself once merged."""
+        if self.merged:
+            return self.get_base_layer().weight.detach()
+        return self._adapted_weight([adapter]).detach()
+
+    def set_mask(self, adapter: str, mask: torch.Tensor) -> None:
+        """Prune the entries where `mask` is False (they stay pruned) and fold them into `delta` (delta = -W there),
+        so that `W + delta` is exactly zero where pruned and merging needs no mask."""
+        with torch.no_grad():
+            kept = self.fip_mask[adapter] & mask.to(self.fip_mask[adapter].device)
+            self.fip_mask[adapter] = kept
+            self._fold_mask(adapter)
+
+    def _fold_mask(self, adapter: str) -> None:
+        if adapter not in self.fip_mask or self.rank[adapter] is not None:
+            return
+        base = self.get_base_layer().weight
+        with torch.no_grad():
+            delta = self.fip_delta[adapter]
+            delta.data.copy_(torch.where(self.fip_mask[adapter], delta, -base.detach().to(delta.dtype)))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the displacements into the base weight."""
@@ -97,6 +133,7 @@ class FIPLayer(BaseTunerLayer):
             if not self._has(name):
                 continue
             base = self.get_base_layer()
+            self._fold_mask(name)
             with torch.no_grad():
                 merged = base.weight + self.get_delta_weight(name).to(base.weight.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
@@ -199,8 +236,11 @@ class Embedding(FIPModule):
         result = self._base_only(x, *args, **kwargs)
         if result is not None:
             return result
+        active = self._active()
+        if any(name in self.fip_mask for name in active):
+            return self._lookup(x, self._adapted_weight(active))
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._active():
+        for name in active:
             if self.rank[name] is None:
                 result = result + self._lookup(x, self.fip_delta[name]).to(result.dtype)
             else:

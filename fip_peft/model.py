@@ -26,6 +26,7 @@ from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory, check_reference_size
 from .model_io import model_output
+from .sparsity import count_zeros, magnitude_masks, scheduled_sparsity
 
 logger = logging.get_logger(__name__)
 
@@ -53,6 +54,7 @@ class FIPModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._fip_optimizers: weakref.WeakSet = weakref.WeakSet()
+        self._sparsity_state: dict[str, dict] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._install_guard()
 
@@ -80,7 +82,11 @@ class FIPModel(BaseTuner):
     def _create_and_replace(
         self, peft_config: FIPConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
-        kwargs = {"rank": peft_config.rank, "init_weights": peft_config.init_weights}
+        kwargs = {
+            "rank": peft_config.rank,
+            "init_weights": peft_config.init_weights,
+            "sparsify": peft_config.objective == "sparsify",
+        }
         if isinstance(target, FIPLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -93,6 +99,14 @@ class FIPModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_new_adapter_config(self, config: FIPConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if len(self.peft_config) > 1 and any(c.objective == "sparsify" for c in self.peft_config.values()):
+            raise ValueError(
+                "FIPConfig.objective='sparsify' needs the only adapter on the model: its mask prunes the weights that "
+                f"all adapters share, and this model already has {sorted(self.peft_config)[:-1]}."
+            )
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -218,6 +232,93 @@ class FIPModel(BaseTuner):
         mask = inputs.get("attention_mask")
         distance = functional_distance(outputs, reference.to(outputs.device), config.distance, mask)
         return distance / memory.scale
+
+    # ---- sparsity (objective="sparsify") ----------------------------------------------------------------------------
+
+    def _sparse_layers(self, name: str) -> dict[str, FIPLayer]:
+        layers = {
+            key: module
+            for key, module in self.model.named_modules()
+            if isinstance(module, FIPLayer) and name in module.fip_mask
+        }
+        if not layers:
+            raise ValueError(
+                f"Adapter {name!r} prunes nothing: it needs FIPConfig(objective='sparsify', target_sparsity=...) and "
+                "target_modules that match layers with weights."
+            )
+        return layers
+
+    def _sparse_config(self, adapter_name: str | None) -> tuple[str, FIPConfig]:
+        name = self._adapter(adapter_name)
+        config: FIPConfig = self.peft_config[name]
+        if config.objective != "sparsify":
+            raise ValueError(
+                f"Adapter {name!r} has objective={config.objective!r}; sparsity needs "
+                "FIPConfig(objective='sparsify', target_sparsity=...)."
+            )
+        return name, config
+
+    def apply_sparsity_mask(self, sparsity: float | None = None, adapter_name: str | None = None) -> float:
+        """Prune the smallest-magnitude effective target weights now, to `sparsity` (default: the target), and
+        return the sparsity reached. Pruned entries stay exactly zero from then on (forward, merge, save)."""
+        name, config = self._sparse_config(adapter_name)
+        sparsity = config.target_sparsity if sparsity is None else sparsity
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
+        layers = self._sparse_layers(name)
+        if any(layer.merged for layer in layers.values()):
+            raise ValueError("Unmerge the adapter (`unmerge_adapter()`) before changing its sparsity mask.")
+        weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
+        for key, mask in magnitude_masks(weights, sparsity, config.sparsity_scope).items():
+            layers[key].set_mask(name, mask)
+        return self.sparsity_report(name)["sparsity"]
+
+    def sparsity_step(self, adapter_name: str | None = None) -> None:
+        """One optimizer step of the sparsity schedule: on update steps, prune the mask to the scheduled sparsity
+        s_t and choose the entries the target projection P_s_f would remove; then add the pull
+        lambda * (w - P_s_f(w)) on those entries to the gradient of `delta`. Called by the FIP optimizer's `step()`.
+        """
+        name, config = self._sparse_config(adapter_name)
+        state = self._sparsity_state.setdefault(name, {"step": 0, "pull": None})
+        state["step"] += 1
+        step = state["step"]
+        ramp_end = config.sparsity_begin_step + config.sparsity_ramp_steps
+        if step >= config.sparsity_begin_step and (step % config.sparsity_update_every == 0 or step == ramp_end):
+            sparsity = scheduled_sparsity(
+                step,
+                config.target_sparsity,
+                config.sparsity_schedule,
+                config.sparsity_begin_step,
+                config.sparsity_ramp_steps,
+            )
+            self.apply_sparsity_mask(sparsity, name)
+            state["pull"] = None
+        if config.sparsity_lambda == 0:
+            return
+        layers = self._sparse_layers(name)
+        if state["pull"] is None:
+            weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
+            target = magnitude_masks(weights, config.target_sparsity, config.sparsity_scope)
+            state["pull"] = {key: layers[key].fip_mask[name] & ~keep for key, keep in target.items()}
+        with torch.no_grad():
+            for key, layer in layers.items():
+                delta = layer.fip_delta[name]
+                if not delta.requires_grad:
+                    continue
+                weight = layer.get_base_layer().weight + delta.detach()
+                pull = config.sparsity_lambda * weight * state["pull"][key]
+                delta.grad = pull.to(delta.dtype) if delta.grad is None else delta.grad.add_(pull.to(delta.dtype))
+
+    def sparsity_report(self, adapter_name: str | None = None) -> dict[str, object]:
+        """Sparsity of the effective target weights `(W + delta) * mask`: `sparsity` (overall fraction of exact
+        zeros), `zeros`, `total`, `layers` (per module: zeros, total, sparsity), `target_sparsity` and `step` (the
+        optimizer steps of the schedule taken so far). Norms, biases and heads count only if targeted."""
+        name, config = self._sparse_config(adapter_name)
+        layers = self._sparse_layers(name)
+        report = count_zeros({key: layer.sparse_weight(name) for key, layer in layers.items()})
+        report["target_sparsity"] = config.target_sparsity
+        report["step"] = self._sparsity_state.get(name, {}).get("step", 0)
+        return report
 
     # ---- the FIP step guard: no silent plain fine-tuning ------------------------------------------------------------
 

@@ -23,7 +23,7 @@ def test_defaults_are_the_documented_ones():
         ({"rank": 2.5}, TypeError, "rank"),
         ({"distance": "cosine"}, ValueError, "distance"),
         ({"objective": "prune"}, ValueError, "objective"),
-        ({"objective": "sparsify"}, ValueError, "objective"),
+        ({"objective": "sparsify"}, ValueError, "target_sparsity"),
         ({"anchor_budget": 0}, ValueError, "anchor_budget"),
         ({"anchor_batch_size": 0}, ValueError, "anchor_batch_size"),
         ({"solver": "magic"}, ValueError, "solver"),

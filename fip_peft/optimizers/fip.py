@@ -60,6 +60,13 @@ class FIPStepMixin:
         self.fip_distance_count += 1
         return value
 
+    def add_sparsity_gradient(self) -> None:
+        """With `objective="sparsify"`: advance the sparsity schedule (prune the mask on update steps) and add the pull
+        lambda * (w - P_s(w)) toward the target's magnitude projection to the gradient of `delta`."""
+        fip_model = self._fip_model
+        if fip_model.peft_config[fip_model.active_adapters[0]].objective == "sparsify":
+            fip_model.sparsity_step()
+
     def pop_mean_distance(self) -> float | None:
         """Mean D over the steps since the last call (for logging)."""
         if not self.fip_distance_count:
@@ -107,6 +114,7 @@ class FIPStepMixin:
         self.add_anchor_gradient()
         if self.skip_nonfinite_step():
             return None
+        self.add_sparsity_gradient()
         return super().step(closure)
 
 

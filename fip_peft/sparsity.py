@@ -1,0 +1,83 @@
+"""Magnitude sparsity: schedules, masks and counts (the math of `objective="sparsify"`, no PEFT glue).
+
+The sparse projection P_s(w) of weights w zeroes the fraction s of their entries with the smallest magnitude, over
+all target weights together (`scope="global"`) or within each weight (`scope="layer"`). Masks here are boolean
+tensors shaped like the weights, True where an entry is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+SCHEDULES = ("cubic", "linear", "constant")
+SCOPES = ("global", "layer")
+
+
+def scheduled_sparsity(step: int, target: float, schedule: str, begin_step: int = 0, ramp_steps: int = 0) -> float:
+    """Sparsity s_t after `step` optimizer steps, ramping from 0 at `begin_step` to `target` over `ramp_steps`.
+
+    `"cubic"` is Zhu & Gupta's gradual pruning ramp, s_t = s_f (1 - (1 - t / T)^3), which prunes fast while many
+    small weights remain and slowly near the target; `"linear"` is s_t = s_f t / T; `"constant"` is s_f from
+    `begin_step` on (the authors' constant target).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if step < begin_step:
+        return 0.0
+    if schedule == "constant" or ramp_steps <= 0:
+        return float(target)
+    progress = min(1.0, (step - begin_step) / ramp_steps)
+    if schedule == "linear":
+        return float(target) * progress
+    return float(target) * (1.0 - (1.0 - progress) ** 3)
+
+
+def _num_pruned(numel: int, sparsity: float) -> int:
+    return min(numel, int(round(sparsity * numel)))
+
+
+def _keep_above(magnitudes: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Threshold t such that |w| > t keeps all but the `num_pruned` smallest magnitudes (ties aside)."""
+    if num_pruned == 0:
+        return magnitudes.new_tensor(-1.0)
+    return magnitudes.kthvalue(num_pruned).values
+
+
+def magnitude_masks(
+    weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global"
+) -> dict[str, torch.Tensor]:
+    """Masks of P_s: keep the largest-magnitude (1 - `sparsity`) of the entries of `weights`.
+
+    With `scope="global"` one threshold covers all weights together; with `"layer"` each weight gets its own.
+    Entries tied with the threshold are pruned with it, so a weight that already has many exact zeros may end up
+    sparser than asked, never less sparse.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
+    if not weights:
+        return {}
+    if scope == "layer":
+        masks = {}
+        for name, weight in weights.items():
+            magnitudes = weight.detach().abs().float().flatten()
+            threshold = _keep_above(magnitudes, _num_pruned(magnitudes.numel(), sparsity))
+            masks[name] = weight.detach().abs() > threshold.to(weight.dtype)
+        return masks
+    magnitudes = torch.cat([w.detach().abs().float().flatten().cpu() for w in weights.values()])
+    threshold = _keep_above(magnitudes, _num_pruned(magnitudes.numel(), sparsity))
+    return {name: w.detach().abs().float() > threshold.to(w.device) for name, w in weights.items()}
+
+
+def count_zeros(weights: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """Per-weight and overall fraction of entries that are exactly zero, with the counts behind them."""
+    layers, zeros, total = {}, 0, 0
+    for name, weight in weights.items():
+        layer_zeros = int((weight.detach() == 0).sum())
+        layers[name] = {"zeros": layer_zeros, "total": weight.numel(), "sparsity": layer_zeros / weight.numel()}
+        zeros += layer_zeros
+        total += weight.numel()
+    return {"layers": layers, "zeros": zeros, "total": total, "sparsity": zeros / total if total else 0.0}

@@ -1,0 +1,184 @@
+"""`fip-peft` command line: train, sparsify, eval and info on a tiny BERT and small csv/json/parquet task files."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from fip_peft.cli import build_parser, main
+
+WORDS = {
+    "films": (
+        ["great film", "lovely acting", "superb plot", "fine story"],
+        ["awful film", "dull acting", "poor plot"],
+    ),
+    "pets": (["cat purrs", "cat sleeps", "kitten naps"], ["dog barks", "dog runs", "puppy fetches", "dog digs"]),
+}
+LABELS = {"films": ("good", "bad"), "pets": ("cat", "dog")}
+
+
+def write_task(folder, name, suffix=".csv", rows=24):
+    """A small task file: texts built from the task's words, with string labels."""
+    first, second = WORDS[name]
+    texts, labels = [], []
+    for i in range(rows):
+        group, label = (first, LABELS[name][0]) if i % 2 == 0 else (second, LABELS[name][1])
+        texts.append(f"{group[i % len(group)]} {group[(i // 2) % len(group)]}")
+        labels.append(label)
+    frame = pd.DataFrame({"text": texts, "label": labels})
+    path = folder / f"{name}{suffix}"
+    {".csv": frame.to_csv, ".parquet": frame.to_parquet, ".jsonl": frame.to_json}[suffix](
+        path,
+        **(
+            {"index": False}
+            if suffix == ".csv"
+            else {"orient": "records", "lines": True}
+            if suffix == ".jsonl"
+            else {}
+        ),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny BERT with a word-level WordPiece tokenizer over the task words, saved like a Hub model."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted({w for groups in WORDS.values() for group in groups for text in group for w in text.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """Two tasks learned in turn by `fip-peft train`."""
+    folder = tmp_path_factory.mktemp("train")
+    films, pets = write_task(folder, "films"), write_task(folder, "pets", ".parquet")
+    out = folder / "adapter"
+    argv = ["train", "--model", str(base), "--task", str(films), "--task", str(pets), "--output-dir", str(out)]
+    argv += ["--max-steps", "4", "--lr", "1e-3", "--anchor-budget", "16", "--quiet", "--cpu"]
+    assert main(argv) == 0
+    return {"folder": folder, "adapter": out, "films": films, "pets": pets}
+
+
+def test_train_saves_the_adapter_with_tokenizer_labels_and_card(trained):
+    files = {p.name for p in trained["adapter"].iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "fip_labels.json"} <= files
+    assert "tokenizer.json" in files
+    assert json.loads((trained["adapter"] / "fip_labels.json").read_text())["labels"] == ["bad", "good", "cat", "dog"]
+
+
+def test_train_records_task_names_and_the_accuracy_matrix(trained):
+    config = json.loads((trained["adapter"] / "adapter_config.json").read_text())
+    assert config["task_names"] == ["films", "pets"]
+    matrix = config["accuracy_matrix"]
+    assert matrix["task_names"] == ["films", "pets"]
+    assert len(matrix["matrix"]) == 2 and matrix["matrix"][0][1] is not None
+
+
+def test_train_prints_the_accuracy_matrix(base, tmp_path, capsys):
+    films = write_task(tmp_path, "films", ".jsonl")
+    argv = ["train", "--model", str(base), "--task", str(films), "--output-dir", str(tmp_path / "out")]
+    main([*argv, "--max-steps", "2", "--quiet", "--cpu"])
+    out = capsys.readouterr().out
+    assert "after films" in out and "ACC=" in out
+
+
+def test_info_lists_tasks_and_anchors_per_task(trained, capsys):
+    assert main(["info", str(trained["adapter"])]) == 0
+    out = capsys.readouterr().out
+    assert "0: films  anchors 8" in out
+    assert "1: pets  anchors 8" in out
+    assert "ACC=" in out
+
+
+def test_info_json_has_config_tasks_and_matrix(trained, capsys):
+    main(["info", str(trained["adapter"]), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["objective"] == "continual"
+    assert info["tasks"] == [{"task": "films", "anchors": 8}, {"task": "pets", "anchors": 8}]
+    assert info["accuracy_matrix"]["task_names"] == ["films", "pets"]
+
+
+def test_eval_of_one_adapter_per_task_gives_the_accuracy_matrix(trained, tmp_path, capsys):
+    out = tmp_path / "R.json"
+    argv = ["eval", "--adapter", str(trained["adapter"]), "--adapter", str(trained["adapter"])]
+    argv += ["--task", str(trained["films"]), "--task", str(trained["pets"]), "--output-json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["task_names"] == ["films", "pets"]
+    assert result["matrix"][0] == result["matrix"][1]
+    assert all(0.0 <= value <= 1.0 for value in result["matrix"][1])
+    assert "ACC=" in capsys.readouterr().out
+
+
+def test_missing_task_file_is_refused_before_loading_the_model(tmp_path, capsys):
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--task", str(tmp_path / "nope.csv")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_column_names_the_flag_to_fix_it(tmp_path, capsys):
+    films = write_task(tmp_path, "films")
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--task", str(films), "--text-column", "review"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "no column 'review'" in err and "--text-column" in err
+
+
+def test_unsupported_file_type_is_refused(tmp_path, capsys):
+    (tmp_path / "films.txt").write_text("great film\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "m", "--task", str(tmp_path / "films.txt"), "--output-dir", str(tmp_path / "o")])
+    assert "unsupported file type '.txt'" in capsys.readouterr().err
+
+
+def test_sparsify_objective_needs_a_target(tmp_path, capsys):
+    films = write_task(tmp_path, "films")
+    argv = ["train", "--model", "m", "--task", str(films), "--objective", "sparsify", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "--target-sparsity" in capsys.readouterr().err
+
+
+def test_info_refuses_a_folder_without_an_adapter(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["info", str(tmp_path)])
+    assert "not an adapter folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "sparsify", "eval", "info"])
+def test_help_explains_every_option(command):
+    parser = build_parser()
+    subparser = parser._subparsers._group_actions[0].choices[command]
+    for action in subparser._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+
+
+def test_console_script_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fip_peft.cli", "train", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--task FILE" in result.stdout and "--objective" in result.stdout

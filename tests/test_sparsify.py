@@ -1,0 +1,242 @@
+"""objective="sparsify": magnitude masks on the target weights, reached along a functionally invariant path."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import TrainingArguments
+
+import fip_peft
+from fip_peft.sparsity import magnitude_masks, scheduled_sparsity
+from tests._tasks import MLP, as_tokens, digits_tasks, logits_of, tiny_bert, train_plain
+
+TARGETS = ["fc1", "fc2"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_tasks()
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(digits):
+    torch.manual_seed(0)
+    return train_plain(MLP(), digits["x_a_train"], digits["y_a_train"], steps=60, lr=3e-3)
+
+
+def sparsify_model(base: nn.Module, **config) -> PeftModel:
+    settings = {"target_sparsity": 0.8, "sparsity_ramp_steps": 20, "sparsity_update_every": 5} | config
+    return get_peft_model(
+        copy.deepcopy(base), fip_peft.FIPConfig(target_modules=TARGETS, objective="sparsify", **settings)
+    )
+
+
+def walk(model: PeftModel, steps: int, anchors: torch.Tensor | None = None, lr: float = 1e-3) -> PeftModel:
+    """The sparsifying walk with no task loss: `zero_grad(); step()` (the anchor term and the pull only)."""
+    if anchors is not None:
+        model.remember(anchors)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        optimizer.step()
+    return model
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return logits_of(model, x)
+
+
+def counted_sparsity(model: nn.Module, names=TARGETS) -> float:
+    weights = [getattr(model, name).weight for name in names]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def test_cubic_schedule_ramps_from_zero_to_target_and_stays():
+    values = [scheduled_sparsity(t, 0.9, "cubic", begin_step=10, ramp_steps=20) for t in (0, 10, 20, 30, 50)]
+    assert values == pytest.approx([0.0, 0.0, 0.9 * (1 - 0.5**3), 0.9, 0.9])
+
+
+def test_linear_and_constant_schedules():
+    assert scheduled_sparsity(5, 0.8, "linear", ramp_steps=10) == pytest.approx(0.4)
+    assert scheduled_sparsity(1, 0.8, "constant", ramp_steps=10) == pytest.approx(0.8)
+
+
+def test_global_masks_keep_the_largest_magnitudes_over_all_weights():
+    weights = {"a": torch.tensor([[0.1, -5.0], [0.2, 3.0]]), "b": torch.tensor([[-0.3, 4.0]])}
+    masks = magnitude_masks(weights, sparsity=0.5, scope="global")
+    assert masks["a"].tolist() == [[False, True], [False, True]]
+    assert masks["b"].tolist() == [[False, True]]
+
+
+def test_layer_masks_prune_each_weight_to_the_sparsity():
+    weights = {"a": torch.arange(1.0, 11.0).view(2, 5), "b": torch.arange(100.0, 110.0).view(5, 2)}
+    masks = magnitude_masks(weights, sparsity=0.3, scope="layer")
+    assert [int((~m).sum()) for m in masks.values()] == [3, 3]
+
+
+def test_merged_model_has_exactly_the_reported_sparsity(trained_mlp, digits):
+    model = walk(sparsify_model(trained_mlp), steps=20, anchors=digits["x_a_train"])
+    report = model.sparsity_report()
+    before = outputs(model, digits["x_a_test"])
+    merged = model.merge_and_unload()
+    assert report["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert counted_sparsity(merged) == report["sparsity"]
+    assert {name: entry["sparsity"] for name, entry in report["layers"].items()} == {
+        f"{name}": counted_sparsity(merged, [name]) for name in TARGETS
+    }
+    assert torch.allclose(outputs(merged, digits["x_a_test"]), before, atol=1e-5)
+
+
+def test_heads_and_biases_are_not_counted_unless_targeted(trained_mlp):
+    model = sparsify_model(trained_mlp)
+    model.apply_sparsity_mask(0.5)
+    assert set(model.sparsity_report()["layers"]) == set(TARGETS)
+    assert counted_sparsity(model.merge_and_unload(), ["head"]) == 0.0
+
+
+def test_unmerge_restores_the_base_weights(trained_mlp):
+    model = sparsify_model(trained_mlp)
+    model.apply_sparsity_mask(0.6)
+    model.merge_adapter()
+    assert counted_sparsity(model.base_model.model) == pytest.approx(0.6, abs=1e-3)
+    model.unmerge_adapter()
+    for name in TARGETS:
+        torch.testing.assert_close(
+            getattr(model.base_model.model, name).base_layer.weight, getattr(trained_mlp, name).weight
+        )
+
+
+def test_sparsity_follows_the_schedule_at_every_mask_update(trained_mlp, digits):
+    model = sparsify_model(trained_mlp, target_sparsity=0.9, sparsity_ramp_steps=12, sparsity_update_every=3)
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=1e-3)
+    reached = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        optimizer.step()
+        reached.append(model.sparsity_report()["sparsity"])
+    expected, current = [], 0.0
+    for step in range(1, 16):
+        if step % 3 == 0:
+            current = scheduled_sparsity(step, 0.9, "cubic", ramp_steps=12)
+        expected.append(current)
+    assert reached == pytest.approx(expected, abs=1e-3)
+
+
+def test_mask_survives_save_and_load(trained_mlp, digits, tmp_path):
+    model = walk(sparsify_model(trained_mlp), steps=20, anchors=digits["x_a_train"])
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(trained_mlp), tmp_path)
+    for name in TARGETS:
+        saved = getattr(model.base_model.model, name).fip_mask["default"]
+        assert torch.equal(getattr(loaded.base_model.model, name).fip_mask["default"], saved)
+    assert loaded.sparsity_report()["sparsity"] == model.sparsity_report()["sparsity"]
+    assert torch.equal(outputs(loaded, digits["x_a_test"]), outputs(model, digits["x_a_test"]))
+
+
+def test_fip_keeps_outputs_closer_than_magnitude_pruning_at_equal_sparsity(trained_mlp, digits):
+    x = digits["x_a_test"]
+    dense = outputs(trained_mlp, x)
+    fip = walk(sparsify_model(trained_mlp, sparsity_ramp_steps=30), steps=40, anchors=digits["x_a_train"])
+    one_shot = sparsify_model(trained_mlp)
+    one_shot.apply_sparsity_mask(0.8)
+    assert fip.sparsity_report()["sparsity"] == one_shot.sparsity_report()["sparsity"]
+    fip_change = (outputs(fip, x) - dense).pow(2).mean()
+    pruned_change = (outputs(one_shot, x) - dense).pow(2).mean()
+    assert fip_change < 0.5 * pruned_change
+
+
+def test_fip_trainer_sparsifies_with_the_task_loss(digits, tmp_path):
+    torch.manual_seed(0)
+    config = fip_peft.FIPConfig(
+        target_modules=["query", "value", "dense"],
+        exclude_modules=["pooler.dense"],
+        objective="sparsify",
+        target_sparsity=0.5,
+        sparsity_ramp_steps=4,
+        sparsity_update_every=2,
+    )
+    model = get_peft_model(tiny_bert(), config)
+    tokens = as_tokens(digits["x_a_train"][:64])
+    model.remember(tokens)
+    data = Dataset.from_dict({**{k: v.tolist() for k, v in tokens.items()}, "labels": digits["y_a_train"][:64]})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=16, report_to=[], save_strategy="no"
+    )
+    fip_peft.FIPTrainer(model=model, args=args, train_dataset=data).train()
+    report = model.sparsity_report()
+    assert report["step"] == 4
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+class EmbedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.embed(ids).unsqueeze(1)).flatten(1)
+
+
+def test_embedding_and_conv2d_weights_are_pruned_and_merge_exactly():
+    torch.manual_seed(0)
+    config = fip_peft.FIPConfig(target_modules=["embed", "conv"], objective="sparsify", target_sparsity=0.5)
+    model = get_peft_model(EmbedConv(), config)
+    model.apply_sparsity_mask()
+    ids = torch.randint(0, 20, (3, 6))
+    outputs = model(ids).detach()
+    merged = model.merge_and_unload()
+    assert counted_sparsity(merged, ["embed", "conv"]) == pytest.approx(0.5, abs=0.01)
+    assert torch.allclose(merged(ids), outputs, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "field"),
+    [
+        ({"target_sparsity": None}, ValueError, "target_sparsity"),
+        ({"target_sparsity": 1.0}, ValueError, "target_sparsity"),
+        ({"target_sparsity": -0.1}, ValueError, "target_sparsity"),
+        ({"target_sparsity": "0.5"}, TypeError, "target_sparsity"),
+        ({"rank": 4}, ValueError, "rank"),
+        ({"sparsity_schedule": "exponential"}, ValueError, "sparsity_schedule"),
+        ({"sparsity_scope": "row"}, ValueError, "sparsity_scope"),
+        ({"sparsity_update_every": 0}, ValueError, "sparsity_update_every"),
+        ({"sparsity_lambda": -1.0}, ValueError, "sparsity_lambda"),
+    ],
+)
+def test_bad_sparsify_settings_raise_errors_naming_the_field(settings, error, field):
+    with pytest.raises(error, match=field):
+        fip_peft.FIPConfig(target_modules=TARGETS, objective="sparsify", **({"target_sparsity": 0.5} | settings))
+
+
+def test_target_sparsity_without_the_sparsify_objective_is_refused():
+    with pytest.raises(ValueError, match="objective='sparsify'"):
+        fip_peft.FIPConfig(target_modules=TARGETS, target_sparsity=0.5)
+
+
+def test_targets_that_match_nothing_are_refused_before_any_change():
+    base = MLP()
+    config = fip_peft.FIPConfig(target_modules=["missing"], objective="sparsify", target_sparsity=0.5)
+    with pytest.raises(ValueError, match="(?i)target.modules"):
+        get_peft_model(base, config)
+    assert isinstance(base.fc1, nn.Linear)
+
+
+def test_sparsity_report_of_a_continual_adapter_is_refused():
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=TARGETS))
+    with pytest.raises(ValueError, match="objective='sparsify'"):
+        model.sparsity_report()
+
+
+def test_sparsify_adapter_must_be_the_only_adapter():
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=TARGETS))
+    with pytest.raises(ValueError, match="only adapter"):
+        model.add_adapter(
+            "sparse", fip_peft.FIPConfig(target_modules=TARGETS, objective="sparsify", target_sparsity=0.5)
+        )
