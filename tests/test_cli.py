@@ -130,6 +130,18 @@ def test_eval_of_one_adapter_per_task_gives_the_accuracy_matrix(trained, tmp_pat
     assert "ACC=" in capsys.readouterr().out
 
 
+def test_sparsify_reaches_the_target_sparsity(base, tmp_path, capsys):
+    films = write_task(tmp_path, "films")
+    argv = ["sparsify", "--model", str(base), "--task", str(films), "--target-sparsity", "0.5"]
+    argv += ["--output-dir", str(tmp_path / "sparse"), "--max-steps", "4", "--quiet", "--cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    main(["info", str(tmp_path / "sparse"), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["objective"] == "sparsify"
+    assert info["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
 def test_missing_task_file_is_refused_before_loading_the_model(tmp_path, capsys):
     argv = ["train", "--model", str(tmp_path / "no-model"), "--task", str(tmp_path / "nope.csv")]
     with pytest.raises(SystemExit) as exit_info:

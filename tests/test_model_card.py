@@ -198,6 +198,16 @@ def test_history_of_tasks_whose_anchors_were_not_saved_survives_reloading(tmp_pa
     assert "| 1 | b | 40 |" in text
 
 
+def test_card_of_a_sparsified_adapter_reports_its_sparsity(tmp_path):
+    config = fip_peft.FIPConfig(target_modules=["fc1", "fc2"], objective="sparsify", target_sparsity=0.5)
+    model = get_peft_model(MLP(), config)
+    reached = model.apply_sparsity_mask()
+    model.save_pretrained(tmp_path / "adapter")
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert "sparsification" in card.data.tags
+    assert f"(W + delta): {reached:.4f}" in section(card)
+
+
 def test_saving_again_rewrites_the_fip_section_and_keeps_the_users_text(tmp_path, base_path):
     model = fip_bert(base_path)
     model.save_pretrained(tmp_path / "adapter")
