@@ -13,11 +13,13 @@ from .sparsity import SCHEDULES, SCOPES
 
 DISTANCES = ("logits", "bhattacharyya", "kl")
 OBJECTIVES = ("continual", "sparsify")
-SOLVERS = ("penalty",)
+SOLVERS = ("penalty", "natural", "natural+penalty")
 # Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
 # a low-rank displacement can move in few directions, so it needs a weaker hold on the old outputs to learn.
 DEFAULT_BETA_FULL_RANK = 0.4
 DEFAULT_BETA_LOW_RANK = 0.7
+# With solver="natural+penalty" the metric already keeps the outputs; the penalty only corrects drift (same evidence).
+DEFAULT_BETA_NATURAL = 5.0
 
 
 @dataclass
@@ -55,7 +57,19 @@ class FIPConfig(PeftConfig):
         save_anchors: Store anchors and reference outputs in the adapter file so that training can resume
             anywhere. Anchors are training inputs: mind their privacy before pushing to a public Hub.
         anchor_seed: Seed of anchor selection and per-step anchor sampling (identical on every process).
-        solver: How the FIP step is solved. `"penalty"`: first-order step on L + D / beta.
+        solver: How the FIP step is solved. `"penalty"`: first-order step on L + D / beta. `"natural"`: the
+            metric-preconditioned step: the gradient of L on each covered layer (full-rank displacements and trained
+            `nn.Linear` heads) becomes P grad L, P = lambda (g + lambda I)^-1 with g the Kronecker-factored metric
+            E[J^T M J] on the anchors (no D per step). `"natural+penalty"`: P grad L + grad D / beta, the penalty
+            correcting drift the metric lets through (`beta=None` resolves to 5.0 here). Both need `rank=None`.
+        epsilon: Natural solvers only. `None`: the wrapped optimizer steps on the preconditioned gradient (its lr
+            sets the length). A number: the paper's step, the covered parameters move by exactly `epsilon` (times
+            lr / initial_lr under a schedule) along the preconditioned gradient.
+        damping: Natural solvers: lambda relative to the mean eigenvalue of each layer's metric (> 0). Directions
+            whose metric eigenvalue is below `damping` x mean move freely; larger ones shrink by lambda / (s + lambda).
+        metric_update_interval: Natural solvers: optimizer steps between refreshes of the metric.
+        metric_anchors: Natural solvers: anchors the metric is estimated on at each refresh.
+        metric_samples: Natural solvers: random output directions per anchor when estimating the metric.
         init_weights: `True` starts from a zero displacement (the base function). `False` starts from a small
             random displacement, for tests.
         on_nonfinite: What the optimizer step does when the task gradient or the anchor distance D is NaN or
@@ -110,7 +124,23 @@ class FIPConfig(PeftConfig):
         default=True, metadata={"help": "Store anchors and reference outputs in the adapter file."}
     )
     anchor_seed: int = field(default=0, metadata={"help": "Seed of anchor selection and sampling."})
-    solver: Literal["penalty"] = field(default="penalty", metadata={"help": "How the FIP step is solved."})
+    solver: Literal["penalty", "natural", "natural+penalty"] = field(
+        default="penalty", metadata={"help": "How the FIP step is solved: 'penalty', 'natural', 'natural+penalty'."}
+    )
+    epsilon: float | None = field(
+        default=None,
+        metadata={"help": "Natural solvers: None lets the optimizer's lr set the step; a number: fixed step length."},
+    )
+    damping: float = field(
+        default=0.1, metadata={"help": "Natural solvers: damping relative to each layer's mean metric eigenvalue."}
+    )
+    metric_update_interval: int = field(
+        default=10, metadata={"help": "Natural solvers: optimizer steps between metric refreshes."}
+    )
+    metric_anchors: int = field(default=128, metadata={"help": "Natural solvers: anchors per metric refresh."})
+    metric_samples: int = field(
+        default=1, metadata={"help": "Natural solvers: random output directions per anchor for the metric."}
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero displacement (base function); False: random, for tests."}
     )
@@ -151,7 +181,9 @@ class FIPConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.beta is None and isinstance(self.rank, int) and not isinstance(self.rank, bool):
+        if self.beta is None and self.solver == "natural+penalty":
+            self.beta = DEFAULT_BETA_NATURAL
+        elif self.beta is None and isinstance(self.rank, int) and not isinstance(self.rank, bool):
             self.beta = DEFAULT_BETA_LOW_RANK
         elif self.beta is None:
             self.beta = DEFAULT_BETA_FULL_RANK
@@ -170,6 +202,7 @@ class FIPConfig(PeftConfig):
             raise ValueError(f"FIPConfig.distance must be one of {DISTANCES}, got {self.distance!r}.")
         if self.solver not in SOLVERS:
             raise ValueError(f"FIPConfig.solver must be one of {SOLVERS}, got {self.solver!r}.")
+        self._validate_natural()
         _check_number("beta", self.beta, positive=True)
         if self.rank is not None:
             _check_int("rank", self.rank, minimum=1, hint="or None for a full-rank displacement")
@@ -179,6 +212,7 @@ class FIPConfig(PeftConfig):
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
         check_config_consistency(self)
+
 
     def _validate_sparsity(self) -> None:
         if self.objective != "sparsify":
@@ -210,6 +244,28 @@ class FIPConfig(PeftConfig):
         _check_number("sparsity_lambda", self.sparsity_lambda, positive=False)
         if self.sparsity_lambda < 0:
             raise ValueError(f"FIPConfig.sparsity_lambda must be >= 0, got {self.sparsity_lambda}.")
+
+
+    def _validate_natural(self) -> None:
+        if self.epsilon is not None:
+            _check_number("epsilon", self.epsilon, positive=True)
+        _check_number("damping", self.damping, positive=True)
+        _check_int("metric_update_interval", self.metric_update_interval, minimum=1)
+        _check_int("metric_anchors", self.metric_anchors, minimum=1)
+        _check_int("metric_samples", self.metric_samples, minimum=1)
+        if self.solver == "penalty":
+            if self.epsilon is not None:
+                raise ValueError(
+                    f"FIPConfig.epsilon={self.epsilon} needs a natural solver (solver='natural' or "
+                    "'natural+penalty'); the penalty solver's step length is the optimizer's lr."
+                )
+            return
+        if self.rank is not None:
+            raise ValueError(
+                f"FIPConfig.solver={self.solver!r} needs FIPConfig.rank=None (a full-rank displacement), got "
+                f"rank={self.rank}: the Kronecker metric preconditions full weight matrices. Use solver='penalty' "
+                "with a low rank."
+            )
 
 
 def _check_number(name: str, value: object, *, positive: bool) -> None:

@@ -233,6 +233,16 @@ class FIPModel(BaseTuner):
         distance = functional_distance(outputs, reference.to(outputs.device), config.distance, mask)
         return distance / memory.scale
 
+    def metric_spectrum(self, k: int = 10, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The k largest eigenvalues of the metric g = E[J^T M J] of each layer the natural solver covers (full-rank
+        displacements, trained `nn.Linear` heads), from its Kronecker factors on up to `metric_anchors` anchors:
+        the paper's low-rank structure (few large eigenvalues, many near zero). Keys are module names."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        from .optimizers.preconditioner import metric_spectrum
+
+        return metric_spectrum(self, self._adapter(adapter_name), k)
+
     # ---- sparsity (objective="sparsify") ----------------------------------------------------------------------------
 
     def _sparse_layers(self, name: str) -> dict[str, FIPLayer]:

@@ -16,6 +16,7 @@ from transformers.utils import logging
 
 from ..checks import NonFiniteStepError
 from ..model import FIPModel
+from .preconditioner import MetricPreconditioner
 
 logger = logging.get_logger(__name__)
 
@@ -47,9 +48,11 @@ class FIPStepMixin:
 
     def add_anchor_gradient(self) -> torch.Tensor | None:
         """Accumulate (1 / beta) * grad D into `.grad`; return D (a tensor, so that no step waits on the
-        device), or None when nothing is remembered."""
+        device), or None when nothing is remembered or the solver is `"natural"` (no D in its step)."""
         fip_model = self._fip_model
         config = fip_model.peft_config[fip_model.active_adapters[0]]
+        if config.solver != "penalty":
+            return None
         with torch.enable_grad():
             distance = fip_model.anchor_distance()
             if distance is None:
@@ -115,7 +118,19 @@ class FIPStepMixin:
         if self.skip_nonfinite_step():
             return None
         self.add_sparsity_gradient()
-        return super().step(closure)
+        return self.solver_step(closure)
+
+    def solver_step(self, closure=None):
+        """The wrapped optimizer's step; with `solver="natural"` or `"natural+penalty"` preconditioned by the metric
+        (`MetricPreconditioner`, kept across steps on this optimizer)."""
+        fip_model = self._fip_model
+        adapter = fip_model.active_adapters[0]
+        if fip_model.peft_config[adapter].solver == "penalty":
+            return super().step(closure)
+        preconditioner = getattr(self, "_fip_preconditioner", None)
+        if preconditioner is None or preconditioner.fip_model is not fip_model or preconditioner.adapter != adapter:
+            preconditioner = self._fip_preconditioner = MetricPreconditioner(fip_model, adapter)
+        return preconditioner.step(self, super().step, closure)
 
 
 @cache

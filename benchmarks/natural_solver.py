@@ -1,0 +1,199 @@
+"""Penalty vs natural vs natural+penalty FIP solvers vs plain fine-tuning on class-incremental task sequences.
+
+Two sequences of 5 tasks of 2 classes each with one shared 10-way head trained in full (`modules_to_save`):
+
+- `digits`: scikit-learn's 8x8 digits, the MLP of tests/_tasks.py (full-rank FIP on fc1, fc2), 150 AdamW steps per
+  task at lr 3e-3, batch 32, 100 anchors (as benchmarks/split_digits.py).
+- `fashion`: split Fashion-MNIST, the CNN of examples/continual_vision.py (conv 16, conv 32, fc 128; FIP on conv1,
+  conv2, fc1), 200 AdamW steps per task at lr 1e-3, batch 64, 2,000 training images per task, 200 anchors.
+
+Every method runs at its defaults (natural solvers: damping 0.1, metric_update_interval 10, 128 metric anchors).
+Each (method, seed) runs in its own process (one thread) so that its peak memory (max RSS) is its own; the methods
+of a seed run one after the other, so they share the machine's load. Reported per method: ACC and BWT (mean and
+spread over seeds), seconds per training step and its ratio to plain fine-tuning, peak RSS, and ACC at equal wall
+time (each task gets the wall time the penalty solver took for it in the same seed; every method trains until it
+is spent).
+
+    python benchmarks/natural_solver.py --sequence digits --seeds 0,1,2
+    python benchmarks/natural_solver.py --sequence fashion --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+METHODS = {
+    "plain fine-tuning": None,
+    "FIP penalty": {"solver": "penalty"},
+    "FIP natural": {"solver": "natural"},
+    "FIP natural+penalty": {"solver": "natural+penalty"},
+}
+SEQUENCES = {
+    "digits": {"steps": 150, "lr": 3e-3, "batch": 32, "anchors": 100},
+    "fashion": {"steps": 200, "lr": 1e-3, "batch": 64, "anchors": 200, "train_size": 2000},
+}
+
+
+def _cnn():
+    from torch import nn
+
+    class SmallCNN(nn.Module):
+        """The CNN of examples/continual_vision.py."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+            self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.fc1 = nn.Linear(32 * 7 * 7, 128)
+            self.head = nn.Linear(128, 10)
+
+        def forward(self, x):
+            x = self.pool(torch.relu(self.conv1(x)))
+            x = self.pool(torch.relu(self.conv2(x)))
+            return self.head(torch.relu(self.fc1(x.flatten(1))))
+
+    import torch
+
+    return SmallCNN()
+
+
+def load_tasks(sequence: str, seed: int) -> tuple[list, list]:
+    """Five (train x, train y) and five (test x, test y) pairs of two classes each."""
+    import torch
+
+    if sequence == "digits":
+        from benchmarks.split_digits import split_digits
+
+        x_train, y_train, x_test, y_test = split_digits()
+    else:
+        from data import load_fashion_mnist
+
+        x_train, y_train = load_fashion_mnist("train")
+        x_test, y_test = load_fashion_mnist("test")
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for task in range(5):
+        rows = torch.nonzero((y_train // 2) == task).flatten()
+        size = SEQUENCES[sequence].get("train_size")
+        if size is not None:
+            rows = rows[torch.randperm(len(rows), generator=generator)[:size]]
+        train.append((x_train[rows], y_train[rows]))
+        test_rows = (y_test // 2) == task
+        test.append((x_test[test_rows], y_test[test_rows]))
+    return train, test
+
+
+def run(sequence: str, method: str, seed: int, budgets: list[float] | None) -> dict:
+    """One continual run; with `budgets`, task t trains for budgets[t] seconds instead of a fixed step count."""
+    import torch
+    from peft import get_peft_model
+
+    import fip_peft
+    from fip_peft.evaluation import average_accuracy, backward_transfer
+    from tests._tasks import MLP
+
+    torch.set_num_threads(1)
+    settings = SEQUENCES[sequence]
+    train, test = load_tasks(sequence, seed)
+    torch.manual_seed(seed)
+    if sequence == "digits":
+        model, targets = MLP(), ["fc1", "fc2"]
+    else:
+        model, targets = _cnn(), ["conv1", "conv2", "fc1"]
+    options = METHODS[method] or {}
+    config = fip_peft.FIPConfig(
+        target_modules=targets, modules_to_save=["head"], anchor_budget=settings["anchors"], **options
+    )
+    model = get_peft_model(model, config)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=settings["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    matrix, seconds, steps = [], [], []
+    for index, (x, y) in enumerate(train):
+        model.train()
+        start, done = time.perf_counter(), 0
+        while (done < settings["steps"]) if budgets is None else (time.perf_counter() - start < budgets[index]):
+            batch = torch.randint(len(y), (settings["batch"],), generator=generator)
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            done += 1
+        seconds.append(time.perf_counter() - start)
+        steps.append(done)
+        model.eval()
+        with torch.no_grad():
+            matrix.append([float((model(tx).argmax(-1) == ty).float().mean()) for tx, ty in test])
+        if options:
+            model.remember(x)
+    return {
+        "acc": average_accuracy(matrix),
+        "bwt": backward_transfer(matrix),
+        "seconds_per_task": seconds,
+        "steps_per_task": steps,
+        "seconds_per_step": sum(seconds) / sum(steps),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _in_child(args: tuple) -> dict:
+    return run(*args)
+
+
+def _mean_sd(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequence", choices=sorted(SEQUENCES), default="digits")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--output", default=None, help="Write all results as JSON here.")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    context = multiprocessing.get_context("spawn")
+    results: dict[str, list[dict]] = {name: [] for name in METHODS}
+    timed: dict[str, list[dict]] = {name: [] for name in METHODS}
+    for seed in seeds:
+        for name in METHODS:
+            with context.Pool(1) as pool:
+                results[name].append(pool.apply(_in_child, ((args.sequence, name, seed, None),)))
+            print(f"seed {seed} {name}: {json.dumps(results[name][-1])}", flush=True)
+        budgets = results["FIP penalty"][-1]["seconds_per_task"]
+        for name in METHODS:
+            with context.Pool(1) as pool:
+                timed[name].append(pool.apply(_in_child, ((args.sequence, name, seed, budgets),)))
+            print(f"seed {seed} {name} (equal time): {json.dumps(timed[name][-1])}", flush=True)
+    plain = statistics.mean(r["seconds_per_step"] for r in results["plain fine-tuning"])
+    print(f"\nsequence {args.sequence}, seeds {seeds}")
+    print("| method | ACC | BWT | s / step | x plain | peak RSS MiB | ACC at equal wall time | steps per task then |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in METHODS:
+        rows, equal = results[name], timed[name]
+        step = statistics.mean(r["seconds_per_step"] for r in rows)
+        steps = statistics.mean(statistics.mean(r["steps_per_task"]) for r in equal)
+        print(
+            f"| {name} | {_mean_sd([r['acc'] for r in rows])} | {_mean_sd([r['bwt'] for r in rows])} | "
+            f"{step * 1000:.1f} ms | {step / plain:.2f} | {statistics.mean(r['peak_rss_mib'] for r in rows):.0f} | "
+            f"{_mean_sd([r['acc'] for r in equal])} | {steps:.0f} |"
+        )
+    if args.output:
+        Path(args.output).write_text(json.dumps({"fixed_steps": results, "equal_time": timed}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""The math of the metric-preconditioned FIP step (`solver="natural"`): Kronecker factors of the metric, its damped
+inverse, its spectrum, and an exact matrix-free reference (conjugate gradient on Gauss-Newton-vector products).
+
+The paper's step solves argmin_theta theta^T g theta + beta <theta, grad L> with |theta| <= epsilon, where
+g = E[J^T M J] over the anchors. Its solution is theta proportional to -(g + lambda I)^-1 grad L. Here g is
+approximated per covered layer by a Kronecker product (K-FAC, Martens & Grosse 2015). For a layer y = x W^T with
+displacement delta (out x in):
+
+    g_layer ~ A (x) G,    A = E[x x^T] over the layer's inputs on the anchors,
+                          G = E[d d^T], d = d(v^T f) / dy the gradient at the layer's output of a random
+                          projection v of the model's output f with E[v v^T] = M,
+
+so no Jacobian is ever formed: one forward pass on the anchors and one backward pass per sampled direction. For
+`distance="logits"` M = I (v is Rademacher); for the softmax distances M is the output Fisher diag(p) - p p^T up to a
+constant (v = e_c - p with c drawn from p). For a deep linear network and all output directions the product is exact.
+
+The step uses the damped inverse in the eigenbasis of the factors (A = Q_A S_A Q_A^T, G = Q_G S_G Q_G^T):
+
+    P = lambda (A (x) G + lambda I)^-1,    P u = u - Q_G [(Q_G^T u Q_A) * s / (s + lambda)] Q_A^T,   s = S_G S_A^T
+
+This inverts the Kronecker metric plus damping exactly (the factored form (G + sqrt(lambda) I)^-1 u
+(A + sqrt(lambda) I)^-1 only approximates it and adds a cross term), the same eigendecomposition gives the
+spectrum for `metric_spectrum`, and P is dimensionless: it leaves directions the anchors do not see (s << lambda)
+unchanged and shrinks a direction of metric eigenvalue s by lambda / (s + lambda). lambda = `damping` x the mean
+eigenvalue of the layer's metric (trace A / in x trace G / out), so one `damping` means the same on every layer and
+model. Eigen-directions whose shrinkage is below `TRUNCATION` on every product are dropped (treated as free), which
+makes applying P cost O(out x in x rank) instead of O(out x in x (out + in)); a factor seen on fewer rows than its
+size (e.g. 128 anchors into a 1568-wide layer) is decomposed through its Gram matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Eigen-directions whose largest shrinkage s / (s + lambda) stays below this are treated as free (P = 1 there).
+TRUNCATION = 1e-4
+
+
+# ---- covered layers -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CoveredLayer:
+    """A layer whose trainable weight the metric preconditions, seen as y = x W^T with W of shape (out, in).
+
+    `kind` is "linear" (nn.Linear, transformers' Conv1D with `transposed`), "conv2d" (inputs unfolded into patches)
+    or "embedding" (one-hot inputs: A is diagonal, the token counts). `bias`, when trained, is preconditioned with
+    the weight by appending a constant 1 to the inputs.
+    """
+
+    module: nn.Module
+    kind: str
+    weight: nn.Parameter
+    transposed: bool = False
+    bias: nn.Parameter | None = None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def as_matrix(self, weight_like: torch.Tensor, bias_like: torch.Tensor | None = None) -> torch.Tensor:
+        """A weight-shaped tensor (and bias-shaped one) as the (out, in [+ 1]) matrix the factors act on."""
+        matrix = weight_like.t() if self.transposed else weight_like.reshape(weight_like.shape[0], -1)
+        if self.bias is not None:
+            matrix = torch.cat([matrix, bias_like.reshape(-1, 1)], dim=1)
+        return matrix
+
+    def from_matrix(self, matrix: torch.Tensor) -> list[torch.Tensor]:
+        """Inverse of `as_matrix`: the weight-shaped (and bias-shaped) tensors."""
+        if self.bias is not None:
+            matrix, bias = matrix[:, :-1], matrix[:, -1]
+        weight = matrix.t() if self.transposed else matrix.reshape(self.weight.shape)
+        return [weight] if self.bias is None else [weight, bias.reshape(self.bias.shape)]
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's inputs as rows of the A factor: (rows, in [+ 1]); embedding: the flat token ids."""
+        if self.kind == "embedding":
+            return x.reshape(-1)
+        if self.kind == "conv2d":
+            conv = self.module.get_base_layer() if hasattr(self.module, "get_base_layer") else self.module
+            patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        if self.bias is not None:
+            rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
+        return rows
+
+    def output_rows(self, d: torch.Tensor) -> torch.Tensor:
+        """Gradients at the layer's output as rows of the G factor: (rows, out)."""
+        if self.kind == "conv2d":
+            return d.transpose(1, -1).reshape(-1, d.shape[1])
+        return d.reshape(-1, d.shape[-1])
+
+
+def check_conv(conv: nn.Conv2d, name: str) -> None:
+    """Refuse convolutions whose weight is not a plain patch product (groups, string padding, non-zero padding)."""
+    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(
+            f"FIPConfig.solver='natural' cannot precondition {name!r}: only Conv2d with groups=1 and numeric zero "
+            f"padding is supported (got groups={conv.groups}, padding={conv.padding!r}, "
+            f"padding_mode={conv.padding_mode!r}). Remove it from target_modules or use solver='penalty'."
+        )
+
+
+# ---- factors --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Eigen:
+    """Eigen-decomposition of a symmetric PSD factor of size `dim`: the eigenvalues kept and their eigenvectors
+    (`vectors` (dim, k)), or unit vectors at `index` for a diagonal factor. Eigenvalues not kept are 0."""
+
+    values: torch.Tensor
+    dim: int
+    trace: float
+    vectors: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """The factor as a dense (dim, dim) matrix (for tests and small layers)."""
+        if self.vectors is not None:
+            return (self.vectors * self.values) @ self.vectors.t()
+        dense = torch.zeros(self.dim, dtype=self.values.dtype, device=self.values.device)
+        dense[self.index] = self.values
+        return torch.diag(dense)
+
+    def keep(self, mask: torch.Tensor) -> Eigen:
+        if self.vectors is not None:
+            return Eigen(self.values[mask], self.dim, self.trace, vectors=self.vectors[:, mask])
+        return Eigen(self.values[mask], self.dim, self.trace, index=self.index[mask])
+
+    def rotate_in(self, u: torch.Tensor) -> torch.Tensor:
+        """u Q (columns of u into the eigenbasis)."""
+        return u @ self.vectors if self.vectors is not None else u[:, self.index]
+
+    def rotate_out(self, core: torch.Tensor) -> torch.Tensor:
+        """core Q^T (back to the layer's basis)."""
+        if self.vectors is not None:
+            return core @ self.vectors.t()
+        out = core.new_zeros(core.shape[0], self.dim)
+        out[:, self.index] = core
+        return out
+
+
+class _Factor:
+    """Running sum of row outer products, kept as the rows themselves while there are fewer rows than columns (so
+    that a wide, rarely seen factor is decomposed through its small Gram matrix)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.rows: list[torch.Tensor] = []
+        self.num_rows = 0
+        self.sum: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.num_rows += rows.shape[0]
+        self.rows.append(rows)
+        if self.sum is not None or self.num_rows > self.dim:
+            stacked = torch.cat(self.rows)
+            self.rows = []
+            product = stacked.t() @ stacked
+            self.sum = product if self.sum is None else self.sum + product
+
+    def eigen(self, scale: float) -> Eigen:
+        """Eigen-decomposition of (sum of row outer products) / scale."""
+        if self.sum is not None:
+            values, vectors = torch.linalg.eigh(self.sum / scale)
+            values = values.clamp_min(0.0)
+            return Eigen(values, self.dim, float(values.sum()), vectors=vectors)
+        rows = torch.cat(self.rows) / scale**0.5
+        values, left = torch.linalg.eigh(rows @ rows.t())
+        kept = values > values.max().clamp_min(0.0) * 1e-10
+        values = values[kept]
+        vectors = (rows.t() @ left[:, kept]) / values.sqrt()
+        return Eigen(values, self.dim, float(values.sum()), vectors=vectors)
+
+
+class _DiagonalFactor:
+    """Diagonal A of an embedding: how often each token occurs among the anchor inputs."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.num_rows = 0
+        self.counts: torch.Tensor | None = None
+
+    def add(self, ids: torch.Tensor) -> None:
+        self.num_rows += ids.numel()
+        counts = torch.bincount(ids, minlength=self.dim).to(torch.float32)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def eigen(self, scale: float) -> Eigen:
+        values = self.counts / scale
+        index = torch.nonzero(values).flatten()
+        return Eigen(values[index], self.dim, float(values.sum()), index=index)
+
+
+@dataclass
+class LayerMetric:
+    """A (x) G of one layer in eigen form, with its absolute damping lambda."""
+
+    a: Eigen
+    g: Eigen
+    damping: float
+
+    def kronecker(self) -> torch.Tensor:
+        """The dense metric block of the layer, over vec(W) of the (out, in) matrix in row-major order: G (x) A."""
+        return torch.kron(self.g.matrix(), self.a.matrix())
+
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """P u = lambda (A (x) G + lambda I)^-1 u for an (out, in) matrix u."""
+        if not len(self.a.values) or not len(self.g.values):
+            return u
+        u = u.to(self.a.values.dtype)
+        core = self.a.rotate_in(self.g.vectors.t() @ u)
+        products = self.g.values[:, None] * self.a.values[None, :]
+        core = core * (products / (products + self.damping))
+        return u - self.a.rotate_out(self.g.vectors @ core)
+
+    def top_eigenvalues(self, k: int) -> torch.Tensor:
+        """The k largest eigenvalues of A (x) G (zeros past its rank)."""
+        k = min(k, self.a.dim * self.g.dim)
+        a = self.a.values.topk(min(k, len(self.a.values))).values
+        g = self.g.values.topk(min(k, len(self.g.values))).values
+        products = (g[:, None] * a[None, :]).flatten()
+        top = products.topk(min(k, products.numel())).values
+        return torch.cat([top, top.new_zeros(k - top.numel())])
+
+
+def _truncate(a: Eigen, g: Eigen, damping: float) -> tuple[Eigen, Eigen]:
+    """Drop eigen-directions whose shrinkage s / (s + lambda) is below `TRUNCATION` for every partner."""
+    if not len(a.values) or not len(g.values):
+        return a, g
+    limit = TRUNCATION * damping
+    return a.keep(a.values * g.values.max() > limit), g.keep(g.values * a.values.max() > limit)
+
+
+def output_directions(
+    outputs: torch.Tensor,
+    distance: str,
+    samples: int | None,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Directions v (each shaped like `outputs`) whose outer products sum to M per position: `samples` random ones
+    scaled by 1 / sqrt(samples), or with `samples=None` all C of them (exact, for tests and small outputs)."""
+    outputs = outputs.detach().float()
+    classes = outputs.shape[-1]
+    if distance == "logits":
+        if samples is None:
+            eye = torch.eye(classes, device=outputs.device)
+            directions = [eye[c].expand_as(outputs) for c in range(classes)]
+        else:
+            directions = [
+                (torch.randint(0, 2, outputs.shape, generator=generator) * 2.0 - 1.0).to(outputs.device)
+                for _ in range(samples)
+            ]
+    else:
+        p = outputs.softmax(dim=-1)
+        if samples is None:
+            fisher = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+            values, vectors = torch.linalg.eigh(fisher)
+            roots = vectors * values.clamp_min(0.0).sqrt()[..., None, :]
+            directions = [roots[..., c] for c in range(classes)]
+        else:
+            flat = p.reshape(-1, classes).cpu()
+            directions = []
+            for _ in range(samples):
+                drawn = torch.multinomial(flat, 1, generator=generator).flatten()
+                one_hot = F.one_hot(drawn, classes).to(p.dtype).reshape(p.shape).to(p.device)
+                directions.append(one_hot - p)
+    if samples is not None:
+        directions = [v / samples**0.5 for v in directions]
+    if mask is not None and mask.shape == outputs.shape[:-1]:
+        directions = [v * mask[..., None].to(v.dtype) for v in directions]
+    return directions
+
+
+def kronecker_metric(
+    layers: dict[str, CoveredLayer],
+    forward: Callable[[], torch.Tensor],
+    distance: str,
+    damping: float,
+    samples: int | None,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+) -> dict[str, LayerMetric]:
+    """K-FAC factors A and G of every covered layer from one forward pass `forward()` on the anchors (returning the
+    model's output f) and one backward pass per output direction, then their damped eigen form.
+
+    The anchors are the same on every process of a distributed run (drawn from a seeded step counter) and so are
+    the directions (`generator` is seeded the same way), so the factors are identical on every rank without any
+    communication.
+    """
+    inputs: dict[str, _Factor | _DiagonalFactor] = {}
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def hook_for(name: str, layer: CoveredLayer):
+        def hook(module, args, output):
+            rows = layer.input_rows(args[0].detach())
+            if name not in inputs:
+                dim = layer.module.get_base_layer().num_embeddings if layer.kind == "embedding" else rows.shape[1]
+                inputs[name] = _DiagonalFactor(dim) if layer.kind == "embedding" else _Factor(dim)
+            inputs[name].add(rows if layer.kind == "embedding" else rows.float())
+            outputs[name].append(output)
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(hook_for(name, layer)) for name, layer in layers.items()]
+    try:
+        with torch.enable_grad():
+            model_output = forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    num_anchors = model_output.shape[0]
+    names = [name for name in layers if outputs[name] and outputs[name][0].requires_grad]
+    flat = [tensor for name in names for tensor in outputs[name]]
+    grads_out = {name: _Factor(outputs[name][0].shape[1 if layers[name].kind == "conv2d" else -1]) for name in names}
+    directions = output_directions(model_output, distance, samples, generator, mask)
+    for i, v in enumerate(directions):
+        grads = torch.autograd.grad(
+            model_output, flat, v.to(model_output.dtype), retain_graph=i + 1 < len(directions), allow_unused=True
+        )
+        position = 0
+        for name in names:
+            for _ in outputs[name]:
+                if grads[position] is not None:
+                    grads_out[name].add(layers[name].output_rows(grads[position]).float())
+                position += 1
+    metric = {}
+    for name in names:
+        if not grads_out[name].num_rows:
+            continue
+        a = inputs[name].eigen(float(inputs[name].num_rows))
+        g = grads_out[name].eigen(float(num_anchors))
+        lam = damping * (a.trace / a.dim) * (g.trace / g.dim)
+        if lam <= 0:
+            continue
+        a, g = _truncate(a, g, lam)
+        metric[name] = LayerMetric(a, g, lam)
+    return metric
+
+
+# ---- exact reference: conjugate gradient on Gauss-Newton-vector products ----------------------------------------
+
+
+def gauss_newton_matvec(
+    outputs: torch.Tensor, params: list[torch.Tensor]
+) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """v -> g v with g = (1 / N) sum_n J_n^T J_n, J = d outputs / d params, by reverse mode only: J v is the
+    derivative of u -> (J^T u) . v (double backward), then J^T (J v) is one more backward pass. Works where forward
+    mode (`torch.func.jvp`) does not (SDPA attention, DDP/FSDP). The graph of `outputs` is kept between calls."""
+    num_anchors = outputs.shape[0]
+    u = torch.zeros_like(outputs, requires_grad=True)
+    jt_u = torch.autograd.grad(outputs, params, u, create_graph=True)
+
+    def matvec(vector: list[torch.Tensor]) -> list[torch.Tensor]:
+        (jv,) = torch.autograd.grad(jt_u, u, vector, retain_graph=True)
+        return [g / num_anchors for g in torch.autograd.grad(outputs, params, jv, retain_graph=True)]
+
+    return matvec
+
+
+def conjugate_gradient(
+    matvec: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    rhs: list[torch.Tensor],
+    damping: float,
+    max_iter: int = 100,
+    tol: float = 1e-8,
+) -> list[torch.Tensor]:
+    """x with (g + damping I) x = rhs, by conjugate gradient on the products `matvec(v) = g v`."""
+
+    def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+
+    x = [torch.zeros_like(r) for r in rhs]
+    residual = [r.clone() for r in rhs]
+    direction = [r.clone() for r in rhs]
+    rr = dot(residual, residual)
+    stop = tol * float(rr)
+    for _ in range(max_iter):
+        if float(rr) <= stop:
+            break
+        product = [gv + damping * v for gv, v in zip(matvec(direction), direction, strict=True)]
+        alpha = rr / dot(direction, product)
+        x = [xi + alpha * di for xi, di in zip(x, direction, strict=True)]
+        residual = [ri - alpha * pi for ri, pi in zip(residual, product, strict=True)]
+        rr_new = dot(residual, residual)
+        direction = [ri + (rr_new / rr) * di for ri, di in zip(residual, direction, strict=True)]
+        rr = rr_new
+    return x

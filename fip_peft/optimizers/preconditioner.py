@@ -1,0 +1,190 @@
+"""The natural FIP step (`solver="natural"` / `"natural+penalty"`) on a model: which layers the metric covers, when
+the metric is refreshed, and how the optimizer's step uses it. The math lives in `fip_peft/natural.py`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .. import layer as fip_layers
+from ..model import FIPModel
+from ..natural import CoveredLayer, LayerMetric, check_conv, kronecker_metric
+
+logger = logging.get_logger(__name__)
+
+# Offset between the seeds of anchor sampling and of the metric's output directions.
+DIRECTION_SEED_OFFSET = 7919
+
+
+def covered_layers(fip_model: FIPModel, adapter: str) -> dict[str, CoveredLayer]:
+    """The layers the metric preconditions: every full-rank FIP displacement of `adapter` that is trained, and every
+    trained `nn.Linear` outside the adapter (a head in `modules_to_save`, weight and bias). Other trainable
+    parameters (norms, other module types) take the base optimizer's step unchanged."""
+    layers = {}
+    for name, module in fip_model.model.named_modules():
+        if isinstance(module, fip_layers.FIPLayer):
+            delta = module.fip_delta[adapter] if adapter in module.fip_delta else None
+            if delta is None or not delta.requires_grad:
+                continue
+            if isinstance(module, fip_layers.Conv2d):
+                check_conv(module.get_base_layer(), name)
+                layers[name] = CoveredLayer(module, "conv2d", delta)
+            elif isinstance(module, fip_layers.Embedding):
+                layers[name] = CoveredLayer(module, "embedding", delta, transposed=True)
+            else:
+                layers[name] = CoveredLayer(module, "linear", delta, transposed=isinstance(module, fip_layers.Conv1D))
+        elif isinstance(module, nn.Linear) and module.weight.requires_grad:
+            bias = module.bias if module.bias is not None and module.bias.requires_grad else None
+            layers[name] = CoveredLayer(module, "linear", module.weight, bias=bias)
+    return layers
+
+
+def anchor_metric(
+    fip_model: FIPModel, adapter: str, layers: dict[str, CoveredLayer], index: torch.Tensor, seed: int
+) -> dict[str, LayerMetric]:
+    """The Kronecker metric of `layers` on the anchors at `index` (eval mode, output directions seeded by `seed`)."""
+    config = fip_model.peft_config[adapter]
+    inputs, _ = fip_model.memory(adapter).batch(index)
+    with fip_model._evaluating():
+        return kronecker_metric(
+            layers,
+            lambda: fip_model._run(inputs),
+            config.distance,
+            config.damping,
+            config.metric_samples,
+            torch.Generator().manual_seed(seed),
+            inputs.get("attention_mask"),
+        )
+
+
+def metric_spectrum(fip_model: FIPModel, adapter: str, k: int) -> dict[str, torch.Tensor]:
+    """Top-k eigenvalues of the Kronecker metric of every covered layer on the first `metric_anchors` anchors of a
+    fixed random order (the training's anchor sampling is left untouched)."""
+    config = fip_model.peft_config[adapter]
+    memory = fip_model.memory(adapter)
+    if len(memory) == 0:
+        raise ValueError("`metric_spectrum` needs remembered anchors: call `model.remember(data)` first.")
+    order = torch.randperm(len(memory), generator=torch.Generator().manual_seed(config.anchor_seed))
+    index = order[: config.metric_anchors]
+    metric = anchor_metric(fip_model, adapter, covered_layers(fip_model, adapter), index, config.anchor_seed)
+    return {name: layer_metric.top_eigenvalues(k) for name, layer_metric in metric.items()}
+
+
+class MetricPreconditioner:
+    """Keeps the Kronecker metric of one adapter, refreshed every `metric_update_interval` optimizer steps on
+    `metric_anchors` anchors, and preconditions each step with it.
+
+    Each covered layer's gradient becomes P grad L, P = lambda (g + lambda I)^-1 (the direction of the paper's
+    step). `"natural+penalty"` then adds grad D / beta unpreconditioned, so the penalty pulls back drift the
+    preconditioned direction let through. Then:
+
+    - `epsilon=None` (default): the wrapped optimizer (SGD, AdamW, ...) steps on these gradients. With SGD the step is
+      -lr P grad L; with Adam its per-coordinate scaling sets the length, so the directions the metric leaves free
+      move at the usual speed. (Projecting Adam's update afterwards instead, P u, kept task A but learned nothing of
+      task B on split digits, measured in docs/benchmarks.md.)
+    - `epsilon=e`: the paper's fixed-length step: the covered parameters move by -e P grad / |P grad| (e times
+      lr / initial_lr under a schedule), the others take the wrapped optimizer's step.
+
+    Anchors and output directions come from seeded counters, so every process of a distributed run computes the
+    same metric from the same anchors with no communication.
+    """
+
+    def __init__(self, fip_model: FIPModel, adapter: str) -> None:
+        self.fip_model = fip_model
+        self.adapter = adapter
+        self.layers = covered_layers(fip_model, adapter)
+        self.metric: dict[str, LayerMetric] | None = None
+        self.steps = 0
+
+    @property
+    def config(self):
+        return self.fip_model.peft_config[self.adapter]
+
+    def refresh(self) -> None:
+        """Recompute the metric on the next `metric_anchors` anchors; keep the previous one if it is not finite."""
+        config = self.config
+        memory = self.fip_model.memory(self.adapter)
+        index = memory.next_batch_index(config.metric_anchors, config.anchor_seed)
+        seed = config.anchor_seed * 1_000_003 + int(memory.sample_step) + DIRECTION_SEED_OFFSET
+        try:
+            metric = anchor_metric(self.fip_model, self.adapter, self.layers, index, seed)
+        except torch.linalg.LinAlgError as error:
+            logger.warning(f"The FIP metric could not be refreshed ({error}); the previous one is kept.")
+            return
+        finite = all(
+            torch.isfinite(m.a.values).all() and torch.isfinite(m.g.values).all() and math.isfinite(m.damping)
+            for m in metric.values()
+        )
+        if not finite:
+            logger.warning("The FIP metric on this anchor batch is NaN or infinite; the previous one is kept.")
+            return
+        self.metric = metric
+
+    def step(self, optimizer: torch.optim.Optimizer, base_step: Callable, closure=None):
+        """One natural step of `optimizer`: refresh the metric when due, then precondition (see the class doc)."""
+        if len(self.fip_model.memory(self.adapter)) == 0:
+            return base_step(closure)
+        if self.metric is None or self.steps % self.config.metric_update_interval == 0:
+            self.refresh()
+        self.steps += 1
+        if self.metric is None:
+            return base_step(closure)
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        layers = {
+            name: layer
+            for name, layer in self.layers.items()
+            if name in self.metric and all(id(p) in groups for p in layer.params)
+        }
+        self._precondition_gradient(layers)
+        if self.config.solver == "natural+penalty":
+            self._add_anchor_gradient(optimizer)
+        if self.config.epsilon is None:
+            return base_step(closure)
+        return self._epsilon_step(layers, groups, base_step, closure)
+
+    def _precondition_gradient(self, layers: dict[str, CoveredLayer]) -> None:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                if all(p.grad is None for p in layer.params):
+                    continue
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
+                for p, new in zip(
+                    layer.params, layer.from_matrix(self.metric[name].project(layer.as_matrix(*grads))), strict=True
+                ):
+                    p.grad = new.to(p.dtype).contiguous()
+
+    def _add_anchor_gradient(self, optimizer) -> None:
+        with torch.enable_grad():
+            distance = self.fip_model.anchor_distance(self.adapter)
+            if distance is None:
+                return
+            (distance / self.config.beta).backward()
+        optimizer.fip_distance_sum = optimizer.fip_distance_sum + distance.detach()
+        optimizer.fip_distance_count += 1
+
+    def _epsilon_step(self, layers: dict[str, CoveredLayer], groups: dict, base_step: Callable, closure):
+        directions = {
+            name: [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
+            for name, layer in layers.items()
+            if any(p.grad is not None for p in layer.params)
+        }
+        with torch.no_grad():
+            norm = math.sqrt(sum(float(d.float().pow(2).sum()) for ds in directions.values() for d in ds))
+        for name in directions:
+            for p in layers[name].params:
+                p.grad = None
+        result = base_step(closure)
+        if norm == 0:
+            return result
+        with torch.no_grad():
+            for name, tensors in directions.items():
+                for p, direction in zip(layers[name].params, tensors, strict=True):
+                    group = groups[id(p)]
+                    lr, initial = float(group["lr"]), float(group.get("initial_lr", group["lr"]))
+                    scale = self.config.epsilon * (lr / initial if initial else 1.0)
+                    p.add_(direction.to(p.dtype), alpha=-scale / norm)
+        return result

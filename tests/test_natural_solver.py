@@ -1,0 +1,263 @@
+"""The metric-preconditioned FIP step (`solver="natural"`): its metric, its solve, and what the step does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import fip_peft
+from fip_peft.natural import conjugate_gradient, gauss_newton_matvec, kronecker_metric
+from fip_peft.optimizers.preconditioner import covered_layers
+from tests._tasks import MLP, digits_tasks, train_plain
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_tasks()
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(digits):
+    torch.manual_seed(0)
+    return train_plain(MLP(), digits["x_a_train"], digits["y_a_train"], 40, 3e-3)
+
+
+class DeepLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)
+        self.fc2 = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def natural_mlp(base: nn.Module, anchors: torch.Tensor, **config) -> nn.Module:
+    model = get_peft_model(
+        copy.deepcopy(base),
+        fip_peft.FIPConfig(target_modules=["fc1", "fc2"], modules_to_save=["head"], solver="natural", **config),
+    )
+    model.remember(anchors)
+    return model
+
+
+def exact_metric(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(1 / N) sum_n J_n^T J_n, J_n the Jacobian of the outputs on anchor n w.r.t. `params`, by one backward pass per
+    output coordinate."""
+    outputs = model(x)
+    rows = []
+    for index in range(outputs.numel()):
+        grads = torch.autograd.grad(outputs.flatten()[index], params, retain_graph=True)
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    jacobian = torch.stack(rows)
+    return jacobian.t() @ jacobian / x.shape[0]
+
+
+def test_kronecker_metric_equals_the_exact_gauss_newton_metric_on_a_linear_model():
+    torch.manual_seed(0)
+    model = get_peft_model(DeepLinear(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], solver="natural"))
+    model.eval()
+    x = torch.randn(32, 6)
+    layers = covered_layers(model.base_model, "default")
+    metric = kronecker_metric(layers, lambda: model(x), "logits", 0.1, None, torch.Generator())
+    for name, layer in layers.items():
+        exact = exact_metric(model, [layer.weight], x)
+        assert torch.allclose(metric[name].kronecker(), exact, atol=1e-5), name
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)
+        self.fc2 = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tiny_metric(samples: int | None, seed: int = 0):
+    torch.manual_seed(0)
+    model = get_peft_model(TinyMLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], solver="natural"))
+    model.eval()
+    x = torch.randn(48, 6)
+    layers = covered_layers(model.base_model, "default")
+    return kronecker_metric(layers, lambda: model(x), "logits", 0.1, samples, torch.Generator().manual_seed(seed))
+
+
+def test_sampled_output_directions_estimate_the_metric_of_all_directions():
+    exact, sampled = tiny_metric(None), tiny_metric(256)
+    for name, layer_metric in exact.items():
+        error = (sampled[name].kronecker() - layer_metric.kronecker()).norm() / layer_metric.kronecker().norm()
+        assert error < 0.1, name
+
+
+def test_preconditioner_is_the_damped_inverse_of_the_kronecker_metric():
+    for name, layer_metric in tiny_metric(1).items():
+        u = torch.randn(layer_metric.g.dim, layer_metric.a.dim, generator=torch.Generator().manual_seed(1))
+        dense = layer_metric.kronecker().double() + layer_metric.damping * torch.eye(u.numel(), dtype=torch.float64)
+        expected = layer_metric.damping * torch.linalg.solve(dense, u.flatten().double())
+        assert torch.allclose(layer_metric.project(u).flatten().double(), expected, atol=1e-5), name
+
+
+def test_conjugate_gradient_on_gauss_newton_products_matches_a_dense_solve():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    params = list(model.parameters())
+    x = torch.randn(10, 4)
+    rhs = [torch.randn_like(p) for p in params]
+    dense = exact_metric(model, params, x) + 0.1 * torch.eye(sum(p.numel() for p in params))
+    expected = torch.linalg.solve(dense, torch.cat([r.flatten() for r in rhs]))
+    solved = conjugate_gradient(gauss_newton_matvec(model(x), params), rhs, damping=0.1, max_iter=200, tol=1e-12)
+    assert torch.allclose(torch.cat([s.flatten() for s in solved]), expected, atol=1e-4)
+
+
+def anchor_change(model: nn.Module, step, anchors: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        before = model(anchors)
+        step()
+        return float((model(anchors) - before).pow(2).sum(-1).mean())
+
+
+def test_natural_step_moves_anchor_outputs_10x_less_than_a_plain_step_of_equal_length(digits, trained_mlp):
+    anchors = digits["x_a_train"]
+    model = natural_mlp(trained_mlp, anchors, epsilon=1e-3)
+    plain = copy.deepcopy(model)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=1.0)
+    params = [p for p in plain.parameters() if p.requires_grad]
+    for m in (model, plain):
+        m.train()
+        x, y = digits["x_b_train"][:64], digits["y_b_train"][:64]
+        nn.functional.cross_entropy(m(x), y).backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in params]).norm()
+
+    def plain_step():
+        for p in params:
+            p.add_(p.grad, alpha=-1e-3 / float(grad_norm))
+
+    natural_change = anchor_change(model, optimizer.step, anchors)
+    plain_change = anchor_change(plain, plain_step, anchors)
+    moved = torch.cat([(a - b).flatten() for a, b in zip(model.parameters(), plain.parameters(), strict=True)])
+    assert natural_change * 10 <= plain_change
+    assert moved.norm() > 0
+
+
+def test_epsilon_step_has_length_epsilon_on_the_covered_parameters(digits, trained_mlp):
+    model = natural_mlp(trained_mlp, digits["x_a_train"], epsilon=1e-3)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+    model.train()
+    nn.functional.cross_entropy(model(digits["x_b_train"][:32]), digits["y_b_train"][:32]).backward()
+    optimizer.step()
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    step = torch.cat([(a - b).flatten() for a, b in zip(after, before, strict=True)])
+    assert step.norm() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_metric_is_refreshed_every_metric_update_interval_steps(digits, trained_mlp):
+    model = natural_mlp(trained_mlp, digits["x_a_train"], metric_update_interval=4)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    model.train()
+    for _ in range(9):
+        nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert int(model.base_model.memory().sample_step) == 3  # steps 1, 5, 9 draw anchors; the others reuse them
+
+
+def test_natural_plus_penalty_keeps_task_a_better_than_the_penalty_solver_alone(digits, trained_mlp):
+    anchors = digits["x_a_train"]
+    changes = {}
+    for solver in ("penalty", "natural+penalty"):
+        model = get_peft_model(
+            copy.deepcopy(trained_mlp),
+            fip_peft.FIPConfig(target_modules=["fc1", "fc2"], modules_to_save=["head"], solver=solver, beta=0.4),
+        )
+        model.remember(anchors)
+        optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=2e-3)
+
+        def train(model=model, optimizer=optimizer):
+            with torch.enable_grad():
+                for start in range(0, 320, 32):
+                    model.train()
+                    x, y = digits["x_b_train"][start : start + 32], digits["y_b_train"][start : start + 32]
+                    nn.functional.cross_entropy(model(x), y).backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                model.eval()
+
+        changes[solver] = anchor_change(model, train, anchors)
+    assert changes["natural+penalty"] < changes["penalty"]
+
+
+def test_natural_solver_preconditions_conv2d_and_embedding_layers():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.conv = nn.Conv2d(1, 4, kernel_size=3, padding=1)
+            self.head = nn.Linear(8 + 4 * 16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ids, pixels = x[:, :5].long(), x[:, 5:].reshape(-1, 1, 4, 4)
+            features = torch.cat([self.embed(ids).mean(1), torch.relu(self.conv(pixels)).flatten(1)], dim=1)
+            return self.head(features)
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randint(0, 10, (64, 5)).float(), torch.randn(64, 16)], dim=1)
+    model = get_peft_model(Mixed(), fip_peft.FIPConfig(target_modules=["embed", "conv"], solver="natural"))
+    model.remember(x)
+    layers = covered_layers(model.base_model, "default")
+    assert {layer.kind for layer in layers.values()} == {"embedding", "conv2d"}
+    model.eval()
+    metric = kronecker_metric(layers, lambda: model(x), "logits", 0.1, 1, torch.Generator().manual_seed(0))
+    assert set(metric) == set(layers)
+    # tokens 10..19 never occur among the anchors: their embedding rows move freely
+    embed = metric["embed"]
+    u = torch.randn(embed.g.dim, embed.a.dim)
+    assert torch.equal(embed.project(u)[:, 10:], u[:, 10:])
+    assert (embed.project(u)[:, :10] - u[:, :10]).abs().max() > 0
+
+
+def test_metric_spectrum_gives_the_top_k_eigenvalues_of_each_layer(digits, trained_mlp):
+    model = natural_mlp(trained_mlp, digits["x_a_train"])
+    spectrum = model.metric_spectrum(5)
+    assert set(spectrum) == {"fc1", "fc2", "head.modules_to_save.default"}
+    for values in spectrum.values():
+        assert values.shape == (5,)
+        assert (values[:-1] >= values[1:]).all() and (values >= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"solver": "newton"}, "solver"),
+        ({"solver": "natural", "rank": 4}, "rank"),
+        ({"solver": "natural", "damping": 0.0}, "damping"),
+        ({"solver": "natural", "epsilon": -1.0}, "epsilon"),
+        ({"solver": "penalty", "epsilon": 1e-3}, "epsilon"),
+        ({"solver": "natural", "metric_update_interval": 0}, "metric_update_interval"),
+        ({"solver": "natural", "metric_anchors": 0}, "metric_anchors"),
+        ({"solver": "natural", "metric_samples": 1.5}, "metric_samples"),
+    ],
+)
+def test_invalid_natural_solver_settings_raise_naming_the_field(config, field):
+    with pytest.raises((ValueError, TypeError), match=f"FIPConfig.{field}"):
+        fip_peft.FIPConfig(target_modules=["fc1"], **config)
+
+
+def test_natural_plus_penalty_default_beta_is_the_natural_default():
+    from fip_peft.config import DEFAULT_BETA_NATURAL
+
+    assert fip_peft.FIPConfig(solver="natural+penalty").beta == DEFAULT_BETA_NATURAL
+
+
+def test_grouped_convolution_is_refused_with_the_solver_named():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    peft_model = get_peft_model(model, fip_peft.FIPConfig(target_modules=["0"], solver="natural"))
+    with pytest.raises(ValueError, match="solver='natural'"):
+        covered_layers(peft_model.base_model, "default")
