@@ -13,6 +13,7 @@ number of optimizer steps, the same seed and the same memory budget (FIP's ancho
 - ``fip_authors``: FIP with the authors' recipe (Bhattacharyya distance, beta 1).
 - ``fip``: FIP with this package's defaults.
 - ``joint``: the same adapter trained on all tasks at once for as many steps in total (the upper bound).
+- ``fip_natural``: FIP with ``solver="natural"``, where the installed fip_peft has that solver.
 
 The classification head is trained in full by every method. Suites: ``vision`` (split Fashion-MNIST, 5 tasks of 2
 classes, class-incremental over one 10-way head, the small CNN of ``examples/continual_vision.py``) and ``text``
@@ -56,6 +57,7 @@ import torch  # noqa: E402
 from baselines import Example, OnlineEWC, ReplayBuffer  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fip_peft.config import SOLVERS  # noqa: E402
 from fip_peft.evaluation import AccuracyMatrix  # noqa: E402
 
 SUITES = ("vision", "text")
@@ -347,6 +349,11 @@ METHODS: dict[str, tuple[str, Callable[[Suite, int], Learner]]] = {
     "fip": ("FIP, defaults", lambda suite, seed: AdapterLearner(suite, seed, fip={})),
     "joint": ("joint (upper bound)", lambda suite, seed: AdapterLearner(suite, seed)),
 }
+if "natural" in SOLVERS:  # the solved metric step, where this version of fip_peft has it
+    METHODS["fip_natural"] = (
+        "FIP, natural solver",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={"solver": "natural"}),
+    )
 
 
 def _status_mib(field: str) -> float:
