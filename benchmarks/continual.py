@@ -506,6 +506,53 @@ def summarize(results: list[dict[str, Any]], suite: str, methods: list[str]) -> 
     return "\n".join(lines)
 
 
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 3's targets for the FIP defaults, each with its measured value and whether it is met."""
+
+    def mean(suite: str, method: str, key: str) -> float | None:
+        values = [r[key] for r in results if r["suite"] == suite and r["method"] == method and r[key] is not None]
+        return statistics.fmean(values) if values else None
+
+    lines = []
+    fip_acc, joint_acc = mean("vision", "fip", "acc"), mean("vision", "joint", "acc")
+    if fip_acc is not None and joint_acc is not None:
+        ratio = fip_acc / joint_acc
+        lines.append(
+            f"vision: FIP ACC / joint ACC = {ratio:.3f} (target >= 0.97): {'met' if ratio >= 0.97 else 'MISSED'}"
+        )
+    fip_bwt = mean("vision", "fip", "bwt")
+    if fip_bwt is not None:
+        lines.append(f"vision: FIP BWT = {fip_bwt:+.3f} (target >= -0.03): {'met' if fip_bwt >= -0.03 else 'MISSED'}")
+    if fip_acc is not None:
+        others = {m: mean("vision", m, "acc") for m in METHODS if m not in ("fip", "joint")}
+        ahead = [m for m, acc in others.items() if acc is not None and acc >= fip_acc]
+        verdict = "met" if not ahead else f"MISSED (ahead of FIP: {', '.join(ahead)})"
+        lines.append(f"vision: FIP ahead of every other method but joint: {verdict}")
+    retentions = [
+        min(v for v in r["retention"] if v is not None)
+        for r in results
+        if r["suite"] == "text" and r["method"] == "fip"
+    ]
+    if retentions:
+        worst = min(retentions)
+        verdict = "met" if worst >= 0.99 else "MISSED"
+        lines.append(f"text: worst retention of an earlier task over seeds = {worst:.3f} (target >= 0.99): {verdict}")
+    fip_last, naive_last = mean("text", "fip", "last_task"), mean("text", "naive", "last_task")
+    if fip_last is not None and naive_last is not None:
+        gap = naive_last - fip_last
+        lines.append(
+            f"text: last task, naive - FIP = {gap:+.3f} (target <= 0.01): {'met' if gap <= 0.01 else 'MISSED'}"
+        )
+    for suite in SUITES:
+        for key, bound, what in (("seconds_per_step", 1.6, "time per step"), ("peak_mib", 1.3, "peak memory")):
+            fip, naive = mean(suite, "fip", key), mean(suite, "naive", key)
+            if fip is not None and naive is not None:
+                ratio = fip / naive
+                verdict = "met" if ratio <= bound else "MISSED"
+                lines.append(f"{suite}: FIP / naive {what} = {ratio:.2f} (target <= {bound}): {verdict}")
+    return lines
+
+
 def parse_list(text: str, allowed: Sequence[str], option: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     unknown = [item for item in items if item not in allowed]
@@ -521,6 +568,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated integer seeds.")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes, seed 0 only, in one process (CI smoke run).")
     parser.add_argument("--json", help="Also write every run's results to this JSON file.")
+    parser.add_argument("--report", metavar="JSON", help="Only print the tables of results saved by --json.")
+    parser.add_argument(
+        "--process-per-method",
+        action="store_true",
+        help="Run every (suite, seed, method) in its own process: peak memory free of what earlier methods left.",
+    )
     parser.add_argument("--one", nargs=2, metavar=("SUITE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.suites = list(SUITES) if args.suite == "all" else [args.suite]
@@ -558,6 +611,15 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.method_list:
             print(json.dumps(run_method(suite, method, seed)), flush=True)
         return
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        for suite_name in SUITES:
+            seeds = sorted({r["seed"] for r in results if r["suite"] == suite_name})
+            if seeds:
+                print(f"\n{suite_name} (mean ± sd over seeds {seeds})")
+                print(summarize(results, suite_name, list(METHODS)))
+        print("\n" + "\n".join(targets(results)))
+        return
     started = time.perf_counter()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     for suite_name in args.suites:
@@ -568,6 +630,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.quick:
                 suite = build_suite(suite_name, True, seed)
                 runs = (run_method(suite, method, seed) for method in args.method_list)
+            elif args.process_per_method:
+                runs = (r for method in args.method_list for r in run_isolated(suite_name, [method], seed))
             else:
                 runs = run_isolated(suite_name, args.method_list, seed)
             for result in runs:
@@ -585,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     for suite_name in args.suites:
         print(f"\n{suite_name} (mean ± sd over seeds {args.seed_list})")
         print(summarize(results, suite_name, args.method_list))
+    print("\n" + "\n".join(targets(results)))
     print(f"\nTotal wall time: {time.perf_counter() - started:.0f} s")
 
 
