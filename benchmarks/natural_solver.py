@@ -16,6 +16,7 @@ is spent).
 
     python benchmarks/natural_solver.py --sequence digits --seeds 0,1,2
     python benchmarks/natural_solver.py --sequence fashion --seeds 0,1,2
+    python benchmarks/natural_solver.py --ablation --seeds 0,1,2   # how the natural direction is used; defaults
 """
 
 from __future__ import annotations
@@ -149,6 +150,110 @@ def run(sequence: str, method: str, seed: int, budgets: list[float] | None) -> d
     }
 
 
+ABLATION = {
+    "plain fine-tuning": None,
+    "penalty (beta 0.4)": {"solver": "penalty"},
+    "natural, P grad into AdamW, damping 0.01": {"solver": "natural", "damping": 0.01},
+    "natural, P grad into AdamW, damping 0.1 (default)": {"solver": "natural"},
+    "natural, P grad into AdamW, damping 1": {"solver": "natural", "damping": 1.0},
+    "natural, AdamW update projected (P u), damping 0.1": "project-update",
+    "natural, fixed length epsilon 1e-3": {"solver": "natural", "epsilon": 1e-3},
+    "natural, fixed length epsilon 1e-2": {"solver": "natural", "epsilon": 1e-2},
+    "natural+penalty, beta 0.4": {"solver": "natural+penalty", "beta": 0.4},
+    "natural+penalty, beta 2": {"solver": "natural+penalty", "beta": 2.0},
+    "natural+penalty, beta 5 (default)": {"solver": "natural+penalty"},
+    "natural+penalty, beta 5, damping 1": {"solver": "natural+penalty", "damping": 1.0},
+}
+
+
+def ablation_run(variant: dict | str | None, seed: int, digits: dict, base) -> tuple[float, float, float]:
+    """Digits 0-4 then 5-9 (the core acceptance setting of benchmarks/beta_sweep.py): learn B in 200 AdamW steps at
+    lr 2e-3 after remembering A. Returns (task-A accuracy, task-B accuracy, mean squared task-A logit change)."""
+    import torch
+    from peft import get_peft_model
+
+    import fip_peft
+    from fip_peft.optimizers.preconditioner import MetricPreconditioner
+    from tests._tasks import accuracy, clone, logits_of, run_steps
+
+    torch.manual_seed(seed)
+    options = {"solver": "natural"} if variant == "project-update" else (variant or {})
+    config = fip_peft.FIPConfig(target_modules=["fc1", "fc2"], modules_to_save=["head"], **options)
+    model = get_peft_model(clone(base), config)
+    if variant is not None:
+        model.remember(digits["x_a_train"])
+    with torch.no_grad():
+        before = logits_of(model.eval(), digits["x_a_test"])
+    if variant == "project-update":
+        _train_projecting_updates(model, digits, seed, MetricPreconditioner(model.base_model, "default"))
+    else:
+        optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=2e-3)
+        run_steps(model, optimizer, digits["x_b_train"], digits["y_b_train"], 200, seed=seed)
+    with torch.no_grad():
+        change = float((logits_of(model.eval(), digits["x_a_test"]) - before).pow(2).mean())
+    return (
+        accuracy(model, digits["x_a_test"], digits["y_a_test"]),
+        accuracy(model, digits["x_b_test"], digits["y_b_test"]),
+        change,
+    )
+
+
+def _train_projecting_updates(model, digits: dict, seed: int, preconditioner) -> None:
+    """The alternative to preconditioning the gradient: AdamW steps on grad L, then each covered layer's update u
+    becomes P u (metric refreshed every 10 steps)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    model.base_model._register_fip_optimizer(optimizer)  # the FIP step is done here, by hand
+    generator = torch.Generator().manual_seed(seed)
+    x, y = digits["x_b_train"], digits["y_b_train"]
+    for step in range(200):
+        if step % 10 == 0:
+            preconditioner.refresh()
+        model.train()
+        index = torch.randint(0, len(y), (32,), generator=generator)
+        torch.nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+        layers = {name: layer for name, layer in preconditioner.layers.items() if name in preconditioner.metric}
+        before = {name: [p.detach().clone() for p in layer.params] for name, layer in layers.items()}
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for name, layer in layers.items():
+                update = layer.as_matrix(*[p - b for p, b in zip(layer.params, before[name], strict=True)])
+                for p, b, new in zip(
+                    layer.params,
+                    before[name],
+                    layer.from_matrix(preconditioner.metric[name].project(update)),
+                    strict=True,
+                ):
+                    p.copy_(b + new)
+
+
+def ablation(seeds: list[int]) -> None:
+    """How the natural direction is best used, and the defaults of `damping` and `beta` for the natural solvers."""
+    import torch
+
+    from tests._tasks import MLP, digits_tasks, train_plain
+
+    torch.set_num_threads(1)
+    digits = digits_tasks()
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ABLATION}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        base = train_plain(MLP(), digits["x_a_train"], digits["y_a_train"], steps=300, lr=1e-2)
+        for name, variant in ABLATION.items():
+            results[name].append(ablation_run(variant, seed, digits, base))
+            print(f"seed {seed} {name}: {results[name][-1]}", flush=True)
+    plain = [change for _, _, change in results["plain fine-tuning"]]
+    print(f"\ndigits A -> B, seeds {seeds}")
+    print("| variant | task-A accuracy | task-B accuracy | change ratio (A logits, / plain) |")
+    print("| --- | --- | --- | --- |")
+    for name, rows in results.items():
+        ratios = [change / p for (_, _, change), p in zip(rows, plain, strict=True)]
+        print(f"| {name} | {_mean_sd([r[0] for r in rows])} | {_mean_sd([r[1] for r in rows])} | {_mean_sd(ratios)} |")
+
+
 def _in_child(args: tuple) -> dict:
     return run(*args)
 
@@ -163,8 +268,14 @@ def main() -> None:
     parser.add_argument("--sequence", choices=sorted(SEQUENCES), default="digits")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output", default=None, help="Write all results as JSON here.")
+    parser.add_argument(
+        "--ablation", action="store_true", help="Instead: how to use the natural direction, on digits A -> B."
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.ablation:
+        ablation(seeds)
+        return
     context = multiprocessing.get_context("spawn")
     results: dict[str, list[dict]] = {name: [] for name in METHODS}
     timed: dict[str, list[dict]] = {name: [] for name in METHODS}
