@@ -261,3 +261,23 @@ def test_grouped_convolution_is_refused_with_the_solver_named():
     peft_model = get_peft_model(model, fip_peft.FIPConfig(target_modules=["0"], solver="natural"))
     with pytest.raises(ValueError, match="solver='natural'"):
         covered_layers(peft_model.base_model, "default")
+
+
+def test_fip_trainer_takes_natural_plus_penalty_steps_on_a_transformer(digits, tmp_path):
+    from tests._tasks import as_tokens, tiny_bert
+    from tests.test_training import token_dataset, trainer_args
+
+    model = get_peft_model(
+        tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=32, solver="natural+penalty")
+    )
+    model.remember(as_tokens(digits["x_a_train"]))
+    trainer = fip_peft.FIPTrainer(
+        model=model, args=trainer_args(tmp_path), train_dataset=token_dataset(digits["x_b_train"], digits["y_b_train"])
+    )
+    trainer.train()
+    preconditioner = trainer.optimizer.optimizer._fip_preconditioner
+    assert preconditioner.steps == 4
+    assert "bert.encoder.layer.0.attention.self.query" in preconditioner.metric
+    assert any("classifier" in name for name in preconditioner.metric)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all("fip_distance" in entry for entry in logged)
