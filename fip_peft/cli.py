@@ -399,6 +399,15 @@ def run_info(args: argparse.Namespace) -> int:
 # ---- the parser -----------------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one to show (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_data_args(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     parser.add_argument(
         "--task",
@@ -483,10 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fip-peft",
         description="Functionally invariant paths (FIP) for text classification: learn tasks in turn without "
         "forgetting, sparsify while keeping the function, evaluate and inspect FIP adapters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _HelpFormatter
 
     train = commands.add_parser(
         "train",

@@ -136,7 +136,8 @@ def _loading_section(model: PeftModel, configs: dict[str, Any], base_id: str | N
     adapter_id = _REPO_ID.get() or PLACEHOLDER_ID
     lines = [
         "FIP is not built into PEFT: install `fip-peft` and `import fip_peft` before loading (it registers the "
-        "`FIP` PEFT type). Without it, PEFT cannot read `peft_type: FIP` in `adapter_config.json` and fails.",
+        "`FIP` PEFT type). Without it, loading fails with `KeyError: 'FIP'` (PEFT does not know the "
+        "`peft_type: FIP` in `adapter_config.json`).",
         "",
         "```bash",
         "pip install fip-peft",
