@@ -51,7 +51,7 @@ class FIPStepMixin:
         device), or None when nothing is remembered or the solver is `"natural"` (no D in its step)."""
         fip_model = self._fip_model
         config = fip_model.peft_config[fip_model.active_adapters[0]]
-        if config.solver != "penalty":
+        if config.solver == "natural":
             return None
         with torch.enable_grad():
             distance = fip_model.anchor_distance()
@@ -114,22 +114,33 @@ class FIPStepMixin:
         return True
 
     def step(self, closure=None):
+        self.precondition_gradient()
         self.add_anchor_gradient()
         if self.skip_nonfinite_step():
             return None
         self.add_sparsity_gradient()
         return self.solver_step(closure)
 
-    def solver_step(self, closure=None):
-        """The wrapped optimizer's step; with `solver="natural"` or `"natural+penalty"` preconditioned by the metric
-        (`MetricPreconditioner`, kept across steps on this optimizer)."""
+    def _preconditioner(self) -> MetricPreconditioner | None:
         fip_model = self._fip_model
         adapter = fip_model.active_adapters[0]
         if fip_model.peft_config[adapter].solver == "penalty":
-            return super().step(closure)
+            return None
         preconditioner = getattr(self, "_fip_preconditioner", None)
         if preconditioner is None or preconditioner.fip_model is not fip_model or preconditioner.adapter != adapter:
             preconditioner = self._fip_preconditioner = MetricPreconditioner(fip_model, adapter)
+        return preconditioner
+
+    def precondition_gradient(self) -> None:
+        """With `solver="natural"` or `"natural+penalty"`: replace the task gradient of each covered layer by
+        P grad L, P the damped inverse metric (`MetricPreconditioner`, kept across steps on this optimizer)."""
+        if (preconditioner := self._preconditioner()) is not None:
+            preconditioner.precondition(self)
+
+    def solver_step(self, closure=None):
+        """The wrapped optimizer's step, or with a natural solver and `epsilon` set the fixed-length step."""
+        if (preconditioner := self._preconditioner()) is None:
+            return super().step(closure)
         return preconditioner.step(self, super().step, closure)
 
 

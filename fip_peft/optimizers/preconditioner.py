@@ -124,47 +124,39 @@ class MetricPreconditioner:
             return
         self.metric = metric
 
-    def step(self, optimizer: torch.optim.Optimizer, base_step: Callable, closure=None):
-        """One natural step of `optimizer`: refresh the metric when due, then precondition (see the class doc)."""
+    def precondition(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refresh the metric when due, then replace each covered layer's gradient by P grad. Called before the
+        anchor gradient of `"natural+penalty"` is added, so that grad D / beta stays unpreconditioned."""
+        self._layers = {}
         if len(self.fip_model.memory(self.adapter)) == 0:
-            return base_step(closure)
+            return
         if self.metric is None or self.steps % self.config.metric_update_interval == 0:
             self.refresh()
         self.steps += 1
         if self.metric is None:
-            return base_step(closure)
-        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        layers = {
+            return
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._layers = {
             name: layer
             for name, layer in self.layers.items()
-            if name in self.metric and all(id(p) in groups for p in layer.params)
+            if name in self.metric and all(id(p) in in_optimizer for p in layer.params)
         }
-        self._precondition_gradient(layers)
-        if self.config.solver == "natural+penalty":
-            self._add_anchor_gradient(optimizer)
-        if self.config.epsilon is None:
-            return base_step(closure)
-        return self._epsilon_step(layers, groups, base_step, closure)
-
-    def _precondition_gradient(self, layers: dict[str, CoveredLayer]) -> None:
         with torch.no_grad():
-            for name, layer in layers.items():
+            for name, layer in self._layers.items():
                 if all(p.grad is None for p in layer.params):
                     continue
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
-                for p, new in zip(
-                    layer.params, layer.from_matrix(self.metric[name].project(layer.as_matrix(*grads))), strict=True
-                ):
+                projected = layer.from_matrix(self.metric[name].project(layer.as_matrix(*grads)))
+                for p, new in zip(layer.params, projected, strict=True):
                     p.grad = new.to(p.dtype).contiguous()
 
-    def _add_anchor_gradient(self, optimizer) -> None:
-        with torch.enable_grad():
-            distance = self.fip_model.anchor_distance(self.adapter)
-            if distance is None:
-                return
-            (distance / self.config.beta).backward()
-        optimizer.fip_distance_sum = optimizer.fip_distance_sum + distance.detach()
-        optimizer.fip_distance_count += 1
+    def step(self, optimizer: torch.optim.Optimizer, base_step: Callable, closure=None):
+        """The wrapped optimizer's step on the (preconditioned) gradients, or with `epsilon` the fixed-length step."""
+        layers = getattr(self, "_layers", {})
+        if self.config.epsilon is None or not layers:
+            return base_step(closure)
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        return self._epsilon_step(layers, groups, base_step, closure)
 
     def _epsilon_step(self, layers: dict[str, CoveredLayer], groups: dict, base_step: Callable, closure):
         directions = {
