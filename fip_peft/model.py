@@ -281,6 +281,7 @@ class FIPModel(BaseTuner):
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
         for key, mask in magnitude_masks(weights, sparsity, config.sparsity_scope).items():
             layers[key].set_mask(name, mask)
+        self._sparsity_state.setdefault(name, {"step": 0})["pull"] = None
         return self.sparsity_report(name)["sparsity"]
 
     def sparsity_step(self, adapter_name: str | None = None) -> None:
@@ -302,7 +303,6 @@ class FIPModel(BaseTuner):
                 config.sparsity_ramp_steps,
             )
             self.apply_sparsity_mask(sparsity, name)
-            state["pull"] = None
         if config.sparsity_lambda == 0:
             return
         layers = self._sparse_layers(name)

@@ -67,7 +67,8 @@ def magnitude_masks(
             threshold = _keep_above(magnitudes, _num_pruned(magnitudes.numel(), sparsity))
             masks[name] = weight.detach().abs() > threshold.to(weight.dtype)
         return masks
-    magnitudes = torch.cat([w.detach().abs().float().flatten().cpu() for w in weights.values()])
+    device = next(iter(weights.values())).device
+    magnitudes = torch.cat([w.detach().abs().float().flatten().to(device) for w in weights.values()])
     threshold = _keep_above(magnitudes, _num_pruned(magnitudes.numel(), sparsity))
     return {name: w.detach().abs().float() > threshold.to(w.device) for name, w in weights.items()}
 
