@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
-from transformers import Trainer
+import inspect
+import json
+import os
 
+from transformers import Trainer
+from transformers.trainer_utils import unwrap_peft_model
+from transformers.utils import logging
+
+from .distributed import check_supported_engine
 from .optimizers.fip import attach_fip_step, find_fip_model
+
+logger = logging.get_logger(__name__)
+
+FIP_STATE_NAME = "fip_trainer_state.json"
+
+
+def loss_uses_num_items(model) -> bool:
+    """Whether the model's own loss divides by the `num_items_in_batch` that `Trainer` passes to models whose
+    `forward` takes `**kwargs` (transformers' losses do, through `self.loss_function`; classification heads that build
+    `CrossEntropyLoss()` themselves do not)."""
+    try:
+        source = inspect.getsource(type(unwrap_peft_model(model)).forward)
+    except (OSError, TypeError):
+        return True
+    return "loss_function" in source or "num_items_in_batch" in source
 
 
 class FIPTrainer(Trainer):
     """A `Trainer` for FIP models: the optimizer it builds (from `args.optim`, or the one passed in `optimizers`)
     performs the FIP step, and every log line carries `fip_distance`, the mean functional distance D on anchors
-    since the last log, beside the task `loss`."""
+    since the last log, beside the task `loss`.
+
+    The task gradient is that of the mean loss over the whole batch (all processes, all accumulation steps), so that
+    `beta` weighs it against D the same way on any number of processes. Checkpoints also hold each adapter's
+    anchor sampling position (`fip_trainer_state.json`), so that `train(resume_from_checkpoint=...)` continues the
+    same sequence of anchor batches.
+    """
 
     def __init__(self, model=None, *args, **kwargs) -> None:
         if model is not None:
             find_fip_model(model)
         super().__init__(model, *args, **kwargs)
+        check_supported_engine(self.accelerator.distributed_type)
+        if self.model_accepts_loss_kwargs and self.compute_loss_func is None and not loss_uses_num_items(self.model):
+            # Trainer would skip dividing this mean loss by the accumulation steps and multiply it by the number of
+            # processes, as if the model had summed it over the global batch: the task gradient would grow with
+            # both while D / beta does not.
+            self.model_accepts_loss_kwargs = False
 
     _fip_optimizer = None
 
@@ -30,3 +64,35 @@ class FIPTrainer(Trainer):
             if distance is not None:
                 logs["fip_distance"] = round(distance, 6)
         super().log(logs, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            fip_model = find_fip_model(self.model)
+            state = {
+                name: {"anchors": len(memory), "sample_step": int(memory.sample_step)}
+                for name, memory in fip_model.fip_memory.items()
+            }
+            with open(os.path.join(output_dir, FIP_STATE_NAME), "w") as handle:
+                json.dump(state, handle, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, FIP_STATE_NAME) if checkpoint else None
+        if path is None or not os.path.isfile(path):
+            return
+        with open(path) as handle:
+            state = json.load(handle)
+        fip_model = find_fip_model(self.model)
+        for name, saved in state.items():
+            if name not in fip_model.fip_memory:
+                continue
+            memory = fip_model.fip_memory[name]
+            if len(memory) != saved["anchors"]:
+                raise ValueError(
+                    f"The checkpoint {checkpoint} was trained with {saved['anchors']} anchors in FIP adapter "
+                    f"{name!r}, but the model now holds {len(memory)}. With FIPConfig(save_anchors=False) the anchors "
+                    "are not in the checkpoint: call `model.remember(...)` with the same data on the base model "
+                    "before resuming, or train with save_anchors=True."
+                )
+            memory.sample_step.fill_(saved["sample_step"])

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..checks import NonFiniteStepError
+from ..distributed import check_parameters_are_whole
 from ..model import FIPModel
 from .preconditioner import MetricPreconditioner
 
@@ -113,7 +114,14 @@ class FIPStepMixin:
         logger.warning(f"{where}; the step is skipped (parameters and optimizer state unchanged).")
         return True
 
+    def check_engine(self) -> None:
+        """Before the first step: refuse FSDP / DeepSpeed sharding, under which the anchor pass would be wrong."""
+        if not getattr(self, "_fip_engine_checked", False):
+            check_parameters_are_whole(self._fip_model)
+            self._fip_engine_checked = True
+
     def step(self, closure=None):
+        self.check_engine()
         self.precondition_gradient()
         self.add_anchor_gradient()
         if self.skip_nonfinite_step():

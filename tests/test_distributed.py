@@ -1,0 +1,138 @@
+"""Scale-out: 2 processes (DDP on gloo), gradient accumulation, bf16 autocast, gradient checkpointing, resume.
+
+The multi-process tests launch `torchrun --nproc_per_node 2 -m tests._ddp_worker` once (marker `distributed`,
+run by default; `-m "not distributed"` skips them).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fip_peft
+from fip_peft.distributed import check_supported_engine
+from fip_peft.trainer import FIP_STATE_NAME
+from tests import _ddp_worker as worker
+
+ATOL = 1e-5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_same_adapter(actual: dict, expected: dict, atol: float = ATOL) -> None:
+    assert actual.keys() == expected.keys()
+    moved = max(float(v.abs().max()) for v in expected.values())
+    assert moved > 100 * atol, "the adapter barely moved: the comparison would be vacuous"
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> list[dict]:
+    """Final adapters of every rank of a 2-process run with per-device batch b (both training paths)."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tests._ddp_worker"]
+    result = subprocess.run([*command, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.distributed
+def test_every_process_applies_the_same_update(two_processes):
+    for path in ("trainer", "accelerate"):
+        assert_same_adapter(two_processes[1][path], two_processes[0][path], atol=0.0)
+
+
+@pytest.mark.distributed
+def test_fip_trainer_on_two_processes_matches_one_process_with_twice_the_batch(two_processes, tmp_path):
+    expected = worker.train_with_trainer(str(tmp_path), 2 * worker.PER_DEVICE_BATCH)
+    assert_same_adapter(two_processes[0]["trainer"], expected)
+
+
+@pytest.mark.distributed
+def test_accelerate_loop_on_two_processes_matches_one_process_with_twice_the_batch(two_processes):
+    expected = worker.train_with_accelerate(2 * worker.PER_DEVICE_BATCH)
+    assert_same_adapter(two_processes[0]["accelerate"], expected)
+
+
+def test_gradient_accumulation_of_two_matches_twice_the_batch(tmp_path):
+    batch = worker.PER_DEVICE_BATCH
+    accumulated = worker.train_with_trainer(str(tmp_path / "accumulated"), batch, accumulation=2)
+    assert_same_adapter(accumulated, worker.train_with_trainer(str(tmp_path / "batch"), 2 * batch))
+
+
+def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
+    for engine in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(NotImplementedError, match="Use DDP instead"):
+            check_supported_engine(engine)
+    check_supported_engine("MULTI_CPU")
+
+
+def fip_trainer(model, output_dir, steps: int = 6, **overrides) -> fip_peft.FIPTrainer:
+    args = worker.training_args(str(output_dir), worker.PER_DEVICE_BATCH, max_steps=steps, **overrides)
+    return fip_peft.FIPTrainer(model=model, args=args, train_dataset=worker.task_b(steps * worker.PER_DEVICE_BATCH))
+
+
+def test_fip_trainer_trains_under_bf16_autocast(tmp_path):
+    model = worker.fip_bert()
+    trainer = fip_trainer(model, tmp_path, bf16=True, logging_steps=1)
+    trainer.train()
+    assert int(model.base_model.memory().sample_step) == 6
+    distances = [entry["fip_distance"] for entry in trainer.state.log_history if "fip_distance" in entry]
+    assert len(distances) == 6 and all(0 <= d < float("inf") for d in distances) and distances[-1] > 0
+    assert all(torch.isfinite(p).all() for p in worker.adapter_weights(model).values())
+
+
+def test_fip_step_works_in_a_loop_under_torch_autocast_bf16():
+    model = worker.fip_bert()
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
+    data = worker.task_b(16).with_format("torch")[:]
+    before = worker.adapter_weights(model)
+    for start in range(0, 16, 4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**{k: v[start : start + 4] for k, v in data.items()}).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = worker.adapter_weights(model)
+    assert optimizer.pop_mean_distance() > 0
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
+    plain = worker.fip_bert()
+    fip_trainer(plain, tmp_path / "plain").train()
+    checkpointed = worker.fip_bert()
+    fip_trainer(checkpointed, tmp_path / "checkpointed", gradient_checkpointing=True).train()
+    assert_same_adapter(worker.adapter_weights(checkpointed), worker.adapter_weights(plain))
+
+
+def test_resuming_mid_way_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
+    uninterrupted = worker.fip_bert()
+    fip_trainer(uninterrupted, tmp_path, save_strategy="steps", save_steps=3).train()
+    checkpoint = tmp_path / "checkpoint-3"
+    assert {"adapter_model.safetensors", "optimizer.pt", FIP_STATE_NAME} <= set(os.listdir(checkpoint))
+    resumed = worker.fip_bert(remember=False)
+    fip_trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
+    assert len(resumed.base_model.memory()) == len(uninterrupted.base_model.memory())
+    assert int(resumed.base_model.memory().sample_step) == 6
+    assert_same_adapter(worker.adapter_weights(resumed), worker.adapter_weights(uninterrupted), atol=1e-6)
+
+
+def test_resuming_without_saved_anchors_asks_to_remember_them_again(tmp_path):
+    fip_trainer(worker.fip_bert(save_anchors=False), tmp_path, steps=3, save_strategy="steps", save_steps=3).train()
+    trainer = fip_trainer(worker.fip_bert(remember=False, save_anchors=False), tmp_path / "resumed")
+    with pytest.raises(ValueError, match="save_anchors=False.*remember"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_resuming_without_saved_anchors_continues_the_anchor_sequence_once_remembered_again(tmp_path):
+    uninterrupted = worker.fip_bert(save_anchors=False)
+    fip_trainer(uninterrupted, tmp_path, save_strategy="steps", save_steps=3).train()
+    resumed = worker.fip_bert(save_anchors=False)
+    fip_trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert int(resumed.base_model.memory().sample_step) == 6
+    assert_same_adapter(worker.adapter_weights(resumed), worker.adapter_weights(uninterrupted), atol=1e-6)
