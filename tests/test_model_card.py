@@ -77,11 +77,12 @@ def hub(monkeypatch, tmp_path):
     return fake
 
 
-@pytest.fixture
-def base_path(tmp_path):
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
     torch.manual_seed(0)
-    tiny_bert().save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
+    folder = tmp_path_factory.mktemp("base")
+    tiny_bert().save_pretrained(folder)
+    return folder
 
 
 def fip_bert(base_path, **config):
