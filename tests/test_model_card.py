@@ -274,3 +274,23 @@ def test_continual_learning_resumes_from_a_pushed_adapter_in_a_fresh_process(hub
     assert torch.equal(after[anchors][:20], before[anchors][:20])
     config = json.loads((tmp_path / "resumed" / "adapter_config.json").read_text())
     assert config["task_names"] == ["digits 0-4", "digits 5-9"]
+
+
+def test_causal_lm_adapter_loads_with_auto_peft_model_and_its_card_says_how(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    model = get_peft_model(base, fip_peft.FIPConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    tokens = torch.randint(0, 64, (2, 8))
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits, atol=1e-6, rtol=0)
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.pipeline_tag == "text-generation"
+    assert "base = AutoModelForCausalLM.from_pretrained(" in section(card)
