@@ -17,6 +17,7 @@ is spent).
     python benchmarks/natural_solver.py --sequence digits --seeds 0,1,2
     python benchmarks/natural_solver.py --sequence fashion --seeds 0,1,2
     python benchmarks/natural_solver.py --ablation --seeds 0,1,2   # how the natural direction is used; defaults
+    python benchmarks/natural_solver.py --sequence fashion --step-cost   # interleaved step timing
 """
 
 from __future__ import annotations
@@ -254,6 +255,61 @@ def ablation(seeds: list[int]) -> None:
         print(f"| {name} | {_mean_sd([r[0] for r in rows])} | {_mean_sd([r[1] for r in rows])} | {_mean_sd(ratios)} |")
 
 
+def step_cost(sequence: str, rounds: int, block: int) -> None:
+    """Seconds per training step of each method on the same model and data, measured in interleaved blocks of
+    `block` steps (round-robin over the methods, `rounds` times; the median block), so that the machine's load
+    drifts over all methods alike. With metric_update_interval=10 and block=10 every natural block holds exactly
+    one metric refresh. Also the size of the natural solver's metric (its eigenvectors and eigenvalues)."""
+    import torch
+    from peft import get_peft_model
+
+    import fip_peft
+    from tests._tasks import MLP
+
+    torch.set_num_threads(1)
+    settings = SEQUENCES[sequence]
+    train, _ = load_tasks(sequence, 0)
+    (x_a, _), (x_b, y_b) = train[0], train[1]
+    runs = {}
+    for name, options in METHODS.items():
+        torch.manual_seed(0)
+        model = MLP() if sequence == "digits" else _cnn()
+        targets = ["fc1", "fc2"] if sequence == "digits" else ["conv1", "conv2", "fc1"]
+        config = fip_peft.FIPConfig(
+            target_modules=targets, modules_to_save=["head"], anchor_budget=settings["anchors"], **(options or {})
+        )
+        model = get_peft_model(model, config)
+        if options:
+            model.remember(x_a)
+        runs[name] = (model, fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=settings["lr"]))
+    generator = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    for _ in range(rounds + 1):
+        for name, (model, optimizer) in runs.items():
+            model.train()
+            start = time.perf_counter()
+            for _ in range(block):
+                batch = torch.randint(len(y_b), (settings["batch"],), generator=generator)
+                torch.nn.functional.cross_entropy(model(x_b[batch]), y_b[batch]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            times[name].append((time.perf_counter() - start) / block)
+    plain = statistics.median(times["plain fine-tuning"][1:])
+    print(f"\n{sequence}: median of {rounds} interleaved blocks of {block} steps (first round dropped)")
+    print("| method | ms / step | x plain | metric state MiB |")
+    print("| --- | --- | --- | --- |")
+    for name, (_model, optimizer) in runs.items():
+        median = statistics.median(times[name][1:])
+        preconditioner = getattr(optimizer, "_fip_preconditioner", None)
+        size = 0
+        if preconditioner is not None and preconditioner.metric:
+            for metric in preconditioner.metric.values():
+                for eigen in (metric.a, metric.g):
+                    for t in (eigen.values, eigen.vectors, eigen.index):
+                        size += t.numel() * t.element_size() if t is not None else 0
+        print(f"| {name} | {median * 1000:.1f} | {median / plain:.2f} | {size / 2**20:.2f} |")
+
+
 def _in_child(args: tuple) -> dict:
     return run(*args)
 
@@ -271,10 +327,16 @@ def main() -> None:
     parser.add_argument(
         "--ablation", action="store_true", help="Instead: how to use the natural direction, on digits A -> B."
     )
+    parser.add_argument(
+        "--step-cost", action="store_true", help="Instead: interleaved timing of one step of each method."
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.ablation:
         ablation(seeds)
+        return
+    if args.step_cost:
+        step_cost(args.sequence, rounds=15, block=10)
         return
     context = multiprocessing.get_context("spawn")
     results: dict[str, list[dict]] = {name: [] for name in METHODS}

@@ -272,11 +272,13 @@ def test_fip_trainer_takes_natural_plus_penalty_steps_on_a_transformer(digits, t
     )
     model.remember(as_tokens(digits["x_a_train"]))
     trainer = fip_peft.FIPTrainer(
-        model=model, args=trainer_args(tmp_path), train_dataset=token_dataset(digits["x_b_train"], digits["y_b_train"])
+        model=model,
+        args=trainer_args(tmp_path, steps=2),
+        train_dataset=token_dataset(digits["x_b_train"], digits["y_b_train"]),
     )
     trainer.train()
     preconditioner = trainer.optimizer.optimizer._fip_preconditioner
-    assert preconditioner.steps == 4
+    assert preconditioner.steps == 2
     assert "bert.encoder.layer.0.attention.self.query" in preconditioner.metric
     assert any("classifier" in name for name in preconditioner.metric)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
