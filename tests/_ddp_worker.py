@@ -1,11 +1,11 @@
 """FIP training runs shared by tests/test_distributed.py and its multi-process worker.
 
 Under `torchrun --nproc_per_node 2 -m tests._ddp_worker OUT` every rank trains the same tiny BERT on task B of the
-digits (anchors from task A) for `STEPS` SGD steps with `PER_DEVICE_BATCH` examples per process, twice: through
-`FIPTrainer` (`TrainingArguments(use_cpu=True)`, so `DistributedType.MULTI_CPU` on gloo) and through
-`create_fip_optimizer` inside an `accelerate`-prepared loop; each rank saves its final adapter weights to OUT.
-The data order is sequential and dropout is off, so 2 processes with batch b see exactly the examples that one
-process with batch 2b sees.
+digits (anchors from task A) for `STEPS` SGD steps with `PER_DEVICE_BATCH` examples per process: through
+`FIPTrainer` (`TrainingArguments(use_cpu=True)`, so `DistributedType.MULTI_CPU` on gloo), and through
+`create_fip_optimizer` inside an `accelerate`-prepared loop with the penalty and the natural solver. Each rank saves
+its final adapter weights to OUT. The data order is sequential and dropout is off, so 2 processes with batch b see
+exactly the examples that one process with batch 2b sees.
 """
 
 from __future__ import annotations
@@ -75,23 +75,23 @@ def training_args(output_dir: str, batch: int, accumulation: int = 1, **override
     )
 
 
-def train_with_trainer(output_dir: str, batch: int, accumulation: int = 1) -> dict[str, torch.Tensor]:
-    """`FIPTrainer` for `STEPS` optimizer steps; the adapter weights at the end."""
+def train_with_trainer(
+    output_dir: str, batch: int, accumulation: int = 1, steps: int = STEPS
+) -> dict[str, torch.Tensor]:
+    """`FIPTrainer` for `steps` optimizer steps; the adapter weights at the end."""
     model = fip_bert()
-    rows = STEPS * batch * accumulation * int(os.environ.get("WORLD_SIZE", 1))
-    trainer = fip_peft.FIPTrainer(
-        model=model, args=training_args(output_dir, batch, accumulation), train_dataset=task_b(rows)
-    )
-    trainer.train()
+    rows = steps * batch * accumulation * int(os.environ.get("WORLD_SIZE", 1))
+    args = training_args(output_dir, batch, accumulation, max_steps=steps)
+    fip_peft.FIPTrainer(model=model, args=args, train_dataset=task_b(rows)).train()
     return adapter_weights(model)
 
 
-def train_with_accelerate(batch: int) -> dict[str, torch.Tensor]:
+def train_with_accelerate(batch: int, **config) -> dict[str, torch.Tensor]:
     """`create_fip_optimizer` in a plain loop prepared by `accelerate.Accelerator`; the adapter weights at the end."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    model = fip_bert()
+    model = fip_bert(**config)
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=LEARNING_RATE)
     data = task_b(STEPS * batch * accelerator.num_processes).with_format("torch")
     loader = DataLoader(data, batch_size=batch, shuffle=False)
@@ -110,6 +110,7 @@ def main(out: str) -> None:
     results = {
         "trainer": train_with_trainer(os.path.join(out, "trainer"), PER_DEVICE_BATCH),
         "accelerate": train_with_accelerate(PER_DEVICE_BATCH),
+        "accelerate_natural": train_with_accelerate(PER_DEVICE_BATCH, solver="natural"),
     }
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 

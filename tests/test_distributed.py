@@ -41,7 +41,7 @@ def two_processes(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.distributed
 def test_every_process_applies_the_same_update(two_processes):
-    for path in ("trainer", "accelerate"):
+    for path in ("trainer", "accelerate", "accelerate_natural"):
         assert_same_adapter(two_processes[1][path], two_processes[0][path], atol=0.0)
 
 
@@ -57,10 +57,16 @@ def test_accelerate_loop_on_two_processes_matches_one_process_with_twice_the_bat
     assert_same_adapter(two_processes[0]["accelerate"], expected)
 
 
+@pytest.mark.distributed
+def test_natural_solver_on_two_processes_matches_one_process_with_twice_the_batch(two_processes):
+    expected = worker.train_with_accelerate(2 * worker.PER_DEVICE_BATCH, solver="natural")
+    assert_same_adapter(two_processes[0]["accelerate_natural"], expected)
+
+
 def test_gradient_accumulation_of_two_matches_twice_the_batch(tmp_path):
     batch = worker.PER_DEVICE_BATCH
-    accumulated = worker.train_with_trainer(str(tmp_path / "accumulated"), batch, accumulation=2)
-    assert_same_adapter(accumulated, worker.train_with_trainer(str(tmp_path / "batch"), 2 * batch))
+    accumulated = worker.train_with_trainer(str(tmp_path / "accumulated"), batch, accumulation=2, steps=10)
+    assert_same_adapter(accumulated, worker.train_with_trainer(str(tmp_path / "batch"), 2 * batch, steps=10))
 
 
 def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
@@ -77,11 +83,11 @@ def fip_trainer(model, output_dir, steps: int = 6, **overrides) -> fip_peft.FIPT
 
 def test_fip_trainer_trains_under_bf16_autocast(tmp_path):
     model = worker.fip_bert()
-    trainer = fip_trainer(model, tmp_path, bf16=True, logging_steps=1)
+    trainer = fip_trainer(model, tmp_path, steps=4, bf16=True, logging_steps=1)
     trainer.train()
-    assert int(model.base_model.memory().sample_step) == 6
+    assert int(model.base_model.memory().sample_step) == 4
     distances = [entry["fip_distance"] for entry in trainer.state.log_history if "fip_distance" in entry]
-    assert len(distances) == 6 and all(0 <= d < float("inf") for d in distances) and distances[-1] > 0
+    assert len(distances) == 4 and all(0 <= d < float("inf") for d in distances) and distances[-1] > 0
     assert all(torch.isfinite(p).all() for p in worker.adapter_weights(model).values())
 
 
@@ -104,9 +110,9 @@ def test_fip_step_works_in_a_loop_under_torch_autocast_bf16():
 
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     plain = worker.fip_bert()
-    fip_trainer(plain, tmp_path / "plain").train()
+    fip_trainer(plain, tmp_path / "plain", steps=4).train()
     checkpointed = worker.fip_bert()
-    fip_trainer(checkpointed, tmp_path / "checkpointed", gradient_checkpointing=True).train()
+    fip_trainer(checkpointed, tmp_path / "checkpointed", steps=4, gradient_checkpointing=True).train()
     assert_same_adapter(worker.adapter_weights(checkpointed), worker.adapter_weights(plain))
 
 

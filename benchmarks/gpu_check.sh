@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# GPU check for scale-out (issue 6), for a machine with one CUDA GPU and the project installed (no network needed):
+#   1. the multi-process tests (2 processes, gloo: one GPU cannot host two NCCL ranks) with gradient accumulation,
+#      bf16, gradient checkpointing and resume;
+#   2. one FIP step under bf16 autocast on the GPU;
+#   3. throughput on the GPU: median seconds per optimizer step, plain fine-tuning against FIP, full rank and rank 8
+#      (benchmarks/step_cost.py, MiniLM, batch 32 x 128 tokens).
+# About 5 minutes. Results go to $OUT (default /tmp/fip_gpu_check).
+#   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+OUT="${OUT:-/tmp/fip_gpu_check}"
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+"$PY" - <<'PYEOF' | tee "$OUT/device.txt"
+import torch
+assert torch.cuda.is_available(), "no CUDA device: this check needs a GPU"
+print(torch.__version__, torch.cuda.get_device_name(0))
+PYEOF
+
+echo "== 1. multi-process tests"
+timeout 300 "$PY" -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_distributed.log"
+
+echo "== 2. FIP step under bf16 autocast on the GPU"
+timeout 120 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/bf16_cuda.log"
+import torch
+import fip_peft
+from tests import _ddp_worker as worker
+
+model = worker.fip_bert().cuda()
+optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
+data = {k: v.cuda() for k, v in worker.task_b(32).with_format("torch")[:].items()}
+for start in range(0, 32, 8):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**{k: v[start : start + 8] for k, v in data.items()}).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+distance = optimizer.pop_mean_distance()
+finite = all(torch.isfinite(p).all() for p in worker.adapter_weights(model).values())
+print(f"bf16 autocast on cuda: mean D {distance:.4g}, adapter finite: {finite}")
+assert finite and distance > 0
+PYEOF
+
+echo "== 3. throughput on one GPU: plain vs FIP step time"
+timeout 300 "$PY" benchmarks/step_cost.py --steps 30 --batch-size 32 --max-length 128 --json "$OUT/step_cost.json" \
+    2>&1 | tee "$OUT/step_cost.log"
+echo "results in $OUT"
