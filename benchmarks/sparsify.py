@@ -15,6 +15,8 @@ optimizer steps (``--steps``) at each target sparsity:
 - ``FIP``: this package's defaults: ``FIPConfig(objective="sparsify", target_sparsity=s,
   sparsity_ramp_steps=steps // 2)``, ``remember`` of the training inputs, task loss + FIP step (AdamW), then
   ``merge_and_unload()``.
+- ``FIP-anchors`` (not in the default set): the same without the task loss (``optimizer.zero_grad();
+  optimizer.step()``: the anchor term and the pull only).
 
 Target weights are the 36 linear layers of the encoder (query/key/value/output/intermediate/output of 6 layers);
 the pooler, embeddings, norms and classifier head are not pruned (except by the authors' recipe, which prunes
@@ -184,7 +186,7 @@ def run_authors(dense: nn.Module, sparsity: float, *, stream, args) -> nn.Module
     return model
 
 
-def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data) -> nn.Module:
+def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data, task_loss: bool = True) -> nn.Module:
     model = get_peft_model(
         copy.deepcopy(dense),
         fip_peft.FIPConfig(
@@ -199,7 +201,8 @@ def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data) -> n
     model.train()
     for batch in tqdm(itertools.islice(stream, args.steps), total=args.steps, desc=f"FIP {sparsity:.0%}", leave=False):
         optimizer.zero_grad()
-        model(**model_inputs(batch), labels=batch["labels"]).loss.backward()
+        if task_loss:
+            model(**model_inputs(batch), labels=batch["labels"]).loss.backward()
         optimizer.step()
     report = model.sparsity_report()
     merged = model.merge_and_unload()
@@ -209,7 +212,18 @@ def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data) -> n
     return merged
 
 
-METHODS = {"one-shot": run_one_shot, "IMP": run_imp, "authors": run_authors, "FIP": run_fip}
+def run_fip_anchors_only(dense: nn.Module, sparsity: float, **kwargs) -> nn.Module:
+    return run_fip(dense, sparsity, task_loss=False, **kwargs)
+
+
+METHODS = {
+    "one-shot": run_one_shot,
+    "IMP": run_imp,
+    "authors": run_authors,
+    "FIP": run_fip,
+    "FIP-anchors": run_fip_anchors_only,
+}
+DEFAULT_METHODS = "one-shot,IMP,authors,FIP"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -218,14 +232,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default=None, help="Encoder name or path (default: packaged all-MiniLM-L6-v2).")
     parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9", help="Comma-separated target sparsities.")
-    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated methods to run.")
-    parser.add_argument("--train-size", type=int, default=2000, help="Training examples (random subset).")
-    parser.add_argument("--eval-size", type=int, default=1000, help="Test examples (random subset).")
-    parser.add_argument("--dense-steps", type=int, default=300, help="Optimizer steps of dense fine-tuning.")
-    parser.add_argument("--steps", type=int, default=120, help="Optimizer steps of every sparsifying method.")
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"Comma-separated methods to run, of {', '.join(METHODS)}."
+    )
+    parser.add_argument("--train-size", type=int, default=1000, help="Training examples (random subset).")
+    parser.add_argument("--eval-size", type=int, default=500, help="Test examples (random subset).")
+    parser.add_argument("--dense-steps", type=int, default=150, help="Optimizer steps of dense fine-tuning.")
+    parser.add_argument("--steps", type=int, default=32, help="Optimizer steps of every sparsifying method.")
     parser.add_argument("--imp-rounds", type=int, default=4, help="Prune/fine-tune rounds of IMP.")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (dense, IMP, FIP).")
     parser.add_argument("--authors-epsilon", type=float, default=0.01, help="Authors' step length epsilon.")
     parser.add_argument("--authors-lambda", type=float, default=0.1, help="Authors' sparsity pull lambda.")
@@ -287,7 +303,7 @@ def main(argv=None) -> None:
                     generator=torch.Generator().manual_seed(args.seed + 1),
                 )
             )
-            extra = {"train_data": anchors} if method == "FIP" else {}
+            extra = {"train_data": anchors} if method.startswith("FIP") else {}
             start = time.perf_counter()
             pruned = METHODS[method](dense, sparsity, stream=stream, args=args, **extra)
             seconds = time.perf_counter() - start
