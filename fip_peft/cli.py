@@ -190,6 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
     from peft import get_peft_model
     from tqdm.auto import tqdm
     from transformers import (
+        AutoConfig,
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
@@ -201,6 +202,9 @@ def run_train(args: argparse.Namespace) -> int:
     from .trainer import FIPTrainer
 
     set_seed(args.seed)
+    model_labels = dict(AutoConfig.from_pretrained(args.model).label2id or {})
+    if set(labels) <= set(model_labels):  # a classifier that already knows these classes keeps its head
+        labels = sorted(model_labels, key=model_labels.get)
     label2id = {name: index for index, name in enumerate(labels)}
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     base = AutoModelForSequenceClassification.from_pretrained(

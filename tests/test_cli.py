@@ -142,6 +142,25 @@ def test_sparsify_reaches_the_target_sparsity(base, tmp_path, capsys):
     assert info["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_a_classifier_that_knows_the_labels_keeps_its_class_order(base, tmp_path):
+    names = {"id2label": {0: "good", 1: "bad"}, "label2id": {"good": 0, "bad": 1}}
+    classifier = BertForSequenceClassification.from_pretrained(base, **names)
+    classifier.save_pretrained(tmp_path / "classifier")
+    BertTokenizerFast.from_pretrained(base).save_pretrained(tmp_path / "classifier")
+    films = write_task(tmp_path, "films")
+    argv = [
+        "train",
+        "--model",
+        str(tmp_path / "classifier"),
+        "--task",
+        str(films),
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--max-steps", "1", "--test-fraction", "0", "--quiet", "--cpu"]) == 0
+    assert json.loads((tmp_path / "o" / "fip_labels.json").read_text())["labels"] == ["good", "bad"]
+
+
 def test_missing_task_file_is_refused_before_loading_the_model(tmp_path, capsys):
     argv = ["train", "--model", str(tmp_path / "no-model"), "--task", str(tmp_path / "nope.csv")]
     with pytest.raises(SystemExit) as exit_info:
