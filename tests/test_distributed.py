@@ -10,6 +10,9 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 import fip_peft
 from fip_peft.distributed import check_supported_engine
@@ -69,11 +72,32 @@ def test_gradient_accumulation_of_two_matches_twice_the_batch(tmp_path):
     assert_same_adapter(accumulated, worker.train_with_trainer(str(tmp_path / "batch"), 2 * batch, steps=10))
 
 
-def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
-    for engine in ("FSDP", "DEEPSPEED"):
+def test_deepspeed_and_megatron_are_refused_with_a_clear_error():
+    for engine in ("DEEPSPEED", "MEGATRON_LM"):
         with pytest.raises(NotImplementedError, match="Use DDP instead"):
             check_supported_engine(engine)
     check_supported_engine("MULTI_CPU")
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fip_step_refuses_fsdp_sharded_parameters_before_changing_anything(single_process_group):
+    model = worker.fip_bert()
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
+    fully_shard(model, mesh=single_process_group)
+    model(**worker.task_b(4).with_format("torch")[:]).loss.backward()
+    before = {name: p.full_tensor().clone() for name, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(NotImplementedError, match="FSDP.*Use DDP instead"):
+        optimizer.step()
+    assert int(model.base_model.memory().sample_step) == 0
+    assert all(torch.equal(p.full_tensor(), before[name]) for name, p in model.named_parameters() if p.requires_grad)
 
 
 def fip_trainer(model, output_dir, steps: int = 6, **overrides) -> fip_peft.FIPTrainer:
