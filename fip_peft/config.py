@@ -211,6 +211,7 @@ class FIPConfig(PeftConfig):
         _check_int("anchor_seed", self.anchor_seed, minimum=0)
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
+        _check_history(self.task_names, self.accuracy_matrix)
         check_config_consistency(self)
 
 
@@ -281,3 +282,13 @@ def _check_int(name: str, value: object, *, minimum: int, hint: str = "") -> Non
     if value < minimum:
         suffix = f" ({hint})" if hint else ""
         raise ValueError(f"FIPConfig.{name} must be >= {minimum}, got {value}{suffix}.")
+
+
+def _check_history(task_names: object, accuracy_matrix: object) -> None:
+    if not isinstance(task_names, list) or not all(isinstance(name, str) for name in task_names):
+        raise TypeError(f"FIPConfig.task_names must be a list of str (filled by `remember`), got {task_names!r}.")
+    if accuracy_matrix is not None and not isinstance(accuracy_matrix, dict):
+        raise TypeError(
+            "FIPConfig.accuracy_matrix must be None or AccuracyMatrix.to_dict() (set by `model.record_accuracy`), "
+            f"got {type(accuracy_matrix).__name__}."
+        )

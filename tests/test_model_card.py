@@ -294,3 +294,16 @@ def test_causal_lm_adapter_loads_with_auto_peft_model_and_its_card_says_how(tmp_
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert card.data.pipeline_tag == "text-generation"
     assert "base = AutoModelForCausalLM.from_pretrained(" in section(card)
+
+
+@pytest.mark.parametrize("history", [{"task_names": "films"}, {"task_names": [1]}, {"accuracy_matrix": [[0.9]]}])
+def test_task_history_fields_of_the_config_are_checked(history):
+    with pytest.raises(TypeError, match="FIPConfig.(task_names|accuracy_matrix)"):
+        fip_peft.FIPConfig(**history)
+
+
+def test_remember_refuses_a_task_name_that_is_not_a_string():
+    model = get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1"], anchor_budget=8))
+    with pytest.raises(TypeError, match="task_name"):
+        model.remember(digits_tasks()["x_a_train"], task_name=3)
+    assert model.peft_config["default"].task_names == []
