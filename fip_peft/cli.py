@@ -75,8 +75,9 @@ def load_task_files(
                 f"--task {path}: no column {', '.join(repr(c) for c in absent)} (columns: {data.column_names}); "
                 f"name the right one with {' / '.join(flags[c] for c in absent)}."
             )
-        if len(data) < 2:
-            raise CLIError(f"--task {path}: needs at least 2 rows, has {len(data)}.")
+        needed = 2 if test_fraction > 0 else 1  # a held-out part needs a row of its own
+        if len(data) < needed:
+            raise CLIError(f"--task {path}: needs at least {needed} rows, has {len(data)}.")
         name = path.stem if path.stem not in names else str(path)
         names.add(name)
         data = data.select_columns([text_column, label_column])
@@ -302,6 +303,15 @@ def run_eval(args: argparse.Namespace) -> int:
     text_column = args.text_column or first_meta.get("text_column", "text")
     label_column = args.label_column or first_meta.get("label_column", "label")
     tasks = load_task_files(args.task, text_column, label_column, 0.0, 0)
+    for adapter in adapters:
+        known = set(adapter["meta"]["labels"]) if adapter["meta"] else None
+        for task in tasks:
+            unknown = sorted({str(v) for v in task.train[label_column]} - known) if known is not None else []
+            if unknown:
+                raise CLIError(
+                    f"--task {task.path}: labels {unknown[:5]} are not classes of {adapter['folder']} "
+                    f"({sorted(known)})."
+                )
 
     from transformers import AutoTokenizer
 

@@ -211,3 +211,11 @@ def test_help_explains_every_option(command):
 def test_fip_peft_is_installed_as_a_console_script():
     scripts = entry_points(group="console_scripts")
     assert scripts["fip-peft"].value == "fip_peft.cli:main"
+
+
+def test_eval_refuses_labels_the_adapter_does_not_know(trained, tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("text,label\ngreat film,fish\n")
+    with pytest.raises(SystemExit):
+        main(["eval", "--adapter", str(trained["adapter"]), "--task", str(other)])
+    assert "labels ['fish'] are not classes" in capsys.readouterr().err
