@@ -134,11 +134,13 @@ class FIPModel(BaseTuner):
         finally:
             self.model.train(was_training)
 
-    def _run(self, inputs: AnchorInputs) -> torch.Tensor:
+    def _run(self, inputs: AnchorInputs, forward: nn.Module | None = None) -> torch.Tensor:
+        """The model's outputs on `inputs`, through `forward` when given (an FSDP2 root, which gathers the shards)."""
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         inputs = {k: v.to(device) for k, v in inputs.items()}
         positional = inputs.pop(POSITIONAL, None)
-        outputs = self.model(positional, **inputs) if positional is not None else self.model(**inputs)
+        forward = self.model if forward is None else forward
+        outputs = forward(positional, **inputs) if positional is not None else forward(**inputs)
         return model_output(outputs)
 
     @torch.no_grad()
@@ -216,10 +218,13 @@ class FIPModel(BaseTuner):
             raise TypeError(f"`matrix` must be a fip_peft.evaluation.AccuracyMatrix, got {type(matrix).__name__}.")
         self.peft_config[self._adapter(adapter_name)].accuracy_matrix = matrix.to_dict()
 
-    def anchor_distance(self, adapter_name: str | None = None) -> torch.Tensor | None:
+    def anchor_distance(
+        self, adapter_name: str | None = None, forward: nn.Module | None = None
+    ) -> torch.Tensor | None:
         """D(w, w_ref) / scale on the next batch of anchors (with grad), or None when nothing is remembered.
 
-        Run in eval mode so that dropout does not blur how far the function moved.
+        Run in eval mode so that dropout does not blur how far the function moved. `forward`: the module to run the
+        anchors through instead of the base model (the FSDP2-sharded root, see `fip_peft.distributed`).
         """
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
@@ -228,7 +233,7 @@ class FIPModel(BaseTuner):
             return None
         inputs, reference = memory.batch(memory.next_batch_index(config.anchor_batch_size, config.anchor_seed))
         with self._evaluating():
-            outputs = self._run(inputs)
+            outputs = self._run(inputs, forward)
         mask = inputs.get("attention_mask")
         distance = functional_distance(outputs, reference.to(outputs.device), config.distance, mask)
         return distance / memory.scale

@@ -2,10 +2,11 @@
 
 Under `torchrun --nproc_per_node 2 -m tests._ddp_worker OUT` every rank trains the same tiny BERT on task B of the
 digits (anchors from task A) for `STEPS` SGD steps with `PER_DEVICE_BATCH` examples per process: through
-`FIPTrainer` (`TrainingArguments(use_cpu=True)`, so `DistributedType.MULTI_CPU` on gloo), and through
-`create_fip_optimizer` inside an `accelerate`-prepared loop with the penalty and the natural solver. Each rank saves
-its final adapter weights to OUT. The data order is sequential and dropout is off, so 2 processes with batch b see
-exactly the examples that one process with batch 2b sees.
+`FIPTrainer` (`TrainingArguments(use_cpu=True)`, so `DistributedType.MULTI_CPU` on gloo), through
+`create_fip_optimizer` inside an `accelerate`-prepared loop with the penalty and the natural solver, and in a loop
+over the model sharded by FSDP2 (`fully_shard`). Each rank saves its final adapter weights to OUT. The data order is
+sequential and dropout is off, so 2 processes with batch b see exactly the examples that one process with batch 2b
+sees.
 """
 
 from __future__ import annotations
@@ -105,12 +106,39 @@ def train_with_accelerate(batch: int, **config) -> dict[str, torch.Tensor]:
     return adapter_weights(model)
 
 
+def train_with_fully_shard(batch: int) -> dict[str, torch.Tensor]:
+    """`create_fip_optimizer` on the tiny BERT sharded by FSDP2 (`fully_shard` on each encoder layer and the root);
+    process r takes batches r, r + N, ... of the sequential data, as a distributed sampler would."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    model = fip_bert()
+    for layer in model.base_model.model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=LEARNING_RATE)
+    data = task_b(STEPS * batch * world).with_format("torch")[:]
+    model.train()
+    for step in range(STEPS):
+        start = (step * world + rank) * batch
+        model(**{k: v[start : start + batch] for k, v in data.items()}).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def main(out: str) -> None:
     rank = int(os.environ["RANK"])
     results = {
         "trainer": train_with_trainer(os.path.join(out, "trainer"), PER_DEVICE_BATCH),
         "accelerate": train_with_accelerate(PER_DEVICE_BATCH),
         "accelerate_natural": train_with_accelerate(PER_DEVICE_BATCH, solver="natural"),
+        "fully_shard": train_with_fully_shard(PER_DEVICE_BATCH),
     }
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 

@@ -1,4 +1,5 @@
-"""Scale-out: 2 processes (DDP on gloo), gradient accumulation, bf16 autocast, gradient checkpointing, resume.
+"""Scale-out: 2 processes (DDP and FSDP2 on gloo), gradient accumulation, bf16 autocast, gradient checkpointing,
+resuming from checkpoints, and the engines FIP refuses.
 
 The multi-process tests launch `torchrun --nproc_per_node 2 -m tests._ddp_worker` once (marker `distributed`,
 run by default; `-m "not distributed"` skips them).
@@ -13,10 +14,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import fip_peft
 from fip_peft.distributed import check_supported_engine
-from fip_peft.trainer import FIP_STATE_NAME
+from fip_peft.trainer import FIP_STATE_NAME, loss_uses_num_items
 from tests import _ddp_worker as worker
 
 ATOL = 1e-5
@@ -54,10 +56,20 @@ def test_fip_trainer_on_two_processes_matches_one_process_with_twice_the_batch(t
     assert_same_adapter(two_processes[0]["trainer"], expected)
 
 
+@pytest.fixture(scope="module")
+def one_process_loop() -> dict:
+    """The adapter after the plain loop on one process with batch 2b."""
+    return worker.train_with_accelerate(2 * worker.PER_DEVICE_BATCH)
+
+
 @pytest.mark.distributed
-def test_accelerate_loop_on_two_processes_matches_one_process_with_twice_the_batch(two_processes):
-    expected = worker.train_with_accelerate(2 * worker.PER_DEVICE_BATCH)
-    assert_same_adapter(two_processes[0]["accelerate"], expected)
+def test_accelerate_loop_on_two_processes_matches_one_process_with_twice_the_batch(two_processes, one_process_loop):
+    assert_same_adapter(two_processes[0]["accelerate"], one_process_loop)
+
+
+@pytest.mark.distributed
+def test_fully_shard_on_two_processes_matches_one_process_with_twice_the_batch(two_processes, one_process_loop):
+    assert_same_adapter(two_processes[0]["fully_shard"], one_process_loop)
 
 
 @pytest.mark.distributed
@@ -70,6 +82,12 @@ def test_gradient_accumulation_of_two_matches_twice_the_batch(tmp_path):
     batch = worker.PER_DEVICE_BATCH
     accumulated = worker.train_with_trainer(str(tmp_path / "accumulated"), batch, accumulation=2, steps=10)
     assert_same_adapter(accumulated, worker.train_with_trainer(str(tmp_path / "batch"), 2 * batch, steps=10))
+
+
+def test_fip_trainer_sees_which_model_losses_divide_by_the_global_item_count():
+    causal_lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    assert loss_uses_num_items(causal_lm)
+    assert not loss_uses_num_items(worker.fip_bert(remember=False))
 
 
 def test_deepspeed_and_megatron_are_refused_with_a_clear_error():
@@ -88,16 +106,29 @@ def single_process_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_fip_step_refuses_fsdp_sharded_parameters_before_changing_anything(single_process_group):
-    model = worker.fip_bert()
-    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
-    fully_shard(model, mesh=single_process_group)
+def sharded_step_error(model, optimizer) -> str:
+    """Take one FIP step on an FSDP2-sharded model expecting a refusal; check that nothing changed; the message."""
     model(**worker.task_b(4).with_format("torch")[:]).loss.backward()
     before = {name: p.full_tensor().clone() for name, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(NotImplementedError, match="FSDP.*Use DDP instead"):
+    with pytest.raises(NotImplementedError) as error:
         optimizer.step()
     assert int(model.base_model.memory().sample_step) == 0
     assert all(torch.equal(p.full_tensor(), before[name]) for name, p in model.named_parameters() if p.requires_grad)
+    return str(error.value)
+
+
+def test_fip_optimizer_created_before_fully_shard_is_refused_before_changing_anything(single_process_group):
+    model = worker.fip_bert()
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
+    fully_shard(model, mesh=single_process_group)
+    assert "create it after sharding" in sharded_step_error(model, optimizer)
+
+
+def test_natural_solver_on_fully_shard_parameters_is_refused_before_changing_anything(single_process_group):
+    model = worker.fip_bert(solver="natural")
+    fully_shard(model, mesh=single_process_group)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
+    assert "needs the penalty solver" in sharded_step_error(model, optimizer)
 
 
 def fip_trainer(model, output_dir, steps: int = 6, **overrides) -> fip_peft.FIPTrainer:

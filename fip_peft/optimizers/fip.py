@@ -15,7 +15,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..checks import NonFiniteStepError
-from ..distributed import check_parameters_are_whole
+from ..distributed import all_processes, anchor_forward, local_tensor
 from ..model import FIPModel
 from .preconditioner import MetricPreconditioner
 
@@ -40,8 +40,10 @@ class FIPStepMixin:
 
     _fip_model: FIPModel
 
-    def _attach_fip(self, fip_model: FIPModel) -> None:
+    def _attach_fip(self, fip_model: FIPModel, root: nn.Module | None = None) -> None:
         self._fip_model = fip_model
+        self._fip_root = root
+        self._fip_anchor_forward = None
         self.fip_distance_sum = 0.0
         self.fip_distance_count = 0
         self.fip_steps = 0
@@ -55,7 +57,7 @@ class FIPStepMixin:
         if config.solver == "natural":
             return None
         with torch.enable_grad():
-            distance = fip_model.anchor_distance()
+            distance = fip_model.anchor_distance(forward=self._fip_anchor_forward)
             if distance is None:
                 return None
             (distance / config.beta).backward()
@@ -86,14 +88,21 @@ class FIPStepMixin:
         """
         self.fip_steps += 1
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        flags = [torch.isfinite(p.grad).all() for p in params]
+        flags = [torch.isfinite(local_tensor(p.grad)).all() for p in params]
         distance = self.fip_distance_sum
         if isinstance(distance, torch.Tensor):
             flags.append(torch.isfinite(distance))
-        if not flags or bool(torch.stack([flag.to(flags[0].device) for flag in flags]).all()):
+        if not flags:
+            return False
+        finite = torch.stack([flag.to(flags[0].device) for flag in flags]).all()
+        if self._fip_anchor_forward is not None:  # FSDP2: each process checked its shards; all must agree
+            finite = all_processes(finite)
+        if bool(finite):
             return False
         names = {id(p): name for name, p in self._fip_model.named_parameters()}
-        bad = [names.get(id(p), "an unnamed parameter") for p in params if not torch.isfinite(p.grad).all()]
+        bad = [
+            names.get(id(p), "an unnamed parameter") for p in params if not torch.isfinite(local_tensor(p.grad)).all()
+        ]
         distance_bad = isinstance(distance, torch.Tensor) and not bool(torch.isfinite(distance))
         what = []
         if distance_bad:
@@ -115,9 +124,11 @@ class FIPStepMixin:
         return True
 
     def check_engine(self) -> None:
-        """Before the first step: refuse FSDP / DeepSpeed sharding, under which the anchor pass would be wrong."""
+        """Before the first step: refuse engines under which the anchor pass would be wrong (FSDP1, DeepSpeed), and
+        route it through the FSDP2 root when the parameters are `fully_shard`-ed."""
         if not getattr(self, "_fip_engine_checked", False):
-            check_parameters_are_whole(self._fip_model)
+            optimized = [p for group in self.param_groups for p in group["params"]]
+            self._fip_anchor_forward = anchor_forward(self._fip_model, self._fip_root, optimized)
             self._fip_engine_checked = True
 
     def step(self, closure=None):
@@ -161,7 +172,7 @@ def attach_fip_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
     """Make an existing optimizer (e.g. the one `Trainer` built) perform the FIP step on `model`, in place."""
     if not isinstance(optimizer, FIPStepMixin):
         optimizer.__class__ = _fip_optimizer_class(type(optimizer))
-    optimizer._attach_fip(find_fip_model(model))
+    optimizer._attach_fip(find_fip_model(model), model)
     return optimizer
 
 
@@ -185,5 +196,5 @@ def create_fip_optimizer(
     if not params:
         raise ValueError("The model has no trainable parameters; is the FIP adapter in inference mode?")
     optimizer = _fip_optimizer_class(optimizer_cls)(params, **optimizer_kwargs)
-    optimizer._attach_fip(fip_model)
+    optimizer._attach_fip(fip_model, model)
     return optimizer
