@@ -3,7 +3,8 @@
 #   1. the multi-process tests (2 processes, gloo: one GPU cannot host two NCCL ranks) with gradient accumulation,
 #      bf16, gradient checkpointing and resume;
 #   2. one FIP step under bf16 autocast on the GPU;
-#   3. throughput on the GPU: median seconds per optimizer step, plain fine-tuning against FIP, full rank and rank 8
+#   3. FIPTrainer refusing Trainer's FSDP plugin (a 1-process FSDP run);
+#   4. throughput on the GPU: median seconds per optimizer step, plain fine-tuning against FIP, full rank and rank 8
 #      (benchmarks/step_cost.py, MiniLM, batch 32 x 128 tokens).
 # About 5 minutes. Results go to $OUT (default /tmp/fip_gpu_check).
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -21,10 +22,11 @@ print(torch.__version__, torch.cuda.get_device_name(0))
 PYEOF
 
 echo "== 1. multi-process tests"
-timeout 300 "$PY" -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_distributed.log"
+timeout 300 "$PY" -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tee "$OUT/test_distributed.log" \
+    || echo "FAILED: multi-process tests"
 
 echo "== 2. FIP step under bf16 autocast on the GPU"
-timeout 120 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/bf16_cuda.log"
+timeout 120 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/bf16_cuda.log" || echo "FAILED: bf16 on cuda"
 import torch
 import fip_peft
 from tests import _ddp_worker as worker
@@ -44,7 +46,26 @@ print(f"bf16 autocast on cuda: mean D {distance:.4g}, adapter finite: {finite}")
 assert finite and distance > 0
 PYEOF
 
-echo "== 3. throughput on one GPU: plain vs FIP step time"
+echo "== 3. FIPTrainer refuses Trainer's FSDP plugin on the GPU (untestable on CPU: use_cpu turns fsdp off)"
+cat > "$OUT/fsdp_trainer.py" <<'PYEOF'
+import sys
+
+sys.path.insert(0, ".")
+import fip_peft
+from tests import _ddp_worker as worker
+
+args = worker.training_args("/tmp/fip_gpu_check_fsdp", 4, fsdp=True, use_cpu=False, max_steps=2)
+try:
+    fip_peft.FIPTrainer(model=worker.fip_bert(), args=args, train_dataset=worker.task_b(8)).train()
+except NotImplementedError as error:
+    print("refused as expected:", error)
+else:
+    raise SystemExit("FIPTrainer trained under FSDP instead of refusing")
+PYEOF
+timeout 120 "$PY" -m torch.distributed.run --nproc_per_node 1 "$OUT/fsdp_trainer.py" 2>&1 | tee "$OUT/fsdp_trainer.log" \
+    || echo "FAILED: FSDP refusal"
+
+echo "== 4. throughput on one GPU: plain vs FIP step time"
 timeout 300 "$PY" benchmarks/step_cost.py --steps 30 --batch-size 32 --max-length 128 --json "$OUT/step_cost.json" \
     2>&1 | tee "$OUT/step_cost.log"
 echo "results in $OUT"
