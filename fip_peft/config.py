@@ -61,7 +61,8 @@ class FIPConfig(PeftConfig):
             metric-preconditioned step: the gradient of L on each covered layer (full-rank displacements and trained
             `nn.Linear` heads) becomes P grad L, P = lambda (g + lambda I)^-1 with g the Kronecker-factored metric
             E[J^T M J] on the anchors (no D per step). `"natural+penalty"`: P grad L + grad D / beta, the penalty
-            correcting drift the metric lets through (`beta=None` resolves to 5.0 here). Both need `rank=None`.
+            correcting drift the metric lets through (`beta=None` resolves to 5.0 here); the one to use, as
+            `"natural"` alone forgets over long task sequences (docs/benchmarks.md). Both need `rank=None`.
         epsilon: Natural solvers only. `None`: the wrapped optimizer steps on the preconditioned gradient (its lr
             sets the length). A number: the paper's step, the covered parameters move by exactly `epsilon` (times
             lr / initial_lr under a schedule) along the preconditioned gradient.
