@@ -83,7 +83,8 @@ class FIPConfig(PeftConfig):
         sparsity_scope: `"global"`: one magnitude threshold over all target weights; `"layer"`: one per weight.
         sparsity_begin_step: Optimizer step at which the mask starts to prune.
         sparsity_ramp_steps: T, optimizer steps from `sparsity_begin_step` until the mask reaches the target.
-        sparsity_update_every: Optimizer steps between mask updates (the last ramp step always updates).
+        sparsity_update_every: Optimizer steps between mask updates (the last ramp step always updates). `None`
+            resolves to `sparsity_ramp_steps // 10` (at least 1): ten updates over the ramp, however long it is.
         sparsity_lambda: Pull lambda: each step adds lambda * (w - P_s_f(w)), the gradient of
             lambda/2 ||w - P_s_f(w)||^2, so the entries the target mask would remove shrink toward zero before the
             scheduled mask removes them. 0 turns the pull off (gradual magnitude pruning under the anchor term).
@@ -159,7 +160,9 @@ class FIPConfig(PeftConfig):
     sparsity_ramp_steps: int = field(
         default=100, metadata={"help": "Optimizer steps from begin_step until the mask reaches target_sparsity."}
     )
-    sparsity_update_every: int = field(default=10, metadata={"help": "Optimizer steps between mask updates."})
+    sparsity_update_every: int | None = field(
+        default=None, metadata={"help": "Optimizer steps between mask updates; None: sparsity_ramp_steps // 10."}
+    )
     sparsity_lambda: float = field(
         default=1.0,
         metadata={"help": "Pull lambda of the weights toward their projection at target_sparsity (>= 0)."},
@@ -242,6 +245,8 @@ class FIPConfig(PeftConfig):
             raise ValueError(f"FIPConfig.sparsity_scope must be one of {SCOPES}, got {self.sparsity_scope!r}.")
         _check_int("sparsity_begin_step", self.sparsity_begin_step, minimum=0)
         _check_int("sparsity_ramp_steps", self.sparsity_ramp_steps, minimum=0)
+        if self.sparsity_update_every is None:
+            self.sparsity_update_every = max(1, self.sparsity_ramp_steps // 10)
         _check_int("sparsity_update_every", self.sparsity_update_every, minimum=1)
         _check_number("sparsity_lambda", self.sparsity_lambda, positive=False)
         if self.sparsity_lambda < 0:
