@@ -142,7 +142,7 @@ def test_mask_survives_save_and_load(trained_mlp, digits, tmp_path):
 def test_fip_keeps_outputs_closer_than_magnitude_pruning_at_equal_sparsity(trained_mlp, digits):
     x = digits["x_a_test"]
     dense = outputs(trained_mlp, x)
-    fip = walk(sparsify_model(trained_mlp, sparsity_ramp_steps=30), steps=40, anchors=digits["x_a_train"])
+    fip = walk(sparsify_model(trained_mlp, sparsity_ramp_steps=20), steps=30, anchors=digits["x_a_train"])
     one_shot = sparsify_model(trained_mlp)
     one_shot.apply_sparsity_mask(0.8)
     assert fip.sparsity_report()["sparsity"] == one_shot.sparsity_report()["sparsity"]
