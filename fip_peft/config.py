@@ -218,7 +218,6 @@ class FIPConfig(PeftConfig):
         _check_history(self.task_names, self.accuracy_matrix)
         check_config_consistency(self)
 
-
     def _validate_sparsity(self) -> None:
         if self.objective != "sparsify":
             if self.target_sparsity is not None:
