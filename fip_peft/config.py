@@ -251,7 +251,6 @@ class FIPConfig(PeftConfig):
         if self.sparsity_lambda < 0:
             raise ValueError(f"FIPConfig.sparsity_lambda must be >= 0, got {self.sparsity_lambda}.")
 
-
     def _validate_natural(self) -> None:
         if self.epsilon is not None:
             _check_number("epsilon", self.epsilon, positive=True)

@@ -56,7 +56,16 @@ class FIPTrainer(Trainer):
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         self._fip_optimizer = attach_fip_step(optimizer, self.model)
+        if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
+            self._fip_optimizer.fip_max_grad_norm = self.args.max_grad_norm
         return optimizer
+
+    def _clip_grad_norm(self, model):
+        """Return the task gradient's norm for the logs without clipping it: the FIP step clips the combined
+        gradient (task loss + D / beta) to `args.max_grad_norm` after adding the anchor gradient."""
+        if self._fip_optimizer is None or self._fip_optimizer.fip_max_grad_norm is None:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._fip_optimizer is not None:

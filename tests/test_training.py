@@ -45,11 +45,9 @@ def bert_with_anchors(digits, **config):
     return model
 
 
-def test_step_adds_the_anchor_gradient_over_beta_to_the_task_gradient(digits):
-    model = mlp_model(beta=0.5, anchor_batch_size=8, init_weights=False)
-    model.remember(digits["x_a_train"][:40])
+def expected_fip_gradient(model, digits, beta: float) -> list[torch.Tensor]:
+    """grad(L_task + D / beta) on the anchor batch the optimizer's first step will draw."""
     params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
     memory = model.base_model.memory()
     index = memory.next_batch_index(8, seed=0)
     memory.sample_step.zero_()
@@ -57,13 +55,46 @@ def test_step_adds_the_anchor_gradient_over_beta_to_the_task_gradient(digits):
     model.eval()
     task = nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16])
     distance = (model(inputs["_positional"]) - reference).pow(2).sum(-1).mean() / memory.scale
-    expected = torch.autograd.grad(task + distance / 0.5, params)
+    return list(torch.autograd.grad(task + distance / beta, params))
 
-    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+
+def take_one_sgd_step(model, digits, **optimizer_kwargs) -> list[torch.Tensor]:
+    """The parameter change of one FIP SGD step on task B (lr 0.1)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1, **optimizer_kwargs)
     nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
     optimizer.step()
-    for p, p0, g in zip(params, before, expected, strict=True):
-        torch.testing.assert_close(p0 - p, 0.1 * g, atol=1e-6, rtol=1e-4)
+    return [p0 - p.detach() for p, p0 in zip(params, before, strict=True)]
+
+
+def test_step_adds_the_anchor_gradient_over_beta_to_the_task_gradient(digits):
+    model = mlp_model(beta=0.5, anchor_batch_size=8, init_weights=False)
+    model.remember(digits["x_a_train"][:40])
+    expected = expected_fip_gradient(model, digits, beta=0.5)
+    for change, g in zip(take_one_sgd_step(model, digits), expected, strict=True):
+        torch.testing.assert_close(change, 0.1 * g, atol=1e-6, rtol=1e-4)
+
+
+def test_max_grad_norm_clips_the_combined_task_and_anchor_gradient(digits):
+    model = mlp_model(beta=0.5, anchor_batch_size=8, init_weights=False)
+    model.remember(digits["x_a_train"][:40])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "fip_delta" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    expected = expected_fip_gradient(model, digits, beta=0.5)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected]))
+    max_norm = float(total) / 4
+    changes = take_one_sgd_step(model, digits, max_grad_norm=max_norm)
+    for change, g in zip(changes, expected, strict=True):
+        torch.testing.assert_close(change, 0.1 * g * max_norm / total, atol=1e-6, rtol=1e-3)
+
+
+def test_create_fip_optimizer_rejects_a_non_positive_max_grad_norm():
+    model = mlp_model()
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1, max_grad_norm=0)
 
 
 def test_without_anchors_the_step_is_the_plain_optimizer_step(digits):
@@ -148,6 +179,27 @@ def test_fip_trainer_performs_the_fip_step_and_logs_the_distance(digits, tmp_pat
     assert int(model.base_model.memory().sample_step) == 4
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all("fip_distance" in entry and entry["fip_distance"] >= 0 for entry in logged)
+
+
+def test_fip_trainer_clips_the_combined_gradient_not_the_task_gradient_alone(digits, tmp_path):
+    model = bert_with_anchors(digits, init_weights=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "fip_delta" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    args = trainer_args(tmp_path, steps=1)
+    args.optim, args.learning_rate, args.max_grad_norm = "sgd", 1.0, 1e-3
+    trainer = fip_peft.FIPTrainer(
+        model=model, args=args, train_dataset=token_dataset(digits["x_b_train"], digits["y_b_train"])
+    )
+    trainer.train()
+    assert trainer.optimizer.optimizer.fip_max_grad_norm == 1e-3
+    change = torch.linalg.vector_norm(
+        torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(params, before, strict=True)])
+    )
+    assert 0 < float(change) <= 1e-3 * (1 + 1e-4)
 
 
 def test_fip_trainer_refuses_a_model_without_an_fip_adapter(tmp_path):

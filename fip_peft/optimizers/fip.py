@@ -47,6 +47,7 @@ class FIPStepMixin:
         self.fip_distance_sum = 0.0
         self.fip_distance_count = 0
         self.fip_steps = 0
+        self.fip_max_grad_norm = getattr(self, "fip_max_grad_norm", None)
         fip_model._register_fip_optimizer(self)
 
     def add_anchor_gradient(self) -> torch.Tensor | None:
@@ -123,6 +124,17 @@ class FIPStepMixin:
         logger.warning(f"{where}; the step is skipped (parameters and optimizer state unchanged).")
         return True
 
+    def clip_combined_gradient(self) -> torch.Tensor | None:
+        """Clip the norm of the combined gradient (task loss + D / beta) to `fip_max_grad_norm`, when set.
+
+        Clipping must come after the anchor gradient is added: clipping only the task gradient beforehand (what
+        `Trainer` or a hand-written loop would do) shrinks the task term alone and lets D / beta dominate.
+        """
+        if self.fip_max_grad_norm is None:
+            return None
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, self.fip_max_grad_norm)
+
     def check_engine(self) -> None:
         """Before the first step: refuse engines under which the anchor pass would be wrong (FSDP1, DeepSpeed), and
         route it through the FSDP2 root when the parameters are `fully_shard`-ed."""
@@ -137,6 +149,7 @@ class FIPStepMixin:
         self.add_anchor_gradient()
         if self.skip_nonfinite_step():
             return None
+        self.clip_combined_gradient()
         self.add_sparsity_gradient()
         return self.solver_step(closure)
 
@@ -177,9 +190,16 @@ def attach_fip_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
 
 
 def create_fip_optimizer(
-    model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], **optimizer_kwargs
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer],
+    *,
+    max_grad_norm: float | None = None,
+    **optimizer_kwargs,
 ) -> torch.optim.Optimizer:
     """Create an `optimizer_cls` over the trainable parameters of `model` whose `step()` is the FIP step.
+
+    `max_grad_norm` clips the combined gradient (task loss + D / beta) inside the step. Use it instead of calling
+    `clip_grad_norm_` before `step()`, which would clip the task gradient alone.
 
     Same shape as `peft.optimizers.create_loraplus_optimizer`:
 
@@ -191,10 +211,19 @@ def create_fip_optimizer(
     """
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
         raise TypeError(f"`optimizer_cls` must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}.")
+    _check_max_grad_norm(max_grad_norm)
     fip_model = find_fip_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters; is the FIP adapter in inference mode?")
     optimizer = _fip_optimizer_class(optimizer_cls)(params, **optimizer_kwargs)
+    optimizer.fip_max_grad_norm = max_grad_norm
     optimizer._attach_fip(fip_model, model)
     return optimizer
+
+
+def _check_max_grad_norm(max_grad_norm: object) -> None:
+    if max_grad_norm is None:
+        return
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
+        raise ValueError(f"`max_grad_norm` must be a number > 0 or None (no clipping), got {max_grad_norm!r}.")
