@@ -341,8 +341,7 @@ def run_continual_trainer(args: argparse.Namespace, tasks: list[Task], *, rememb
                 per_device_train_batch_size=args.batch_size,
                 learning_rate=args.lr,
                 weight_decay=0.01,
-                # Trainer clips only the task gradient (the anchor gradient is added inside the optimizer step), which
-                # would weaken learning against preservation; no clipping, as in the CNN's plain loop.
+                # No clipping, as in the CNN's plain loop (FIPTrainer would clip the combined task + anchor gradient).
                 max_grad_norm=0.0,
                 logging_steps=max(1, args.steps_per_task // 4),
                 save_strategy="no",
