@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 
 import torch
+from peft import PeftModel, get_peft_model
 from sklearn.datasets import load_digits
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
+
+import fip_peft
 
 NUM_CLASSES = 10
 PIXEL_LEVELS = 4
@@ -98,3 +101,13 @@ def accuracy(model: nn.Module, inputs, labels: torch.Tensor) -> float:
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def mlp_model(**config) -> PeftModel:
+    """The MLP with an FIP adapter on its two hidden layers (the head is not adapted)."""
+    return get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], **config))
+
+
+def bert_model(**config) -> PeftModel:
+    """The tiny BERT with an FIP adapter on all its linear layers (the classifier is trained in full)."""
+    return get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", **config))

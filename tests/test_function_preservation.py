@@ -12,18 +12,13 @@ import torch
 from peft import get_peft_model
 
 import fip_peft
-from tests._tasks import MLP, accuracy, as_tokens, clone, digits_tasks, logits_of, run_steps, tiny_bert, train_plain
+from tests._tasks import MLP, accuracy, as_tokens, clone, logits_of, run_steps, tiny_bert, train_plain
 
 STEPS = 200
 FULL_RANK_LR = 2e-3
 LOW_RANK_LR = 10 * FULL_RANK_LR
 MAX_CHANGE_RATIO = 0.2
 MAX_ACCURACY_GAP = 0.05
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_tasks()
 
 
 def base_and_config(kind: str, digits):

@@ -12,12 +12,7 @@ from torch import nn
 import fip_peft
 from fip_peft.natural import conjugate_gradient, gauss_newton_matvec, kronecker_metric
 from fip_peft.optimizers.preconditioner import covered_layers
-from tests._tasks import MLP, digits_tasks, train_plain
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_tasks()
+from tests._tasks import MLP, train_plain
 
 
 @pytest.fixture(scope="module")

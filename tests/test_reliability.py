@@ -15,20 +15,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fip_peft
 from fip_peft.checks import NonFiniteStepError
-from tests._tasks import MLP, as_tokens, digits_tasks, logits_of, tiny_bert
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_tasks()
-
-
-def mlp_model(**config):
-    return get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], **config))
-
-
-def bert_model(**config):
-    return get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", **config))
+from tests._tasks import MLP, as_tokens, bert_model, logits_of, mlp_model, tiny_bert
 
 
 def adapter_state(model):

@@ -3,24 +3,9 @@
 import pytest
 import torch
 from datasets import Dataset
-from peft import get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 
-import fip_peft
-from tests._tasks import MLP, as_tokens, digits_tasks, tiny_bert
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_tasks()
-
-
-def mlp_model(**config):
-    return get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], **config))
-
-
-def bert_model(**config):
-    return get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", **config))
+from tests._tasks import as_tokens, bert_model, mlp_model
 
 
 def test_tensor_data_is_stored_as_positional_anchors(digits):

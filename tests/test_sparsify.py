@@ -11,14 +11,9 @@ from transformers import TrainingArguments
 
 import fip_peft
 from fip_peft.sparsity import magnitude_masks, scheduled_sparsity
-from tests._tasks import MLP, as_tokens, digits_tasks, logits_of, tiny_bert, train_plain
+from tests._tasks import MLP, as_tokens, logits_of, tiny_bert, train_plain
 
 TARGETS = ["fc1", "fc2"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_tasks()
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import fip_peft
-from tests._tasks import MLP, as_tokens, digits_tasks, logits_of, run_steps, tiny_bert
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_tasks()
+from tests._tasks import MLP, as_tokens, logits_of, run_steps, tiny_bert
 
 
 def mlp_model(**config):
