@@ -54,8 +54,9 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from continual_text import MeanPoolingClassifier, default_model_path, subsample  # noqa: E402
+from continual_text import MeanPoolingClassifier, default_model_path  # noqa: E402
 from data import sentiment_task  # noqa: E402
+from sparsify_text import tokenize_split  # noqa: E402
 
 import fip_peft  # noqa: E402
 from fip_peft.sparsity import magnitude_masks  # noqa: E402
@@ -266,15 +267,8 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     task = sentiment_task(seed=args.seed)
 
-    def tokenize(split, size):
-        data = subsample(task[split], size, args.seed)
-        return data.map(
-            lambda b: {**tokenizer(b["text"], truncation=True, max_length=args.max_length), "labels": b["label"]},
-            batched=True,
-            remove_columns=data.column_names,
-        )
-
-    train, test = tokenize("train", args.train_size), tokenize("test", args.eval_size)
+    train = tokenize_split(task["train"], tokenizer, size=args.train_size, max_length=args.max_length, seed=args.seed)
+    test = tokenize_split(task["test"], tokenizer, size=args.eval_size, max_length=args.max_length, seed=args.seed)
     collator = DataCollatorWithPadding(tokenizer)
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(

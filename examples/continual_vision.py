@@ -197,6 +197,29 @@ def num_classes_of(tasks: list[Task]) -> int:
 
 
 @torch.no_grad()
+def record_accuracies(
+    model: nn.Module,
+    tasks: list,
+    index: int,
+    matrix: AccuracyMatrix,
+    timings: dict[str, float],
+    label: str,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Evaluate ``model`` on every task's test images (on the CPU, where the test tensors are), record the row of
+    the accuracy matrix after task ``index``, time it and log it."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    model.cpu()
+    accuracies = [accuracy(model, t.test_images, t.test_labels, prepare=prepare) for t in tasks]
+    model.to(device)
+    matrix.record(after_task=index, accuracies=accuracies)
+    name = tasks[index].name
+    timings[f"evaluate after {name}"] = time.perf_counter() - start
+    row = ", ".join(f"{t.name} {acc:.4f}" for t, acc in zip(tasks, accuracies, strict=True))
+    logger.info(f"[{label}] accuracy after {name}: {row}")
+
+
 def accuracy(
     model: nn.Module,
     images: torch.Tensor,
@@ -251,12 +274,7 @@ def run_continual(args: argparse.Namespace, tasks: list[Task], *, remember: bool
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         timings[f"train {task.name}"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        accuracies = [accuracy(model, t.test_images, t.test_labels) for t in tasks]
-        matrix.record(after_task=index, accuracies=accuracies)
-        timings[f"evaluate after {task.name}"] = time.perf_counter() - start
-        row = ", ".join(f"{t.name} {acc:.4f}" for t, acc in zip(tasks, accuracies, strict=True))
-        logger.info(f"[{label}] accuracy after {task.name}: {row}")
+        record_accuracies(model, tasks, index, matrix, timings, label)
 
         if remember:
             start = time.perf_counter()
@@ -355,15 +373,7 @@ def run_continual_trainer(args: argparse.Namespace, tasks: list[Task], *, rememb
             trainer.train()
             timings[f"train {task.name}"] = time.perf_counter() - start
 
-            start = time.perf_counter()
-            device = next(model.parameters()).device
-            model.cpu()
-            accuracies = [accuracy(model, t.test_images, t.test_labels, prepare=prepare) for t in tasks]
-            model.to(device)
-            matrix.record(after_task=index, accuracies=accuracies)
-            timings[f"evaluate after {task.name}"] = time.perf_counter() - start
-            row = ", ".join(f"{t.name} {acc:.4f}" for t, acc in zip(tasks, accuracies, strict=True))
-            logger.info(f"[{label}] accuracy after {task.name}: {row}")
+            record_accuracies(model, tasks, index, matrix, timings, label, prepare=prepare)
 
             if remember:
                 start = time.perf_counter()

@@ -132,6 +132,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def tokenize_split(data: datasets.Dataset, tokenizer, *, size: int, max_length: int, seed: int) -> datasets.Dataset:
+    """A random subset of `size` rows of a text/label split as `input_ids`/`attention_mask`/`labels` rows."""
+    data = subsample(data, size, seed)
+    return data.map(
+        lambda b: {**tokenizer(b["text"], truncation=True, max_length=max_length), "labels": b["label"]},
+        batched=True,
+        remove_columns=data.column_names,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_seed(args.seed)
@@ -140,15 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     task = load_task(args)
     num_labels = len(set(task["train"]["label"]))
 
-    def tokenize(split: str, size: int) -> datasets.Dataset:
-        data = subsample(task[split], size, args.seed)
-        return data.map(
-            lambda b: {**tokenizer(b["text"], truncation=True, max_length=args.max_length), "labels": b["label"]},
-            batched=True,
-            remove_columns=data.column_names,
-        )
-
-    train, test = tokenize("train", args.train_size), tokenize("test", args.eval_size)
+    train = tokenize_split(task["train"], tokenizer, size=args.train_size, max_length=args.max_length, seed=args.seed)
+    test = tokenize_split(task["test"], tokenizer, size=args.eval_size, max_length=args.max_length, seed=args.seed)
     collator = DataCollatorWithPadding(tokenizer)
 
     def accuracy(model: torch.nn.Module) -> float:
