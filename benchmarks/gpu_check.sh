@@ -4,8 +4,9 @@
 #      bf16, gradient checkpointing and resume;
 #   2. one FIP step under bf16 autocast on the GPU;
 #   3. FIPTrainer refusing Trainer's FSDP plugin (a 1-process FSDP run);
-#   4. throughput on the GPU: median seconds per optimizer step, plain fine-tuning against FIP, full rank and rank 8
-#      (benchmarks/step_cost.py, MiniLM, batch 32 x 128 tokens).
+#   4. throughput on the GPU: mean seconds per optimizer step, plain fine-tuning against FIP (penalty and
+#      natural+penalty solvers), full rank and rank 8 (benchmarks/step_cost.py, MiniLM, batch 32 x 128 tokens).
+# MODEL=folder passes --model to step_cost.py (e.g. a float16 copy of the packaged MiniLM where it is not installed).
 # About 5 minutes. Results go to $OUT (default /tmp/fip_gpu_check).
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -67,5 +68,6 @@ timeout 120 "$PY" -m torch.distributed.run --nproc_per_node 1 "$OUT/fsdp_trainer
 
 echo "== 4. throughput on one GPU: plain vs FIP step time"
 timeout 300 "$PY" benchmarks/step_cost.py --steps 30 --batch-size 32 --max-length 128 --json "$OUT/step_cost.json" \
+    ${MODEL:+--model "$MODEL"} \
     2>&1 | tee "$OUT/step_cost.log"
 echo "results in $OUT"
