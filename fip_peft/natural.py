@@ -281,6 +281,98 @@ def output_directions(
     return directions
 
 
+class KroneckerFactors:
+    """Running K-FAC factors A and G of covered layers, gathered over one or more anchor chunks.
+
+    Each `add` runs one forward pass on a chunk of anchors and one backward pass per output direction, so the
+    memory held is that of one chunk whatever the number of anchors. Layers that read the same input tensor (the
+    query, key and value projections of an attention block) share one A factor: gathered and decomposed once.
+    """
+
+    def __init__(self, layers: dict[str, CoveredLayer]) -> None:
+        self.layers = layers
+        self.inputs: dict[str, _Factor | _DiagonalFactor] = {}
+        self.grads: dict[str, _Factor] = {}
+        self.shares_input: dict[str, str] = {}
+        self.num_anchors = 0
+
+    def add(
+        self,
+        forward: Callable[[], torch.Tensor],
+        distance: str,
+        samples: int | None,
+        generator: torch.Generator,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Gather the factors of one chunk: `forward()` returns the model's output f on the chunk's anchors."""
+        outputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+        def hook_for(name: str, layer: CoveredLayer):
+            def hook(module, args, output):
+                x = args[0]
+                key = (id(x), layer.bias is not None) if layer.kind == "linear" else (id(x), name)
+                owner = seen.setdefault(key, (name, x))[0]
+                outputs[name].append(output)
+                if owner != name:
+                    self.shares_input.setdefault(name, owner)
+                if self.shares_input.get(name, name) != name:
+                    return
+                rows = layer.input_rows(x.detach())
+                if name not in self.inputs:
+                    if layer.kind == "embedding":
+                        self.inputs[name] = _DiagonalFactor(layer.module.get_base_layer().num_embeddings)
+                    else:
+                        self.inputs[name] = _Factor(rows.shape[1])
+                self.inputs[name].add(rows if layer.kind == "embedding" else rows.float())
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(hook_for(name, layer)) for name, layer in self.layers.items()]
+        try:
+            with torch.enable_grad():
+                model_output = forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.num_anchors += model_output.shape[0]
+        names = [name for name in self.layers if outputs[name] and outputs[name][0].requires_grad]
+        flat = [tensor for name in names for tensor in outputs[name]]
+        for name in names:
+            if name not in self.grads:
+                self.grads[name] = _Factor(outputs[name][0].shape[1 if self.layers[name].kind == "conv2d" else -1])
+        directions = output_directions(model_output, distance, samples, generator, mask)
+        for i, v in enumerate(directions):
+            grads = torch.autograd.grad(
+                model_output, flat, v.to(model_output.dtype), retain_graph=i + 1 < len(directions), allow_unused=True
+            )
+            position = 0
+            for name in names:
+                for _ in outputs[name]:
+                    if grads[position] is not None:
+                        self.grads[name].add(self.layers[name].output_rows(grads[position]).float())
+                    position += 1
+
+    def metric(self, damping: float) -> dict[str, LayerMetric]:
+        """The damped eigen form of every layer's A (x) G; A = E[x x^T] per input row, G = sum over rows / anchors."""
+        input_eigen: dict[str, Eigen] = {}
+        metric = {}
+        for name, grads in self.grads.items():
+            owner = self.shares_input.get(name, name)
+            if not grads.num_rows or owner not in self.inputs:
+                continue
+            if owner not in input_eigen:
+                input_eigen[owner] = self.inputs[owner].eigen(float(self.inputs[owner].num_rows))
+            a = input_eigen[owner]
+            g = grads.eigen(float(self.num_anchors))
+            lam = damping * (a.trace / a.dim) * (g.trace / g.dim)
+            if lam <= 0:
+                continue
+            a, g = _truncate(a, g, lam)
+            metric[name] = LayerMetric(a, g, lam)
+        return metric
+
+
 def kronecker_metric(
     layers: dict[str, CoveredLayer],
     forward: Callable[[], torch.Tensor],
@@ -295,56 +387,11 @@ def kronecker_metric(
 
     The anchors are the same on every process of a distributed run (drawn from a seeded step counter) and so are
     the directions (`generator` is seeded the same way), so the factors are identical on every rank without any
-    communication.
+    communication. `KroneckerFactors` does the same over several chunks of anchors.
     """
-    inputs: dict[str, _Factor | _DiagonalFactor] = {}
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-
-    def hook_for(name: str, layer: CoveredLayer):
-        def hook(module, args, output):
-            rows = layer.input_rows(args[0].detach())
-            if name not in inputs:
-                dim = layer.module.get_base_layer().num_embeddings if layer.kind == "embedding" else rows.shape[1]
-                inputs[name] = _DiagonalFactor(dim) if layer.kind == "embedding" else _Factor(dim)
-            inputs[name].add(rows if layer.kind == "embedding" else rows.float())
-            outputs[name].append(output)
-
-        return hook
-
-    handles = [layer.module.register_forward_hook(hook_for(name, layer)) for name, layer in layers.items()]
-    try:
-        with torch.enable_grad():
-            model_output = forward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    num_anchors = model_output.shape[0]
-    names = [name for name in layers if outputs[name] and outputs[name][0].requires_grad]
-    flat = [tensor for name in names for tensor in outputs[name]]
-    grads_out = {name: _Factor(outputs[name][0].shape[1 if layers[name].kind == "conv2d" else -1]) for name in names}
-    directions = output_directions(model_output, distance, samples, generator, mask)
-    for i, v in enumerate(directions):
-        grads = torch.autograd.grad(
-            model_output, flat, v.to(model_output.dtype), retain_graph=i + 1 < len(directions), allow_unused=True
-        )
-        position = 0
-        for name in names:
-            for _ in outputs[name]:
-                if grads[position] is not None:
-                    grads_out[name].add(layers[name].output_rows(grads[position]).float())
-                position += 1
-    metric = {}
-    for name in names:
-        if not grads_out[name].num_rows:
-            continue
-        a = inputs[name].eigen(float(inputs[name].num_rows))
-        g = grads_out[name].eigen(float(num_anchors))
-        lam = damping * (a.trace / a.dim) * (g.trace / g.dim)
-        if lam <= 0:
-            continue
-        a, g = _truncate(a, g, lam)
-        metric[name] = LayerMetric(a, g, lam)
-    return metric
+    factors = KroneckerFactors(layers)
+    factors.add(forward, distance, samples, generator, mask)
+    return factors.metric(damping)
 
 
 # ---- exact reference: conjugate gradient on Gauss-Newton-vector products ----------------------------------------

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.natural import conjugate_gradient, gauss_newton_matvec, kronecker_metric
+from fip_peft.natural import KroneckerFactors, conjugate_gradient, gauss_newton_matvec, kronecker_metric
 from fip_peft.optimizers.preconditioner import covered_layers
 from tests._tasks import MLP, train_plain
 
@@ -96,6 +96,49 @@ def test_preconditioner_is_the_damped_inverse_of_the_kronecker_metric():
         dense = layer_metric.kronecker().double() + layer_metric.damping * torch.eye(u.numel(), dtype=torch.float64)
         expected = layer_metric.damping * torch.linalg.solve(dense, u.flatten().double())
         assert torch.allclose(layer_metric.project(u).flatten().double(), expected, atol=1e-5), name
+
+
+def test_metric_gathered_in_chunks_of_anchors_equals_the_metric_of_one_pass():
+    torch.manual_seed(0)
+    model = get_peft_model(TinyMLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], solver="natural"))
+    model.eval()
+    x = torch.randn(48, 6)
+    layers = covered_layers(model.base_model, "default")
+    whole = kronecker_metric(layers, lambda: model(x), "logits", 0.1, None, torch.Generator())
+    factors = KroneckerFactors(layers)
+    for chunk in x.split(16):
+        factors.add(lambda chunk=chunk: model(chunk), "logits", None, torch.Generator())
+    chunked = factors.metric(0.1)
+    for name, layer_metric in whole.items():
+        assert torch.allclose(chunked[name].kronecker(), layer_metric.kronecker(), atol=1e-5), name
+        assert chunked[name].damping == pytest.approx(layer_metric.damping)
+
+
+class SharedInput(nn.Module):
+    """Two projections of the same input, like the query and key of an attention block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(6, 4)
+        self.key = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.query(x)) * self.key(x)
+
+
+def test_layers_reading_the_same_input_share_one_input_factor_with_the_same_metric():
+    torch.manual_seed(0)
+    model = get_peft_model(SharedInput(), fip_peft.FIPConfig(target_modules=["query", "key"], solver="natural"))
+    model.eval()
+    x = torch.randn(32, 6)
+    layers = covered_layers(model.base_model, "default")
+    factors = KroneckerFactors(layers)
+    factors.add(lambda: model(x), "logits", None, torch.Generator())
+    together = factors.metric(0.1)
+    assert len(factors.inputs) == 1 and len(factors.shares_input) == 1
+    for name, layer in layers.items():
+        alone = kronecker_metric({name: layer}, lambda: model(x), "logits", 0.1, None, torch.Generator())
+        assert torch.allclose(together[name].kronecker(), alone[name].kronecker(), atol=1e-5), name
 
 
 def test_conjugate_gradient_on_gauss_newton_products_matches_a_dense_solve():

@@ -12,7 +12,7 @@ from transformers.utils import logging
 
 from .. import layer as fip_layers
 from ..model import FIPModel
-from ..natural import CoveredLayer, LayerMetric, check_conv, kronecker_metric
+from ..natural import CoveredLayer, KroneckerFactors, LayerMetric, check_conv
 
 logger = logging.get_logger(__name__)
 
@@ -46,19 +46,23 @@ def covered_layers(fip_model: FIPModel, adapter: str) -> dict[str, CoveredLayer]
 def anchor_metric(
     fip_model: FIPModel, adapter: str, layers: dict[str, CoveredLayer], index: torch.Tensor, seed: int
 ) -> dict[str, LayerMetric]:
-    """The Kronecker metric of `layers` on the anchors at `index` (eval mode, output directions seeded by `seed`)."""
+    """The Kronecker metric of `layers` on the anchors at `index` (eval mode, output directions seeded by `seed`),
+    gathered in chunks of `anchor_batch_size` anchors so that the refresh holds no more activations than a step."""
     config = fip_model.peft_config[adapter]
-    inputs, _ = fip_model.memory(adapter).batch(index)
+    memory = fip_model.memory(adapter)
+    factors = KroneckerFactors(layers)
+    generator = torch.Generator().manual_seed(seed)
     with fip_model._evaluating():
-        return kronecker_metric(
-            layers,
-            lambda: fip_model._run(inputs),
-            config.distance,
-            config.damping,
-            config.metric_samples,
-            torch.Generator().manual_seed(seed),
-            inputs.get("attention_mask"),
-        )
+        for chunk in index.split(config.anchor_batch_size):
+            inputs, _ = memory.batch(chunk)
+            factors.add(
+                lambda inputs=inputs: fip_model._run(inputs),
+                config.distance,
+                config.metric_samples,
+                generator,
+                inputs.get("attention_mask"),
+            )
+    return factors.metric(config.damping)
 
 
 def metric_spectrum(fip_model: FIPModel, adapter: str, k: int) -> dict[str, torch.Tensor]:
