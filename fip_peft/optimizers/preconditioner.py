@@ -12,7 +12,7 @@ from transformers.utils import logging
 
 from .. import layer as fip_layers
 from ..model import FIPModel
-from ..natural import CoveredLayer, KroneckerFactors, LayerMetric, check_conv
+from ..natural import CoveredLayer, Eigen, KroneckerFactors, LayerMetric, check_conv
 
 logger = logging.get_logger(__name__)
 
@@ -43,11 +43,11 @@ def covered_layers(fip_model: FIPModel, adapter: str) -> dict[str, CoveredLayer]
     return layers
 
 
-def anchor_metric(
+def gather_factors(
     fip_model: FIPModel, adapter: str, layers: dict[str, CoveredLayer], index: torch.Tensor, seed: int
-) -> dict[str, LayerMetric]:
-    """The Kronecker metric of `layers` on the anchors at `index` (eval mode, output directions seeded by `seed`),
-    gathered in chunks of `anchor_batch_size` anchors so that the refresh holds no more activations than a step."""
+) -> KroneckerFactors:
+    """The Kronecker factors of `layers` on the anchors at `index` (eval mode, output directions seeded by `seed`),
+    gathered in chunks of `anchor_batch_size` anchors so that a refresh holds no more activations than a step."""
     config = fip_model.peft_config[adapter]
     memory = fip_model.memory(adapter)
     factors = KroneckerFactors(layers)
@@ -62,7 +62,7 @@ def anchor_metric(
                 generator,
                 inputs.get("attention_mask"),
             )
-    return factors.metric(config.damping)
+    return factors
 
 
 def metric_spectrum(fip_model: FIPModel, adapter: str, k: int) -> dict[str, torch.Tensor]:
@@ -74,8 +74,8 @@ def metric_spectrum(fip_model: FIPModel, adapter: str, k: int) -> dict[str, torc
         raise ValueError("`metric_spectrum` needs remembered anchors: call `model.remember(data)` first.")
     order = torch.randperm(len(memory), generator=torch.Generator().manual_seed(config.anchor_seed))
     index = order[: config.metric_anchors]
-    metric = anchor_metric(fip_model, adapter, covered_layers(fip_model, adapter), index, config.anchor_seed)
-    return {name: layer_metric.top_eigenvalues(k) for name, layer_metric in metric.items()}
+    factors = gather_factors(fip_model, adapter, covered_layers(fip_model, adapter), index, config.anchor_seed)
+    return {name: layer_metric.top_eigenvalues(k) for name, layer_metric in factors.metric(config.damping).items()}
 
 
 class MetricPreconditioner:
@@ -102,20 +102,26 @@ class MetricPreconditioner:
         self.adapter = adapter
         self.layers = covered_layers(fip_model, adapter)
         self.metric: dict[str, LayerMetric] | None = None
+        self.basis: dict[str, Eigen] = {}
         self.steps = 0
+        self.refreshes = 0
 
     @property
     def config(self):
         return self.fip_model.peft_config[self.adapter]
 
     def refresh(self) -> None:
-        """Recompute the metric on the next `metric_anchors` anchors; keep the previous one if it is not finite."""
+        """Recompute the metric on the next `metric_anchors` anchors; keep the previous one if it is not finite.
+        Every `metric_basis_interval`-th refresh eigendecomposes the factors; the others refresh the eigenvalues
+        in the last eigenbasis."""
         config = self.config
         memory = self.fip_model.memory(self.adapter)
         index = memory.next_batch_index(config.metric_anchors, config.anchor_seed)
         seed = config.anchor_seed * 1_000_003 + int(memory.sample_step) + DIRECTION_SEED_OFFSET
+        basis = self.basis if self.refreshes % config.metric_basis_interval else None
         try:
-            metric = anchor_metric(self.fip_model, self.adapter, self.layers, index, seed)
+            factors = gather_factors(self.fip_model, self.adapter, self.layers, index, seed)
+            metric = factors.metric(config.damping, basis)
         except torch.linalg.LinAlgError as error:
             logger.warning(f"The FIP metric could not be refreshed ({error}); the previous one is kept.")
             return
@@ -126,7 +132,8 @@ class MetricPreconditioner:
         if not finite:
             logger.warning("The FIP metric on this anchor batch is NaN or infinite; the previous one is kept.")
             return
-        self.metric = metric
+        self.metric, self.basis = metric, factors.eigen
+        self.refreshes += 1
 
     def precondition(self, optimizer: torch.optim.Optimizer) -> None:
         """Refresh the metric when due, then replace each covered layer's gradient by P grad. Called before the
