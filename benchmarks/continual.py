@@ -61,6 +61,9 @@ from torch import nn  # noqa: E402
 from fip_peft.config import SOLVERS  # noqa: E402
 from fip_peft.evaluation import AccuracyMatrix  # noqa: E402
 
+# Every method trains and is evaluated here: the GPU when there is one (memory is then CUDA's allocated memory).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 SUITES = ("vision", "text")
 EWC_LAMBDA = 5000.0
 EWC_SAMPLES = 100
@@ -91,9 +94,17 @@ QUICK_SIZES = {
 }
 
 
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def on_device(batch: Batch) -> Batch:
+    inputs, labels = batch
+    return {k: v.to(DEVICE) for k, v in inputs.items()}, labels.to(DEVICE)
+
+
 @dataclass
 class Suite:
-    """The tasks of one benchmark and how to build, feed and adapt its model."""
+    """The tasks of one benchmark and how to build, feed and adapt its model (`collate` gives batches on DEVICE)."""
 
     name: str
     task_names: list[str]
@@ -119,7 +130,7 @@ def vision_suite(sizes: Sizes, seed: int) -> Suite:
 
     def collate(rows: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         images = torch.stack([tasks[t].train_images[i] for t, i in rows])
-        return {"x": images}, torch.stack([tasks[t].train_labels[i] for t, i in rows])
+        return on_device(({"x": images}, torch.stack([tasks[t].train_labels[i] for t, i in rows])))
 
     test_batches = []
     for task in tasks:
@@ -131,7 +142,7 @@ def vision_suite(sizes: Sizes, seed: int) -> Suite:
         train_sizes=[len(task.train_labels) for task in tasks],
         collate=collate,
         test_batches=test_batches,
-        build_model=cv.SmallCNN,
+        build_model=lambda: cv.SmallCNN().to(DEVICE),
         remember_data=lambda t: tasks[t].train_images,
         fip_targets={"target_modules": ["conv1", "conv2", "fc1"], "modules_to_save": ["head"]},
         lora_targets=["conv1", "conv2", "fc1"],
@@ -163,7 +174,7 @@ def text_suite(sizes: Sizes, seed: int) -> Suite:
         return inputs, inputs.pop("labels")
 
     def collate(rows: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return batch_of([tasks[t].train[i] for t, i in rows])
+        return on_device(batch_of([tasks[t].train[i] for t, i in rows]))
 
     test_batches = []
     for task in tasks:
@@ -177,7 +188,7 @@ def text_suite(sizes: Sizes, seed: int) -> Suite:
         train_sizes=[len(task.train) for task in tasks],
         collate=collate,
         test_batches=test_batches,
-        build_model=lambda: ct.MeanPoolingClassifier(args.model, num_labels=num_labels),
+        build_model=lambda: ct.MeanPoolingClassifier(args.model, num_labels=num_labels).to(DEVICE),
         remember_data=lambda t: tasks[t].train,
         fip_targets={"target_modules": linear, "modules_to_save": ["classifier"]},
         lora_targets=linear,
@@ -199,7 +210,7 @@ def evaluate(model: nn.Module, suite: Suite) -> list[float]:
     accuracies = []
     for batches in suite.test_batches:
         correct = total = 0
-        for inputs, labels in batches:
+        for inputs, labels in map(on_device, batches):
             correct += int((logits_of(model(**inputs)).argmax(-1) == labels).sum())
             total += len(labels)
         accuracies.append(correct / total)
@@ -371,7 +382,7 @@ def peak_reset() -> float:
     the system, and its high-water mark, reset through ``/proc/self/clear_refs``.
     """
     gc.collect()
-    if torch.cuda.is_available():
+    if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
@@ -382,9 +393,15 @@ def peak_reset() -> float:
 
 def peak_mib() -> float:
     """Peak memory since the last ``peak_reset`` (MiB)."""
-    if torch.cuda.is_available():
+    if DEVICE.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return _status_mib("VmHWM")
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a step's time is its own."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -> dict[str, Any]:
@@ -412,6 +429,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
         for _ in range(steps):
             picks = torch.randint(len(rows), (sizes.batch_size,), generator=batches).tolist()
             inputs, labels = suite.collate([rows[i] for i in picks])
+            synchronize()
             tick = time.perf_counter()
             loss = nn.functional.cross_entropy(logits_of(learner.model(**inputs)), labels)
             extra = learner.extra_loss()
@@ -420,6 +438,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
             loss.backward()
             learner.optimizer.step()
             learner.optimizer.zero_grad(set_to_none=True)
+            synchronize()
             step_times.append(time.perf_counter() - tick)
         accuracies = evaluate(learner.model, suite)
         if method == "joint":

@@ -52,7 +52,7 @@ def functional_distance(
     per_position = DISTANCE_FUNCTIONS[kind](outputs, reference)
     if mask is None or mask.shape != per_position.shape:
         return per_position.mean()
-    mask = mask.to(per_position.dtype)
+    mask = mask.to(per_position.device, per_position.dtype)
     return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
 
 

@@ -288,7 +288,7 @@ def output_directions(
     if samples is not None:
         directions = [v / samples**0.5 for v in directions]
     if mask is not None and mask.shape == outputs.shape[:-1]:
-        directions = [v * mask[..., None].to(v.dtype) for v in directions]
+        directions = [v * mask[..., None].to(v.device, v.dtype) for v in directions]
     return directions
 
 

@@ -10,7 +10,14 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.natural import KroneckerFactors, _Factor, conjugate_gradient, gauss_newton_matvec, kronecker_metric
+from fip_peft.natural import (
+    KroneckerFactors,
+    _Factor,
+    conjugate_gradient,
+    gauss_newton_matvec,
+    kronecker_metric,
+    output_directions,
+)
 from fip_peft.optimizers.preconditioner import covered_layers
 from tests._tasks import MLP, train_plain
 
@@ -139,6 +146,13 @@ def test_layers_reading_the_same_input_share_one_input_factor_with_the_same_metr
     for name, layer in layers.items():
         alone = kronecker_metric({name: layer}, lambda: model(x), "logits", 0.1, None, torch.Generator())
         assert torch.allclose(together[name].kronecker(), alone[name].kronecker(), atol=1e-5), name
+
+
+def test_masked_output_directions_follow_the_outputs_device():
+    # the anchors' attention mask stays where the memory is (CPU) while the model runs on a GPU
+    outputs = torch.randn(2, 3, 4, device="meta")
+    directions = output_directions(outputs, "logits", 1, torch.Generator(), torch.ones(2, 3))
+    assert all(v.device == outputs.device and v.shape == outputs.shape for v in directions)
 
 
 def test_conjugate_gradient_on_gauss_newton_products_matches_a_dense_solve():
