@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +152,44 @@ def _check_training_args(args: argparse.Namespace) -> None:
         raise CLIError("--objective sparsify needs --target-sparsity, e.g. --target-sparsity 0.5.")
     if args.objective != "sparsify" and args.target_sparsity is not None:
         raise CLIError("--target-sparsity needs --objective sparsify (or the `fip-peft sparsify` command).")
+    if args.warmup_steps < 0 or (args.warmup_steps >= 1 and not float(args.warmup_steps).is_integer()):
+        raise CLIError(
+            f"--warmup-steps must be a whole number of steps or a fraction in [0, 1), got {args.warmup_steps}."
+        )
     if args.max_steps <= 0 and args.epochs <= 0:
         raise CLIError("give --max-steps > 0 or --epochs > 0.")
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise CLIError(f"--output-dir {output} is a file; give a folder.")
+
+
+def untrained_pooler(model) -> str | None:
+    """Name of a BERT-style pooler (`<name>.pooler`, a square `dense` Linear) whose bias is all zero: never trained.
+
+    `AutoModelForSequenceClassification` reads the CLS state through this pooler. Sentence-embedding checkpoints such
+    as all-MiniLM-L6-v2 pool by mean and never train it: its weights stay at a small init and its bias at exactly 0,
+    so its output varies ~5x less across inputs than the CLS state itself (docs/benchmarks.md).
+    """
+    from torch import nn
+
+    for name, module in model.named_modules():
+        dense = getattr(module, "dense", None)
+        if name.split(".")[-1] != "pooler" or not isinstance(dense, nn.Linear) or dense.bias is None:
+            continue
+        if dense.in_features == dense.out_features and not dense.bias.detach().any():
+            return name
+    return None
+
+
+def train_pooler_as_new(model, pooler: str) -> None:
+    """Start the trained copy of an untrained pooler (PEFT `modules_to_save`) as a pass-through: identity weights,
+    zero bias, so that the head reads tanh(CLS state) at the state's own scale. The base model's pooler is kept."""
+    import torch
+
+    dense = model.get_base_model().get_submodule(pooler).modules_to_save[model.active_adapter].dense
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(dense.out_features, dtype=dense.weight.dtype))
+        dense.bias.zero_()
 
 
 def _fip_config(args: argparse.Namespace):
@@ -198,6 +231,7 @@ def run_train(args: argparse.Namespace) -> int:
         TrainingArguments,
         set_seed,
     )
+    from transformers.utils import logging
 
     from .evaluation import AccuracyMatrix
     from .trainer import FIPTrainer
@@ -215,7 +249,16 @@ def run_train(args: argparse.Namespace) -> int:
         label2id=label2id,
         ignore_mismatched_sizes=True,
     )
+    pooler = untrained_pooler(base) if args.pooler == "auto" and args.objective == "continual" else None
+    if pooler is not None:  # a new module like the head: trained in full and saved with the adapter
+        logging.get_logger(__name__).warning(
+            f"{args.model}: the pooler {pooler!r} was never trained (bias all zero); training it in full from a "
+            "pass-through start and saving it with the adapter (--pooler keep leaves it as it is)."
+        )
+        config = replace(config, modules_to_save=[pooler], exclude_modules=[f"{pooler}.dense"])
     model = get_peft_model(base, config)
+    if pooler is not None:
+        train_pooler_as_new(model, pooler)
     encode = {"tokenizer": tokenizer, "text_column": args.text_column, "label_column": args.label_column}
     encode.update(label2id=label2id, max_length=args.max_length)
     train_sets = [tokenize(task.train, **encode) for task in tasks]
@@ -232,6 +275,7 @@ def run_train(args: argparse.Namespace) -> int:
                 num_train_epochs=args.epochs,
                 per_device_train_batch_size=args.batch_size,
                 learning_rate=args.lr,
+                warmup_steps=int(args.warmup_steps) if args.warmup_steps >= 1 else args.warmup_steps,
                 logging_steps=args.logging_steps,
                 save_strategy="no",
                 report_to=[],
@@ -477,7 +521,13 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="Epochs per task (ignored with --max-steps).")
     parser.add_argument("--max-steps", type=int, default=-1, help="Optimizer steps per task; -1 uses --epochs.")
     parser.add_argument("--batch-size", type=int, default=16, help="Training batch size.")
-    parser.add_argument("--lr", type=float, default=5e-5, help="Learning rate (AdamW). Raise ~10x with --rank.")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Learning rate (AdamW). Raise ~10x with --rank.")
+    parser.add_argument(
+        "--warmup-steps",
+        type=float,
+        default=0.1,
+        help="Linear warm-up of each task: a whole number of steps, or a fraction in [0, 1) of its steps.",
+    )
     parser.add_argument(
         "--beta", type=float, default=None, help="FIP beta: larger learns faster, preserves less. Default: FIP's."
     )
@@ -495,6 +545,16 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
         help="Leave the anchors (training inputs) out of the saved adapter: private, but training cannot resume "
         "without forgetting.",
     )
+    if not sparsify:
+        parser.add_argument(
+            "--pooler",
+            choices=["auto", "keep"],
+            default="auto",
+            help="auto: when the model's BERT-style pooler was never trained (bias all zero, as in sentence-"
+            "embedding checkpoints like all-MiniLM-L6-v2), train it in full from a pass-through start and save it "
+            "with the adapter, like the new head (PEFT modules_to_save; loads with PeftModel.from_pretrained). "
+            "keep: adapt it like any other linear layer. Objective continual only.",
+        )
     parser.add_argument("--logging-steps", type=int, default=50, help="Optimizer steps between log lines.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the split, initialisation and sampling.")
     parser.add_argument("--cpu", action="store_true", help="Train on the CPU even when a GPU is there.")
@@ -530,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     _add_training_args(sparsify, sparsify=True)
-    sparsify.set_defaults(func=run_train, objective="sparsify")
+    sparsify.set_defaults(func=run_train, objective="sparsify", pooler="keep")
 
     evaluate = commands.add_parser(
         "eval",
