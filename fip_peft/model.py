@@ -286,16 +286,20 @@ class FIPModel(BaseTuner):
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
         for key, mask in magnitude_masks(weights, sparsity, config.sparsity_scope).items():
             layers[key].set_mask(name, mask)
-        self._sparsity_state.setdefault(name, {"step": 0})["pull"] = None
         return self.sparsity_report(name)["sparsity"]
 
     def sparsity_step(self, adapter_name: str | None = None) -> None:
-        """One optimizer step of the sparsity schedule: on update steps, prune the mask to the scheduled sparsity
-        s_t and choose the entries the target projection P_s_f would remove; then add the pull
-        lambda * (w - P_s_f(w)) on those entries to the gradient of `delta`. Called by the FIP optimizer's `step()`.
+        """One optimizer step of the sparsity schedule, called by the FIP optimizer's `step()`: on update steps,
+        prune the mask to the scheduled sparsity s_t; then add the pull lambda * (w - P_s_f(w)) to the gradient of
+        `delta`, P_s_f the magnitude projection of the current weights at the target (nonzero on the entries it
+        removes).
+
+        Under Adam the pull moves each of those entries by about the learning rate per step whatever lambda, so the
+        weights empty before the mask removes them only when the ramp lasts long enough: sparsity_ramp_steps x lr
+        near the magnitude of the weights to prune (see docs/benchmarks.md, sparsification).
         """
         name, config = self._sparse_config(adapter_name)
-        state = self._sparsity_state.setdefault(name, {"step": 0, "pull": None})
+        state = self._sparsity_state.setdefault(name, {"step": 0})
         state["step"] += 1
         step = state["step"]
         ramp_end = config.sparsity_begin_step + config.sparsity_ramp_steps
@@ -310,19 +314,28 @@ class FIPModel(BaseTuner):
             self.apply_sparsity_mask(sparsity, name)
         if config.sparsity_lambda == 0:
             return
-        layers = self._sparse_layers(name)
-        if state["pull"] is None:
-            weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
-            target = magnitude_masks(weights, config.target_sparsity, config.sparsity_scope)
-            state["pull"] = {key: layers[key].fip_mask[name] & ~keep for key, keep in target.items()}
+        layers = {
+            key: layer for key, layer in self._sparse_layers(name).items() if layer.fip_delta[name].requires_grad
+        }
+        weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
+        target = magnitude_masks(weights, config.target_sparsity, config.sparsity_scope)
         with torch.no_grad():
             for key, layer in layers.items():
                 delta = layer.fip_delta[name]
-                if not delta.requires_grad:
-                    continue
-                weight = layer.get_base_layer().weight + delta.detach()
-                pull = config.sparsity_lambda * weight * state["pull"][key]
-                delta.grad = pull.to(delta.dtype) if delta.grad is None else delta.grad.add_(pull.to(delta.dtype))
+                pull = (config.sparsity_lambda * weights[key] * ~target[key]).to(delta.dtype)
+                delta.grad = pull if delta.grad is None else delta.grad.add_(pull)
+
+    def get_sparsity_step(self, adapter_name: str | None = None) -> int:
+        """Optimizer steps of the sparsity schedule taken so far (what `FIPTrainer` checkpoints)."""
+        name, _ = self._sparse_config(adapter_name)
+        return self._sparsity_state.get(name, {}).get("step", 0)
+
+    def set_sparsity_step(self, step: int, adapter_name: str | None = None) -> None:
+        """Continue the sparsity schedule from `step` optimizer steps (resuming from a checkpoint)."""
+        name, _ = self._sparse_config(adapter_name)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
+        self._sparsity_state.setdefault(name, {})["step"] = step
 
     def sparsity_report(self, adapter_name: str | None = None) -> dict[str, object]:
         """Sparsity of the effective target weights `(W + delta) * mask`: `sparsity` (overall fraction of exact
@@ -332,7 +345,7 @@ class FIPModel(BaseTuner):
         layers = self._sparse_layers(name)
         report = count_zeros({key: layer.sparse_weight(name) for key, layer in layers.items()})
         report["target_sparsity"] = config.target_sparsity
-        report["step"] = self._sparsity_state.get(name, {}).get("step", 0)
+        report["step"] = self.get_sparsity_step(name)
         return report
 
     # ---- the FIP step guard: no silent plain fine-tuning ------------------------------------------------------------

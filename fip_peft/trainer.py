@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 
+import torch
 from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
@@ -53,6 +54,22 @@ class FIPTrainer(Trainer):
 
     _fip_optimizer = None
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task loss; zero, without a forward pass, for a batch without labels when the adapter sparsifies
+        (`objective="sparsify"`): the step then only keeps the anchors' outputs and pulls toward the sparse
+        weights."""
+        if not return_outputs and self._sparsifies_without_labels(inputs):
+            return torch.zeros((), device=self.args.device, requires_grad=True)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def _sparsifies_without_labels(self, inputs) -> bool:
+        if any(name in inputs for name in self.label_names or ("labels",)):
+            return False
+        fip_model = find_fip_model(self.model)
+        return fip_model.peft_config[fip_model.active_adapters[0]].objective == "sparsify"
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         self._fip_optimizer = attach_fip_step(optimizer, self.model)
@@ -82,6 +99,9 @@ class FIPTrainer(Trainer):
                 name: {"anchors": len(memory), "sample_step": int(memory.sample_step)}
                 for name, memory in fip_model.fip_memory.items()
             }
+            for name, config in fip_model.peft_config.items():
+                if config.objective == "sparsify" and name in state:
+                    state[name]["sparsity_step"] = fip_model.get_sparsity_step(name)
             with open(os.path.join(output_dir, FIP_STATE_NAME), "w") as handle:
                 json.dump(state, handle, indent=2)
 
@@ -105,3 +125,5 @@ class FIPTrainer(Trainer):
                     "before resuming, or train with save_anchors=True."
                 )
             memory.sample_step.fill_(saved["sample_step"])
+            if "sparsity_step" in saved:
+                fip_model.set_sparsity_step(saved["sparsity_step"], name)

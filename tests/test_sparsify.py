@@ -235,3 +235,63 @@ def test_sparsify_adapter_must_be_the_only_adapter():
         model.add_adapter(
             "sparse", fip_peft.FIPConfig(target_modules=TARGETS, objective="sparsify", target_sparsity=0.5)
         )
+
+
+def sparsify_bert(tokens: dict[str, torch.Tensor]) -> PeftModel:
+    """A tiny BERT whose query/value/dense layers sparsify to 50% over 4 steps (mask updated every step)."""
+    torch.manual_seed(0)
+    config = fip_peft.FIPConfig(
+        target_modules=["query", "value", "dense"],
+        exclude_modules=["pooler.dense"],
+        objective="sparsify",
+        target_sparsity=0.5,
+        sparsity_ramp_steps=4,
+        sparsity_update_every=1,
+        anchor_batch_size=8,
+    )
+    model = get_peft_model(tiny_bert(), config)
+    model.remember(tokens)
+    return model
+
+
+def sparsify_trainer(model: PeftModel, data: Dataset, output_dir, **settings) -> fip_peft.FIPTrainer:
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        **({"save_strategy": "no"} | settings),
+    )
+    return fip_peft.FIPTrainer(model=model, args=args, train_dataset=data)
+
+
+def test_fip_trainer_sparsifies_a_dataset_without_labels(digits, tmp_path):
+    tokens = as_tokens(digits["x_a_train"][:64])
+    model = sparsify_bert(tokens)
+    unlabelled = Dataset.from_dict({k: v.tolist() for k, v in tokens.items()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = sparsify_trainer(model, unlabelled, tmp_path, logging_steps=1)
+    trainer.train()
+    assert model.sparsity_report()["step"] == 4
+    assert model.sparsity_report()["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert all(entry["loss"] == 0 for entry in trainer.state.log_history if "loss" in entry)
+    assert any(entry.get("fip_distance", 0) > 0 for entry in trainer.state.log_history)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_resuming_continues_the_sparsity_schedule_as_an_uninterrupted_run(digits, tmp_path):
+    tokens = as_tokens(digits["x_a_train"][:64])
+    data = Dataset.from_dict({k: v.tolist() for k, v in tokens.items()})
+    uninterrupted = sparsify_bert(tokens)
+    sparsify_trainer(uninterrupted, data, tmp_path, save_strategy="steps", save_steps=2).train()
+    resumed = sparsify_bert(tokens)
+    sparsify_trainer(resumed, data, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.sparsity_report()["step"] == uninterrupted.sparsity_report()["step"] == 4
+    for (name, weight), (_, expected) in zip(
+        resumed.named_parameters(), uninterrupted.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(weight, expected, atol=1e-6, rtol=0, msg=name)
+    for (name, mask), (_, expected) in zip(resumed.named_buffers(), uninterrupted.named_buffers(), strict=True):
+        if "fip_mask" in name:
+            assert torch.equal(mask, expected), name
