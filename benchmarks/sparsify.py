@@ -139,7 +139,7 @@ def run_imp(dense: nn.Module, sparsity: float, *, stream, args) -> nn.Module:
     for r in range(1, rounds + 1):
         masks = prune_targets(model, 1 - (1 - sparsity) ** (r / rounds))
         steps = args.steps // rounds + (1 if r <= args.steps % rounds else 0)
-        train_plain(model, stream, steps, args.lr, masks, f"IMP {sparsity:.0%} round {r}/{rounds}")
+        train_plain(model, stream, steps, args.imp_lr, masks, f"IMP {sparsity:.0%} round {r}/{rounds}")
     return model
 
 
@@ -198,7 +198,7 @@ def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data, task
         ),
     )
     model.remember(train_data)
-    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=args.lr, weight_decay=0.01)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=args.fip_lr, weight_decay=0.01)
     model.train()
     for batch in tqdm(itertools.islice(stream, args.steps), total=args.steps, desc=f"FIP {sparsity:.0%}", leave=False):
         optimizer.zero_grad()
@@ -225,6 +225,8 @@ METHODS = {
     "FIP-anchors": run_fip_anchors_only,
 }
 DEFAULT_METHODS = "one-shot,IMP,authors,FIP"
+# The argument holding each trained method's learning rate (set per method by --select-lr).
+LEARNING_RATE_ARGS = {"IMP": "imp_lr", "FIP": "fip_lr", "FIP-anchors": "fip_lr"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -243,7 +245,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--imp-rounds", type=int, default=4, help="Prune/fine-tune rounds of IMP.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (dense, IMP, FIP).")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of dense fine-tuning.")
+    parser.add_argument(
+        "--imp-lr",
+        type=float,
+        default=3e-4,
+        help="AdamW learning rate of IMP (chosen on validation, see --select-lr).",
+    )
+    parser.add_argument(
+        "--fip-lr",
+        type=float,
+        default=3e-3,
+        help="AdamW learning rate of FIP (chosen on validation, see --select-lr).",
+    )
+    parser.add_argument(
+        "--val-size",
+        type=int,
+        default=300,
+        help="Validation examples: training-split rows outside the --train-size subset (used by --select-lr only).",
+    )
+    parser.add_argument(
+        "--select-lr",
+        default=None,
+        help="Comma-separated learning rates: run IMP and FIP (or --methods) at each on the validation split, print "
+        "validation accuracy and exit without touching the test split.",
+    )
     parser.add_argument("--authors-epsilon", type=float, default=0.01, help="Authors' step length epsilon.")
     parser.add_argument("--authors-lambda", type=float, default=0.1, help="Authors' sparsity pull lambda.")
     parser.add_argument(
@@ -254,6 +280,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def validation_split(data, tokenizer, *, skip: int, size: int, max_length: int, seed: int):
+    """`size` training-split rows after the first `skip` of its seeded shuffle (those are the training subset, see
+    `tokenize_split`), tokenized like it: held out from training and from the test split, for choosing settings."""
+    rows = data.shuffle(seed=seed).select(range(skip, min(len(data), skip + size)))
+    return rows.map(
+        lambda b: {**tokenizer(b["text"], truncation=True, max_length=max_length), "labels": b["label"]},
+        batched=True,
+        remove_columns=rows.column_names,
+    )
+
+
+def select_learning_rates(run, methods: list[str], sparsities: list[float], args, val_loader) -> list[dict]:
+    """Validation accuracy of each trained method at each learning rate of `--select-lr` (the test split unused)."""
+    rates = [float(rate) for rate in args.select_lr.split(",")]
+    trained = [method for method in methods if method in LEARNING_RATE_ARGS]
+    rows = []
+    for sparsity in sparsities:
+        for rate in rates:
+            for method in trained:
+                setattr(args, LEARNING_RATE_ARGS[method], rate)
+                pruned, seconds = run(method, sparsity)
+                rows.append(
+                    {"sparsity": sparsity, "method": method, "lr": rate, "val_accuracy": accuracy(pruned, val_loader)}
+                )
+                print(
+                    f"{sparsity:.0%} {method:>8} lr {rate:g}: validation accuracy {rows[-1]['val_accuracy']:.4f}",
+                    flush=True,
+                )
+    for sparsity in sparsities:
+        print(f"\n{sparsity:.0%} sparsity, validation accuracy\n| lr | " + " | ".join(trained) + " |")
+        print("| --- | " + " | ".join("---" for _ in trained) + " |")
+        for rate in rates:
+            found = {(r["method"], r["lr"]): r["val_accuracy"] for r in rows if r["sparsity"] == sparsity}
+            cells = [f"{found[method, rate]:.3f}" for method in trained]
+            print(f"| {rate:g} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -261,6 +325,8 @@ def main(argv=None) -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(METHODS)}.")
+    if args.select_lr is not None and not set(methods) & set(LEARNING_RATE_ARGS):
+        raise SystemExit(f"--select-lr needs a trained method in --methods, of {list(LEARNING_RATE_ARGS)}.")
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
     model_path = args.model or default_model_path()
@@ -274,33 +340,60 @@ def main(argv=None) -> None:
     train_loader = DataLoader(
         train, batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=generator
     )
-    test_loader = DataLoader(test, batch_size=64, collate_fn=collator)
     anchors = train.remove_columns(["labels"])
 
     dense = MeanPoolingClassifier(model_path, num_labels=2)
     start = time.perf_counter()
     train_plain(dense, batches(train_loader), args.dense_steps, args.lr, None, "dense fine-tuning")
     dense_seconds = time.perf_counter() - start
+
+    def run(method: str, sparsity: float) -> tuple[nn.Module, float]:
+        set_seed(args.seed)
+        stream = batches(
+            DataLoader(
+                train,
+                batch_size=args.batch_size,
+                shuffle=True,
+                collate_fn=collator,
+                generator=torch.Generator().manual_seed(args.seed + 1),
+            )
+        )
+        extra = {"train_data": anchors} if method.startswith("FIP") else {}
+        start = time.perf_counter()
+        pruned = METHODS[method](dense, sparsity, stream=stream, args=args, **extra)
+        return pruned, time.perf_counter() - start
+
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "args": vars(args),
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if args.select_lr is not None:
+        val = validation_split(
+            task["train"],
+            tokenizer,
+            skip=args.train_size,
+            size=args.val_size,
+            max_length=args.max_length,
+            seed=args.seed,
+        )
+        val_loader = DataLoader(val, batch_size=64, collate_fn=collator)
+        dense_val = accuracy(dense, val_loader)
+        print(f"dense: validation accuracy {dense_val:.4f} ({len(val)} examples)", flush=True)
+        selection = select_learning_rates(run, methods, sparsities, args, val_loader)
+        output.write_text(json.dumps({**info, "dense_val_accuracy": dense_val, "selection": selection}, indent=2))
+        print(f"results written to {output}")
+        return
+
+    test_loader = DataLoader(test, batch_size=64, collate_fn=collator)
     dense_accuracy = accuracy(dense, test_loader)
     print(f"dense: accuracy {dense_accuracy:.4f} after {args.dense_steps} steps ({dense_seconds:.0f} s)", flush=True)
-
     results = []
     for sparsity in sparsities:
         for method in methods:
-            set_seed(args.seed)
-            stream = batches(
-                DataLoader(
-                    train,
-                    batch_size=args.batch_size,
-                    shuffle=True,
-                    collate_fn=collator,
-                    generator=torch.Generator().manual_seed(args.seed + 1),
-                )
-            )
-            extra = {"train_data": anchors} if method.startswith("FIP") else {}
-            start = time.perf_counter()
-            pruned = METHODS[method](dense, sparsity, stream=stream, args=args, **extra)
-            seconds = time.perf_counter() - start
+            pruned, seconds = run(method, sparsity)
             row = {
                 "sparsity": sparsity,
                 "method": method,
@@ -324,18 +417,9 @@ def main(argv=None) -> None:
             row = next(r for r in results if r["sparsity"] == sparsity and r["method"] == method)
             cells.append(f"{row['accuracy']:.3f} ({row['seconds']:.0f} s)")
         print(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
         json.dumps(
-            {
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-                "args": vars(args),
-                "dense": {"accuracy": dense_accuracy, "seconds": dense_seconds},
-                "results": results,
-            },
-            indent=2,
+            {**info, "dense": {"accuracy": dense_accuracy, "seconds": dense_seconds}, "results": results}, indent=2
         )
     )
     print(f"results written to {output}")
