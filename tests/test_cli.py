@@ -8,9 +8,12 @@ from importlib.metadata import entry_points
 import pandas as pd
 import pytest
 import torch
+from peft import AutoPeftModelForSequenceClassification, get_peft_model
+from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from fip_peft.cli import build_parser, main
+from fip_peft import FIPConfig
+from fip_peft.cli import build_parser, main, train_pooler_as_new, untrained_pooler
 
 WORDS = {
     "films": (
@@ -219,3 +222,58 @@ def test_eval_refuses_labels_the_adapter_does_not_know(trained, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["eval", "--adapter", str(trained["adapter"]), "--task", str(other)])
     assert "labels ['fish'] are not classes" in capsys.readouterr().err
+
+
+def test_an_untrained_pooler_is_found_by_its_all_zero_bias(base):
+    model = BertForSequenceClassification.from_pretrained(base)
+    assert untrained_pooler(model) == "bert.pooler"
+    with torch.no_grad():
+        model.bert.pooler.dense.bias.fill_(0.1)
+    assert untrained_pooler(model) is None
+
+
+def test_the_new_pooler_starts_as_a_pass_through_and_the_base_pooler_is_kept(base):
+    model = BertForSequenceClassification.from_pretrained(base)
+    original = model.bert.pooler.dense.weight.clone()
+    config = FIPConfig(task_type="SEQ_CLS", modules_to_save=["bert.pooler"], exclude_modules=["bert.pooler.dense"])
+    peft_model = get_peft_model(model, config)
+    train_pooler_as_new(peft_model, "bert.pooler")
+    wrapper = peft_model.get_base_model().bert.pooler
+    assert torch.equal(wrapper.modules_to_save["default"].dense.weight, torch.eye(32))
+    assert torch.equal(wrapper.original_module.dense.weight, original)
+
+
+def test_train_saves_an_untrained_pooler_in_full_with_the_adapter(trained):
+    config = json.loads((trained["adapter"] / "adapter_config.json").read_text())
+    assert "bert.pooler" in config["modules_to_save"]
+    keys = load_file(trained["adapter"] / "adapter_model.safetensors").keys()
+    assert {"base_model.model.bert.pooler.dense.weight", "base_model.model.bert.pooler.dense.bias"} <= keys
+    assert not any("pooler.dense.fip_delta" in key for key in keys)
+
+
+def test_the_trained_pooler_loads_with_auto_peft_model(trained):
+    model = AutoPeftModelForSequenceClassification.from_pretrained(
+        trained["adapter"], num_labels=4, ignore_mismatched_sizes=True
+    )
+    saved = load_file(trained["adapter"] / "adapter_model.safetensors")
+    trained_weight = saved["base_model.model.bert.pooler.dense.weight"]
+    pooler = model.get_base_model().bert.pooler
+    assert torch.equal(pooler.modules_to_save["default"].dense.weight, trained_weight)
+    assert not torch.equal(pooler.original_module.dense.weight, trained_weight)
+
+
+def test_pooler_keep_adapts_the_pooler_like_any_linear_layer(base, tmp_path):
+    films = write_task(tmp_path, "films")
+    argv = ["train", "--model", str(base), "--task", str(films), "--output-dir", str(tmp_path / "o")]
+    assert main([*argv, "--pooler", "keep", "--max-steps", "1", "--test-fraction", "0", "--quiet", "--cpu"]) == 0
+    config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert "bert.pooler" not in (config["modules_to_save"] or [])
+    assert any("pooler.dense.fip_delta" in key for key in load_file(tmp_path / "o" / "adapter_model.safetensors"))
+
+
+def test_a_fractional_warmup_above_one_is_refused_before_loading(tmp_path, capsys):
+    films = write_task(tmp_path, "films")
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--task", str(films), "--warmup-steps", "2.5"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--output-dir", str(tmp_path / "out")])
+    assert "--warmup-steps must be a whole number of steps or a fraction in [0, 1)" in capsys.readouterr().err
