@@ -73,6 +73,14 @@ def magnitude_masks(
     return {name: w.detach().abs().float() > threshold.to(w.device) for name, w in weights.items()}
 
 
+def mean_pruned_magnitude(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global") -> float:
+    """Mean |w| of the entries that P_s removes (0.0 when it removes none)."""
+    masks = magnitude_masks(weights, sparsity, scope)
+    total = sum(float(w.detach().abs().float()[~masks[name]].sum()) for name, w in weights.items())
+    count = sum(int((~mask).sum()) for mask in masks.values())
+    return total / count if count else 0.0
+
+
 def count_zeros(weights: Mapping[str, torch.Tensor]) -> dict[str, object]:
     """Per-weight and overall fraction of entries that are exactly zero, with the counts behind them."""
     layers, zeros, total = {}, 0, 0

@@ -1,6 +1,7 @@
 """objective="sparsify": magnitude masks on the target weights, reached along a functionally invariant path."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -144,6 +145,18 @@ def test_fip_keeps_outputs_closer_than_magnitude_pruning_at_equal_sparsity(train
     fip_change = (outputs(fip, x) - dense).pow(2).mean()
     pruned_change = (outputs(one_shot, x) - dense).pow(2).mean()
     assert fip_change < 0.5 * pruned_change
+
+
+@pytest.mark.parametrize(("lr", "warns"), [(1e-4, True), (1e-1, False)])
+def test_adam_warns_when_lr_times_ramp_is_below_the_size_of_the_weights_to_prune(
+    trained_mlp, digits, caplog, lr, warns
+):
+    model = sparsify_model(trained_mlp)
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=lr)
+    with caplog.at_level(logging.WARNING, logger="fip_peft"):
+        optimizer.step()
+    assert ("Raise the learning rate or FIPConfig.sparsity_ramp_steps" in caplog.text) == warns
 
 
 def test_fip_trainer_sparsifies_with_the_task_loss(digits, tmp_path):

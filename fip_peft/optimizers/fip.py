@@ -71,8 +71,14 @@ class FIPStepMixin:
         """With `objective="sparsify"`: advance the sparsity schedule (prune the mask on update steps) and add the pull
         lambda * (w - P_s(w)) toward the target's magnitude projection to the gradient of `delta`."""
         fip_model = self._fip_model
-        if fip_model.peft_config[fip_model.active_adapters[0]].objective == "sparsify":
-            fip_model.sparsity_step()
+        if fip_model.peft_config[fip_model.active_adapters[0]].objective != "sparsify":
+            return
+        if not getattr(self, "_fip_pace_checked", False):
+            rates = [group["lr"] for group in self.param_groups if "betas" in group]
+            if rates:
+                fip_model.check_sparsity_pace(float(max(rates)))
+            self._fip_pace_checked = True
+        fip_model.sparsity_step()
 
     def pop_mean_distance(self) -> float | None:
         """Mean D over the steps since the last call (for logging)."""
