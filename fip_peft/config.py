@@ -91,6 +91,8 @@ class FIPConfig(PeftConfig):
         sparsity_lambda: Pull lambda: each step adds lambda * (w - P_s_f(w)), the gradient of
             lambda/2 ||w - P_s_f(w)||^2, so the entries the target mask would remove shrink toward zero before the
             scheduled mask removes them. 0 turns the pull off (gradual magnitude pruning under the anchor term).
+            Under Adam the pull moves each entry by about lr per step whatever lambda: lr x sparsity_ramp_steps must
+            reach the size of the weights to prune (the first step warns when it does not).
         task_names: The adapter's task history, one name per `remember` call (filled by `remember(task_name=...)`,
             `"task <i>"` when no name is given); shown in the model card and by `fip-peft info`.
         accuracy_matrix: The accuracy matrix R of the tasks, as `AccuracyMatrix.to_dict()` (set by
