@@ -276,6 +276,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)."
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dense-cache",
+        default=None,
+        help="File of the dense model's weights: loaded when it exists (same settings and seed assumed), else written "
+        "after dense fine-tuning, so that several runs share one dense model.",
+    )
     parser.add_argument("--output", default="outputs/sparsify_benchmark.json", help="Where the results go (JSON).")
     return parser.parse_args(argv)
 
@@ -344,7 +350,13 @@ def main(argv=None) -> None:
 
     dense = MeanPoolingClassifier(model_path, num_labels=2)
     start = time.perf_counter()
-    train_plain(dense, batches(train_loader), args.dense_steps, args.lr, None, "dense fine-tuning")
+    if args.dense_cache and Path(args.dense_cache).is_file():
+        dense.load_state_dict(torch.load(args.dense_cache))
+        print(f"dense: loaded from {args.dense_cache}", flush=True)
+    else:
+        train_plain(dense, batches(train_loader), args.dense_steps, args.lr, None, "dense fine-tuning")
+        if args.dense_cache:
+            torch.save(dense.state_dict(), args.dense_cache)
     dense_seconds = time.perf_counter() - start
 
     def run(method: str, sparsity: float) -> tuple[nn.Module, float]:
