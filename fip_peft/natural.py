@@ -135,6 +135,9 @@ class Eigen:
         return self.vectors is not None and self.vectors.shape == (dim, dim)
 
     def keep(self, mask: torch.Tensor) -> Eigen:
+        """The eigen-directions where `mask` is true (this very object, no copy, when all are kept)."""
+        if bool(mask.all()):
+            return self
         if self.vectors is not None:
             return Eigen(self.values[mask], self.dim, self.trace, vectors=self.vectors[:, mask])
         return Eigen(self.values[mask], self.dim, self.trace, index=self.index[mask])
