@@ -9,35 +9,17 @@ import os
 import tempfile
 
 import torch
-from peft import get_peft_model
 from sklearn.datasets import load_digits
-from transformers import TrainingArguments
 
 import fip_peft
-from tests._tasks import as_tokens, tiny_bert
+from tests._tasks import as_tokens, sparsify_bert, sparsify_trainer
 
 dev = os.environ.get("DEV", "cuda")
 print(torch.__version__, dev, torch.cuda.get_device_name(0) if dev == "cuda" else "")
 tokens = as_tokens(torch.tensor(load_digits().data[:64], dtype=torch.float32))
 
 
-def make():
-    torch.manual_seed(0)
-    cfg = fip_peft.FIPConfig(
-        target_modules=["query", "value", "dense"],
-        exclude_modules=["pooler.dense"],
-        objective="sparsify",
-        target_sparsity=0.5,
-        sparsity_ramp_steps=4,
-        sparsity_update_every=1,
-        anchor_batch_size=8,
-    )
-    m = get_peft_model(tiny_bert().to(dev), cfg)
-    m.remember(tokens)
-    return m
-
-
-m = make()
+m = sparsify_bert(tokens, device=dev)
 opt = fip_peft.create_fip_optimizer(m, torch.optim.AdamW, lr=1e-3)
 for _ in range(6):
     opt.zero_grad()
@@ -59,22 +41,13 @@ rows = [{k: v[i].tolist() for k, v in tokens.items()} for i in range(64)]
 
 
 def trainer(model, out, **kw):
-    args = TrainingArguments(
-        output_dir=out,
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        report_to=[],
-        use_cpu=dev == "cpu",
-        **({"save_strategy": "no"} | kw),
-    )
-    return fip_peft.FIPTrainer(model=model, args=args, train_dataset=rows)
+    return sparsify_trainer(model, rows, out, use_cpu=dev == "cpu", **kw)
 
 
 tmp = tempfile.mkdtemp()
-a = make()
+a = sparsify_bert(tokens, device=dev)
 trainer(a, tmp, save_strategy="steps", save_steps=2).train()
-b = make()
+b = sparsify_bert(tokens, device=dev)
 trainer(b, tmp + "/r").train(resume_from_checkpoint=tmp + "/checkpoint-2")
 print(
     "trainer: sparsity",

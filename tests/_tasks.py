@@ -111,3 +111,36 @@ def mlp_model(**config) -> PeftModel:
 def bert_model(**config) -> PeftModel:
     """The tiny BERT with an FIP adapter on all its linear layers (the classifier is trained in full)."""
     return get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", **config))
+
+
+def sparsify_bert(tokens: dict[str, torch.Tensor], device: str = "cpu", **config) -> PeftModel:
+    """A tiny BERT (on `device`) whose query/value/dense layers sparsify to 50% over 4 steps (mask updated every
+    step, unless `config` says otherwise), with `tokens` remembered."""
+    torch.manual_seed(0)
+    settings = {
+        "target_modules": ["query", "value", "dense"],
+        "exclude_modules": ["pooler.dense"],
+        "objective": "sparsify",
+        "target_sparsity": 0.5,
+        "sparsity_ramp_steps": 4,
+        "sparsity_update_every": 1,
+        "anchor_batch_size": 8,
+    }
+    model = get_peft_model(tiny_bert().to(device), fip_peft.FIPConfig(**(settings | config)))
+    model.remember(tokens)
+    return model
+
+
+def sparsify_trainer(model: PeftModel, data, output_dir, **settings) -> fip_peft.FIPTrainer:
+    """FIPTrainer for 4 steps of batch 8 at lr 1e-3, no checkpoints unless `settings` (TrainingArguments) say so."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        **({"save_strategy": "no"} | settings),
+    )
+    return fip_peft.FIPTrainer(model=model, args=args, train_dataset=data)

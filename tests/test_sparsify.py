@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 import fip_peft
 from fip_peft.sparsity import magnitude_masks, scheduled_sparsity
-from tests._tasks import MLP, as_tokens, logits_of, tiny_bert, train_plain
+from tests._tasks import MLP, as_tokens, logits_of, sparsify_bert, sparsify_trainer, train_plain
 
 TARGETS = ["fc1", "fc2"]
 
@@ -160,18 +160,8 @@ def test_adam_warns_when_lr_times_ramp_is_below_the_size_of_the_weights_to_prune
 
 
 def test_fip_trainer_sparsifies_with_the_task_loss(digits, tmp_path):
-    torch.manual_seed(0)
-    config = fip_peft.FIPConfig(
-        target_modules=["query", "value", "dense"],
-        exclude_modules=["pooler.dense"],
-        objective="sparsify",
-        target_sparsity=0.5,
-        sparsity_ramp_steps=4,
-        sparsity_update_every=2,
-    )
-    model = get_peft_model(tiny_bert(), config)
     tokens = as_tokens(digits["x_a_train"][:64])
-    model.remember(tokens)
+    model = sparsify_bert(tokens, sparsity_update_every=2, anchor_batch_size=16)
     data = Dataset.from_dict({**{k: v.tolist() for k, v in tokens.items()}, "labels": digits["y_a_train"][:64]})
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=16, report_to=[], save_strategy="no"
@@ -248,35 +238,6 @@ def test_sparsify_adapter_must_be_the_only_adapter():
         model.add_adapter(
             "sparse", fip_peft.FIPConfig(target_modules=TARGETS, objective="sparsify", target_sparsity=0.5)
         )
-
-
-def sparsify_bert(tokens: dict[str, torch.Tensor]) -> PeftModel:
-    """A tiny BERT whose query/value/dense layers sparsify to 50% over 4 steps (mask updated every step)."""
-    torch.manual_seed(0)
-    config = fip_peft.FIPConfig(
-        target_modules=["query", "value", "dense"],
-        exclude_modules=["pooler.dense"],
-        objective="sparsify",
-        target_sparsity=0.5,
-        sparsity_ramp_steps=4,
-        sparsity_update_every=1,
-        anchor_batch_size=8,
-    )
-    model = get_peft_model(tiny_bert(), config)
-    model.remember(tokens)
-    return model
-
-
-def sparsify_trainer(model: PeftModel, data: Dataset, output_dir, **settings) -> fip_peft.FIPTrainer:
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        report_to=[],
-        **({"save_strategy": "no"} | settings),
-    )
-    return fip_peft.FIPTrainer(model=model, args=args, train_dataset=data)
 
 
 def test_fip_trainer_sparsifies_a_dataset_without_labels(digits, tmp_path):
