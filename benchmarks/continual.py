@@ -104,7 +104,7 @@ def on_device(batch: Batch) -> Batch:
 
 @dataclass
 class Suite:
-    """The tasks of one benchmark and how to build, feed and adapt its model (`collate` gives batches on DEVICE)."""
+    """The tasks of one benchmark and how to build, feed and adapt its model (batches and model on DEVICE)."""
 
     name: str
     task_names: list[str]
@@ -135,7 +135,9 @@ def vision_suite(sizes: Sizes, seed: int) -> Suite:
     test_batches = []
     for task in tasks:
         images, labels = task.test_images[:eval_size], task.test_labels[:eval_size]
-        test_batches.append([({"x": images[s : s + 1000]}, labels[s : s + 1000]) for s in range(0, len(images), 1000)])
+        test_batches.append(
+            [on_device(({"x": images[s : s + 1000]}, labels[s : s + 1000])) for s in range(0, len(images), 1000)]
+        )
     return Suite(
         name="vision",
         task_names=[task.name for task in tasks],
@@ -179,7 +181,7 @@ def text_suite(sizes: Sizes, seed: int) -> Suite:
     test_batches = []
     for task in tasks:
         rows = [task.test[i] for i in range(len(task.test))]
-        test_batches.append([batch_of(rows[s : s + 64]) for s in range(0, len(rows), 64)])
+        test_batches.append([on_device(batch_of(rows[s : s + 64])) for s in range(0, len(rows), 64)])
     num_labels = ct.CLASSES_PER_TASK * len(tasks)
     linear = ["query", "key", "value", "dense"]
     return Suite(
@@ -210,7 +212,7 @@ def evaluate(model: nn.Module, suite: Suite) -> list[float]:
     accuracies = []
     for batches in suite.test_batches:
         correct = total = 0
-        for inputs, labels in map(on_device, batches):
+        for inputs, labels in batches:
             correct += int((logits_of(model(**inputs)).argmax(-1) == labels).sum())
             total += len(labels)
         accuracies.append(correct / total)

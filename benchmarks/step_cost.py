@@ -91,12 +91,12 @@ def run_one(
         optimizer.zero_grad()
         if device == "cuda":
             torch.cuda.synchronize()
+        count = getattr(getattr(optimizer, "_fip_preconditioner", None), "refreshes", 0)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-            preconditioner = getattr(optimizer, "_fip_preconditioner", None)
-            if preconditioner is not None and preconditioner.refreshes > refreshes:
+            if count > refreshes:
                 refresh_times.append(times[-1])
-        refreshes = getattr(getattr(optimizer, "_fip_preconditioner", None), "refreshes", 0)
+        refreshes = count
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
