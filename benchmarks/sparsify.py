@@ -50,7 +50,7 @@ from peft import get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
+from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -102,15 +102,34 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / total
 
 
-def train_plain(model: nn.Module, stream, steps: int, lr: float, masks: dict | None, desc: str) -> None:
-    """AdamW on the task loss; with `masks` (module name -> keep mask) pruned weights are held at zero."""
+def lr_scheduler(optimizer: torch.optim.Optimizer, steps: int, schedule: str, warmup_ratio: float):
+    """`transformers.get_scheduler` over `steps` optimizer steps (what `Trainer` builds from the same arguments)."""
+    return get_scheduler(
+        schedule, optimizer, num_warmup_steps=int(round(warmup_ratio * steps)), num_training_steps=steps
+    )
+
+
+def train_plain(
+    model: nn.Module,
+    stream,
+    steps: int,
+    lr: float,
+    masks: dict | None,
+    desc: str,
+    schedule: str = "constant",
+    warmup_ratio: float = 0.0,
+) -> None:
+    """AdamW on the task loss under the learning-rate `schedule`; with `masks` (module name -> keep mask) pruned
+    weights are held at zero."""
     modules = target_linears(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = lr_scheduler(optimizer, steps, schedule, warmup_ratio)
     model.train()
     for batch in tqdm(itertools.islice(stream, steps), total=steps, desc=desc, leave=False):
         optimizer.zero_grad()
         model(**model_inputs(batch), labels=batch["labels"]).loss.backward()
         optimizer.step()
+        scheduler.step()
         if masks:
             with torch.no_grad():
                 for name, keep in masks.items():
@@ -139,7 +158,16 @@ def run_imp(dense: nn.Module, sparsity: float, *, stream, args) -> nn.Module:
     for r in range(1, rounds + 1):
         masks = prune_targets(model, 1 - (1 - sparsity) ** (r / rounds))
         steps = args.steps // rounds + (1 if r <= args.steps % rounds else 0)
-        train_plain(model, stream, steps, args.imp_lr, masks, f"IMP {sparsity:.0%} round {r}/{rounds}")
+        train_plain(
+            model,
+            stream,
+            steps,
+            args.imp_lr,
+            masks,
+            f"IMP {sparsity:.0%} round {r}/{rounds}",
+            args.lr_schedule,
+            args.warmup_ratio,
+        )
     return model
 
 
@@ -199,12 +227,14 @@ def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data, task
     )
     model.remember(train_data)
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=args.fip_lr, weight_decay=0.01)
+    scheduler = lr_scheduler(optimizer, args.steps, args.lr_schedule, args.warmup_ratio)
     model.train()
     for batch in tqdm(itertools.islice(stream, args.steps), total=args.steps, desc=f"FIP {sparsity:.0%}", leave=False):
         optimizer.zero_grad()
         if task_loss:
             model(**model_inputs(batch), labels=batch["labels"]).loss.backward()
         optimizer.step()
+        scheduler.step()
     report = model.sparsity_report()
     merged = model.merge_and_unload()
     counted = target_sparsity_of(merged)
@@ -269,6 +299,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="Comma-separated learning rates: run IMP and FIP (or --methods) at each on the validation split, print "
         "validation accuracy and exit without touching the test split.",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "linear", "cosine"],
+        help="Learning-rate schedule of IMP (each round) and FIP (the whole walk), as Trainer's lr_scheduler_type; "
+        "dense fine-tuning stays constant.",
+    )
+    parser.add_argument(
+        "--warmup-ratio", type=float, default=0.0, help="Fraction of each schedule spent warming the lr up from 0."
     )
     parser.add_argument("--authors-epsilon", type=float, default=0.01, help="Authors' step length epsilon.")
     parser.add_argument("--authors-lambda", type=float, default=0.1, help="Authors' sparsity pull lambda.")

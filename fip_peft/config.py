@@ -73,6 +73,9 @@ class FIPConfig(PeftConfig):
             eigendecomposed; the refreshes between keep the last eigenbasis and refresh only its eigenvalues
             (eigenvalue-corrected K-FAC). Eigendecompositions dominate a refresh on a GPU; 1 decomposes every time.
         metric_anchors: Natural solvers: anchors the metric is estimated on at each refresh.
+        metric_batch_size: Natural solvers: anchors per forward/backward pass of a refresh. `None`: `anchor_batch_size`
+            (a refresh holds no more activations than a step). Larger means fewer passes per refresh (faster on a GPU
+            and on small models, where each pass's fixed cost dominates) and more memory; the metric is the same.
         metric_samples: Natural solvers: random output directions per anchor when estimating the metric.
         init_weights: `True` starts from a zero displacement (the base function). `False` starts from a small
             random displacement, for tests.
@@ -149,6 +152,10 @@ class FIPConfig(PeftConfig):
         metadata={"help": "Natural solvers: metric refreshes per eigendecomposition (others refresh eigenvalues)."},
     )
     metric_anchors: int = field(default=128, metadata={"help": "Natural solvers: anchors per metric refresh."})
+    metric_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Natural solvers: anchors per pass of a metric refresh; None: anchor_batch_size."},
+    )
     metric_samples: int = field(
         default=1, metadata={"help": "Natural solvers: random output directions per anchor for the metric."}
     )
@@ -267,6 +274,8 @@ class FIPConfig(PeftConfig):
         _check_int("metric_update_interval", self.metric_update_interval, minimum=1)
         _check_int("metric_basis_interval", self.metric_basis_interval, minimum=1)
         _check_int("metric_anchors", self.metric_anchors, minimum=1)
+        if self.metric_batch_size is not None:
+            _check_int("metric_batch_size", self.metric_batch_size, minimum=1)
         _check_int("metric_samples", self.metric_samples, minimum=1)
         if self.solver == "penalty":
             if self.epsilon is not None:

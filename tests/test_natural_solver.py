@@ -322,6 +322,7 @@ def test_metric_spectrum_gives_the_top_k_eigenvalues_of_each_layer(digits, train
         ({"solver": "penalty", "epsilon": 1e-3}, "epsilon"),
         ({"solver": "natural", "metric_update_interval": 0}, "metric_update_interval"),
         ({"solver": "natural", "metric_anchors": 0}, "metric_anchors"),
+        ({"solver": "natural", "metric_batch_size": 0}, "metric_batch_size"),
         ({"solver": "natural", "metric_samples": 1.5}, "metric_samples"),
     ],
 )
@@ -363,3 +364,18 @@ def test_fip_trainer_takes_natural_plus_penalty_steps_on_a_transformer(digits, t
     assert any("classifier" in name for name in preconditioner.metric)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all("fip_distance" in entry for entry in logged)
+
+
+def test_metric_batch_size_sets_the_passes_of_a_refresh_not_the_metric(digits, trained_mlp):
+    spectra, passes = [], []
+    for batch_size in (None, 64):
+        model = natural_mlp(trained_mlp, digits["x_a_train"], anchor_batch_size=16, metric_anchors=64)
+        fc1 = model.base_model.model.fc1
+        passes.append(0)
+        handle = fc1.register_forward_hook(lambda *_: passes.__setitem__(-1, passes[-1] + 1))
+        model.peft_config["default"].metric_batch_size = batch_size
+        spectra.append(model.metric_spectrum(8))
+        handle.remove()
+    assert passes == [4, 1]
+    for name, values in spectra[0].items():
+        assert torch.allclose(spectra[1][name], values, rtol=1e-4, atol=1e-6), name

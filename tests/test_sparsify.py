@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import TrainingArguments
+from transformers import TrainingArguments, get_linear_schedule_with_warmup
 
 import fip_peft
 from fip_peft.sparsity import magnitude_masks, scheduled_sparsity
@@ -157,6 +157,17 @@ def test_adam_warns_when_lr_times_ramp_is_below_the_size_of_the_weights_to_prune
     with caplog.at_level(logging.WARNING, logger="fip_peft"):
         optimizer.step()
     assert ("Raise the learning rate or FIPConfig.sparsity_ramp_steps" in caplog.text) == warns
+
+
+def test_pace_warning_reads_the_peak_lr_of_a_warmup_schedule(trained_mlp, digits, caplog):
+    model = sparsify_model(trained_mlp)
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=1e-1)
+    get_linear_schedule_with_warmup(optimizer, num_warmup_steps=5, num_training_steps=20)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    with caplog.at_level(logging.WARNING, logger="fip_peft"):
+        optimizer.step()
+    assert "Raise the learning rate" not in caplog.text
 
 
 def test_fip_trainer_sparsifies_with_the_task_loss(digits, tmp_path):

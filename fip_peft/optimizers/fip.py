@@ -74,7 +74,8 @@ class FIPStepMixin:
         if fip_model.peft_config[fip_model.active_adapters[0]].objective != "sparsify":
             return
         if not getattr(self, "_fip_pace_checked", False):
-            rates = [group["lr"] for group in self.param_groups if "betas" in group]
+            # a scheduler's warmup starts lr near 0; the pace follows the peak rate it was built with
+            rates = [group.get("initial_lr", group["lr"]) for group in self.param_groups if "betas" in group]
             if rates:
                 fip_model.check_sparsity_pace(float(max(rates)))
             self._fip_pace_checked = True

@@ -47,13 +47,14 @@ def gather_factors(
     fip_model: FIPModel, adapter: str, layers: dict[str, CoveredLayer], index: torch.Tensor, seed: int
 ) -> KroneckerFactors:
     """The Kronecker factors of `layers` on the anchors at `index` (eval mode, output directions seeded by `seed`),
-    gathered in chunks of `anchor_batch_size` anchors so that a refresh holds no more activations than a step."""
+    gathered in chunks of `metric_batch_size` anchors (default `anchor_batch_size`: a refresh holds no more
+    activations than a step)."""
     config = fip_model.peft_config[adapter]
     memory = fip_model.memory(adapter)
     factors = KroneckerFactors(layers)
     generator = torch.Generator().manual_seed(seed)
     with fip_model._evaluating():
-        for chunk in index.split(config.anchor_batch_size):
+        for chunk in index.split(config.metric_batch_size or config.anchor_batch_size):
             inputs, _ = memory.batch(chunk)
             factors.add(
                 lambda inputs=inputs: fip_model._run(inputs),
