@@ -127,12 +127,15 @@ class FIPModel(BaseTuner):
 
     @contextmanager
     def _evaluating(self):
-        was_training = self.model.training
+        """Eval mode for an anchor pass, then every module's own mode back (a submodule kept in eval mode while the
+        rest trains, e.g. frozen batch norm, stays in eval mode)."""
+        modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
             yield
         finally:
-            self.model.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def _run(self, inputs: AnchorInputs, forward: nn.Module | None = None) -> torch.Tensor:
         """The model's outputs on `inputs`, through `forward` when given (an FSDP2 root, which gathers the shards)."""

@@ -115,6 +115,20 @@ def test_without_anchors_the_step_is_the_plain_optimizer_step(digits):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("solver", ["penalty", "natural+penalty"])
+def test_step_leaves_a_submodule_the_user_put_in_eval_mode_in_eval_mode(digits, solver):
+    model = mlp_model(solver=solver)
+    model.remember(digits["x_a_train"][:40])
+    model.train()
+    fc2 = model.base_model.model.fc2
+    fc2.eval()
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
+    optimizer.step()
+    assert not fc2.training
+    assert model.training and model.base_model.model.fc1.training
+
+
 def test_training_changes_only_adapter_parameters(digits):
     model = mlp_model()
     model.remember(digits["x_a_train"])
