@@ -103,9 +103,12 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, steps: int, schedule: str, warmup_ratio: float):
-    """`transformers.get_scheduler` over `steps` optimizer steps (what `Trainer` builds from the same arguments)."""
+    """`transformers.get_scheduler` over `steps` optimizer steps (what `Trainer` builds from the same arguments);
+    `"warmup_stable_decay"` decays (cosine) over the second half, FIP's steps after its sparsity ramp."""
+    warmup = int(round(warmup_ratio * steps))
+    specific = {"num_decay_steps": steps - steps // 2} if schedule == "warmup_stable_decay" else None
     return get_scheduler(
-        schedule, optimizer, num_warmup_steps=int(round(warmup_ratio * steps)), num_training_steps=steps
+        schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps, scheduler_specific_kwargs=specific
     )
 
 
@@ -219,10 +222,13 @@ def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data, task
     model = get_peft_model(
         copy.deepcopy(dense),
         fip_peft.FIPConfig(
-            target_modules=TARGET_REGEX,
-            objective="sparsify",
-            target_sparsity=sparsity,
-            sparsity_ramp_steps=args.steps // 2,
+            **{
+                "target_modules": TARGET_REGEX,
+                "objective": "sparsify",
+                "target_sparsity": sparsity,
+                "sparsity_ramp_steps": args.steps // 2,
+                **args.fip_options,
+            }
         ),
     )
     model.remember(train_data)
@@ -271,7 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=1000, help="Training examples (random subset).")
     parser.add_argument("--eval-size", type=int, default=500, help="Test examples (random subset).")
     parser.add_argument("--dense-steps", type=int, default=150, help="Optimizer steps of dense fine-tuning.")
-    parser.add_argument("--steps", type=int, default=32, help="Optimizer steps of every sparsifying method.")
+    parser.add_argument("--steps", type=int, default=96, help="Optimizer steps of every sparsifying method.")
     parser.add_argument("--imp-rounds", type=int, default=4, help="Prune/fine-tune rounds of IMP.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=40)
@@ -279,13 +285,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--imp-lr",
         type=float,
-        default=3e-4,
+        default=1e-4,
         help="AdamW learning rate of IMP (chosen on validation, see --select-lr).",
     )
     parser.add_argument(
         "--fip-lr",
         type=float,
-        default=3e-3,
+        default=1e-3,
         help="AdamW learning rate of FIP (chosen on validation, see --select-lr).",
     )
     parser.add_argument(
@@ -303,12 +309,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--lr-schedule",
         default="constant",
-        choices=["constant", "linear", "cosine"],
+        choices=["constant", "linear", "cosine", "warmup_stable_decay"],
         help="Learning-rate schedule of IMP (each round) and FIP (the whole walk), as Trainer's lr_scheduler_type; "
         "dense fine-tuning stays constant.",
     )
     parser.add_argument(
         "--warmup-ratio", type=float, default=0.0, help="Fraction of each schedule spent warming the lr up from 0."
+    )
+    parser.add_argument(
+        "--fip-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Override a FIPConfig field of FIP (repeatable; VALUE read as JSON when it parses, else as a string: "
+        "--fip-option beta=0.1 --fip-option distance=kl).",
     )
     parser.add_argument("--authors-epsilon", type=float, default=0.01, help="Authors' step length epsilon.")
     parser.add_argument("--authors-lambda", type=float, default=0.1, help="Authors' sparsity pull lambda.")
@@ -323,7 +337,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "after dense fine-tuning, so that several runs share one dense model.",
     )
     parser.add_argument("--output", default="outputs/sparsify_benchmark.json", help="Where the results go (JSON).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.fip_options = {}
+    for option in args.fip_option:
+        field, sep, value = option.partition("=")
+        if not sep:
+            parser.error(f"--fip-option takes FIELD=VALUE, got {option!r}.")
+        try:
+            args.fip_options[field] = json.loads(value)
+        except json.JSONDecodeError:
+            args.fip_options[field] = value
+    return args
 
 
 def validation_split(data, tokenizer, *, skip: int, size: int, max_length: int, seed: int):
