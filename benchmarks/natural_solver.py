@@ -18,6 +18,7 @@ is spent).
     python benchmarks/natural_solver.py --sequence fashion --seeds 0,1,2
     python benchmarks/natural_solver.py --ablation --seeds 0,1,2   # how the natural direction is used; defaults
     python benchmarks/natural_solver.py --sequence fashion --step-cost   # interleaved step timing
+    python benchmarks/natural_solver.py --staleness --seeds 0,1,2   # why natural alone forgets: a stale metric
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def load_tasks(sequence: str, seed: int) -> tuple[list, list]:
     return train, test
 
 
-def run(sequence: str, method: str, seed: int, budgets: list[float] | None) -> dict:
-    """One continual run; with `budgets`, task t trains for budgets[t] seconds instead of a fixed step count."""
+def run(sequence: str, method: str, seed: int, budgets: list[float] | None, variants: dict | None = None) -> dict:
+    """One continual run of `method` (a key of `variants`, default `METHODS`); with `budgets`, task t trains for
+    budgets[t] seconds instead of a fixed step count."""
     import torch
     from peft import get_peft_model
 
@@ -118,7 +120,7 @@ def run(sequence: str, method: str, seed: int, budgets: list[float] | None) -> d
         model, targets = MLP(), ["fc1", "fc2"]
     else:
         model, targets = _cnn(), ["conv1", "conv2", "fc1"]
-    options = METHODS[method] or {}
+    options = (METHODS if variants is None else variants)[method] or {}
     config = fip_peft.FIPConfig(
         target_modules=targets, modules_to_save=["head"], anchor_budget=settings["anchors"], **options
     )
@@ -167,6 +169,40 @@ ABLATION = {
     "natural+penalty, beta 5 (default)": {"solver": "natural+penalty"},
     "natural+penalty, beta 5, damping 1": {"solver": "natural+penalty", "damping": 1.0},
 }
+
+
+# Why `natural` alone forgets over a sequence: how fresh its metric is (every refresh reads all 100 anchors of the
+# digits sequence in one pass, so only the refresh interval, the damping and the output directions change).
+STALENESS = {
+    "FIP penalty": {"solver": "penalty"},
+    "natural, damping 0.1, refresh every 10 steps (defaults)": {"solver": "natural"},
+    "natural, damping 0.01, every 10 steps": {"solver": "natural", "damping": 0.01},
+    "natural, damping 0.01, every 10 steps, 32 output directions per anchor": {
+        "solver": "natural",
+        "damping": 0.01,
+        "metric_samples": 32,
+    },
+    "natural, damping 0.01, every 5 steps": {"solver": "natural", "damping": 0.01, "metric_update_interval": 5},
+    "natural, damping 0.01, every 2 steps": {"solver": "natural", "damping": 0.01, "metric_update_interval": 2},
+    "natural, damping 0.01, every step": {"solver": "natural", "damping": 0.01, "metric_update_interval": 1},
+    "natural, damping 0.001, every step": {"solver": "natural", "damping": 0.001, "metric_update_interval": 1},
+    "natural+penalty, every 10 steps (defaults)": {"solver": "natural+penalty"},
+    "natural+penalty, every step": {"solver": "natural+penalty", "metric_update_interval": 1},
+}
+
+
+def staleness(seeds: list[int]) -> None:
+    """ACC and seconds per step of `natural` on split digits as its metric is refreshed more often."""
+    variants = {name: {**options, "metric_batch_size": 256} for name, options in STALENESS.items()}
+    variants["FIP penalty"] = STALENESS["FIP penalty"]
+    rows = {name: [run("digits", name, seed, None, variants) for seed in seeds] for name in variants}
+    print(f"\nsplit digits, seeds {seeds}, 150 steps per task")
+    print("| variant | ACC | BWT | ms / step |")
+    print("| --- | --- | --- | --- |")
+    for name, results in rows.items():
+        step = statistics.mean(r["seconds_per_step"] for r in results) * 1000
+        accs, bwts = [r["acc"] for r in results], [r["bwt"] for r in results]
+        print(f"| {name} | {_mean_sd(accs)} | {_mean_sd(bwts)} | {step:.1f} |")
 
 
 def ablation_run(variant: dict | str | None, seed: int, digits: dict, base) -> tuple[float, float, float]:
@@ -332,10 +368,18 @@ def main() -> None:
     parser.add_argument(
         "--step-cost", action="store_true", help="Instead: interleaved timing of one step of each method."
     )
+    parser.add_argument(
+        "--staleness",
+        action="store_true",
+        help="Instead: natural on split digits with the metric refreshed every 10, 5, 2, 1 steps.",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.ablation:
         ablation(seeds)
+        return
+    if args.staleness:
+        staleness(seeds)
         return
     if args.step_cost:
         step_cost(args.sequence, rounds=15, block=10)
