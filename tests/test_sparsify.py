@@ -11,7 +11,7 @@ from torch import nn
 from transformers import TrainingArguments, get_linear_schedule_with_warmup
 
 import fip_peft
-from fip_peft.sparsity import magnitude_masks, scheduled_sparsity
+from fip_peft.sparsity import BAND_SELECT_MIN, kth_smallest, magnitude_masks, scheduled_sparsity
 from tests._tasks import MLP, as_tokens, logits_of, sparsify_bert, sparsify_trainer, train_plain
 
 TARGETS = ["fc1", "fc2"]
@@ -67,6 +67,22 @@ def test_global_masks_keep_the_largest_magnitudes_over_all_weights():
     masks = magnitude_masks(weights, sparsity=0.5, scope="global")
     assert masks["a"].tolist() == [[False, True], [False, True]]
     assert masks["b"].tolist() == [[False, True]]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1e-6, 0.5, 0.8, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize(
+    "values",
+    [
+        lambda g: torch.randn(BAND_SELECT_MIN + 12345, generator=g).abs(),
+        lambda g: torch.randint(0, 50, (BAND_SELECT_MIN * 2,), generator=g).float(),  # many ties
+        lambda g: torch.cat([torch.zeros(BAND_SELECT_MIN), torch.rand(BAND_SELECT_MIN // 3, generator=g)]),
+    ],
+    ids=["continuous", "ties", "mostly-zero"],
+)
+def test_kth_smallest_of_millions_of_entries_is_exactly_kthvalue(values, fraction):
+    values = values(torch.Generator().manual_seed(0))
+    k = min(values.numel(), max(1, int(fraction * values.numel())))
+    assert kth_smallest(values, k) == values.kthvalue(k).values
 
 
 def test_layer_masks_prune_each_weight_to_the_sparsity():
