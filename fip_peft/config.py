@@ -62,7 +62,8 @@ class FIPConfig(PeftConfig):
             `nn.Linear` heads) becomes P grad L, P = lambda (g + lambda I)^-1 with g the Kronecker-factored metric
             E[J^T M J] on the anchors (no D per step). `"natural+penalty"`: P grad L + grad D / beta, the penalty
             correcting drift the metric lets through (`beta=None` resolves to 5.0 here); the one to use, as
-            `"natural"` alone forgets over long task sequences (docs/benchmarks.md). Both need `rank=None`.
+            `"natural"` alone forgets over long task sequences unless its metric is refreshed every step or two
+            (`metric_update_interval`; the metric goes stale, docs/benchmarks.md). Both need `rank=None`.
         epsilon: Natural solvers only. `None`: the wrapped optimizer steps on the preconditioned gradient (its lr
             sets the length). A number: the paper's step, the covered parameters move by exactly `epsilon` (times
             lr / initial_lr under a schedule) along the preconditioned gradient.
