@@ -45,6 +45,11 @@ METHODS = {
     "FIP natural+penalty": {"solver": "natural+penalty"},
     "FIP natural+penalty, eigendecomposition every refresh": {"solver": "natural+penalty", "metric_basis_interval": 1},
     "FIP natural+penalty, refresh in one pass": {"solver": "natural+penalty", "metric_batch_size": 256},
+    "FIP natural+penalty, refresh in one pass every 50 steps": {
+        "solver": "natural+penalty",
+        "metric_batch_size": 256,
+        "metric_update_interval": 50,
+    },
 }
 SEQUENCES = {
     "digits": {"steps": 150, "lr": 3e-3, "batch": 32, "anchors": 100},
