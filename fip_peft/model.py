@@ -283,13 +283,17 @@ class FIPModel(BaseTuner):
         sparsity = config.target_sparsity if sparsity is None else sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
+        self._prune_mask(name, config, sparsity)
+        return self.sparsity_report(name)["sparsity"]
+
+    def _prune_mask(self, name: str, config: FIPConfig, sparsity: float) -> None:
+        """Set every target layer's mask to the magnitude projection of its effective weight at `sparsity`."""
         layers = self._sparse_layers(name)
         if any(layer.merged for layer in layers.values()):
             raise ValueError("Unmerge the adapter (`unmerge_adapter()`) before changing its sparsity mask.")
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
         for key, mask in magnitude_masks(weights, sparsity, config.sparsity_scope).items():
             layers[key].set_mask(name, mask)
-        return self.sparsity_report(name)["sparsity"]
 
     def sparsity_step(self, adapter_name: str | None = None) -> None:
         """One optimizer step of the sparsity schedule, called by the FIP optimizer's `step()`: on update steps,
@@ -314,7 +318,7 @@ class FIPModel(BaseTuner):
                 config.sparsity_begin_step,
                 config.sparsity_ramp_steps,
             )
-            self.apply_sparsity_mask(sparsity, name)
+            self._prune_mask(name, config, sparsity)
         if config.sparsity_lambda == 0:
             return
         layers = {
