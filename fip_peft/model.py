@@ -129,13 +129,17 @@ class FIPModel(BaseTuner):
     def _evaluating(self):
         """Eval mode for an anchor pass, then every module's own mode back (a submodule kept in eval mode while the
         rest trains, e.g. frozen batch norm, stays in eval mode)."""
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
+        training = [module for module in self.model.modules() if module.training]
+        if any(type(module).train is not nn.Module.train for module in training):
+            self.model.eval()  # a module with its own `train()` gets it called
+        else:  # set the flags directly: `eval()` and nn.Module.__setattr__ cost more than a small model's anchor pass
+            for module in training:
+                object.__setattr__(module, "training", False)
         try:
             yield
         finally:
-            for module, training in modes:
-                module.training = training
+            for module in training:
+                object.__setattr__(module, "training", True)
 
     def _run(self, inputs: AnchorInputs, forward: nn.Module | None = None) -> torch.Tensor:
         """The model's outputs on `inputs`, through `forward` when given (an FSDP2 root, which gathers the shards)."""

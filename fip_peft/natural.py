@@ -216,11 +216,18 @@ class _DiagonalFactor:
 
 @dataclass
 class LayerMetric:
-    """A (x) G of one layer in eigen form, with its absolute damping lambda."""
+    """A (x) G of one layer in eigen form, with its absolute damping lambda and the shrinkage s / (s + lambda) of
+    every eigen-direction s = S_G S_A^T (computed once per refresh, used by every step's `project`)."""
 
     a: Eigen
     g: Eigen
     damping: float
+    shrink: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.shrink is None and len(self.a.values) and len(self.g.values):
+            products = self.g.values[:, None] * self.a.values[None, :]
+            self.shrink = products / (products + self.damping)
 
     def kronecker(self) -> torch.Tensor:
         """The dense metric block of the layer, over vec(W) of the (out, in) matrix in row-major order: G (x) A."""
@@ -228,12 +235,12 @@ class LayerMetric:
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """P u = lambda (A (x) G + lambda I)^-1 u for an (out, in) matrix u."""
-        if not len(self.a.values) or not len(self.g.values):
+        if self.shrink is None:
             return u
         u = u.to(self.a.values.dtype)
-        core = self.a.rotate_in(self.g.vectors.t() @ u)
-        products = self.g.values[:, None] * self.a.values[None, :]
-        core = core * (products / (products + self.damping))
+        core = self.a.rotate_in(self.g.vectors.t() @ u).mul_(self.shrink)
+        if self.a.vectors is not None:
+            return torch.addmm(u, self.g.vectors @ core, self.a.vectors.t(), alpha=-1.0)
         return u - self.a.rotate_out(self.g.vectors @ core)
 
     def top_eigenvalues(self, k: int) -> torch.Tensor:

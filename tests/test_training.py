@@ -129,6 +129,45 @@ def test_step_leaves_a_submodule_the_user_put_in_eval_mode_in_eval_mode(digits, 
     assert model.training and model.base_model.model.fc1.training
 
 
+class DropoutMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.drop(x))
+
+
+class RecordsTrainCalls(DropoutMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def train(self, mode: bool = True):
+        self.modes.append(mode)
+        return super().train(mode)
+
+
+def test_anchor_distance_is_measured_with_dropout_off(digits):
+    model = get_peft_model(DropoutMLP(), fip_peft.FIPConfig(target_modules=["fc"]))
+    model.remember(digits["x_a_train"][:40])
+    model.train()
+    assert float(model.base_model.anchor_distance()) == 0.0
+    assert model.base_model.model.drop.training
+
+
+def test_anchor_pass_calls_a_module_s_own_train_method(digits):
+    model = get_peft_model(RecordsTrainCalls(), fip_peft.FIPConfig(target_modules=["fc"]))
+    model.remember(digits["x_a_train"][:40])
+    model.train()
+    inner = model.base_model.model
+    inner.modes.clear()
+    model.base_model.anchor_distance()
+    assert inner.modes == [False]
+    assert inner.training and inner.drop.training
+
+
 def test_training_changes_only_adapter_parameters(digits):
     model = mlp_model()
     model.remember(digits["x_a_train"])

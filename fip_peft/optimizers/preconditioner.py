@@ -106,6 +106,7 @@ class MetricPreconditioner:
         self.basis: dict[str, Eigen] = {}
         self.steps = 0
         self.refreshes = 0
+        self._layers: dict[str, CoveredLayer] = {}
 
     @property
     def config(self):
@@ -139,20 +140,13 @@ class MetricPreconditioner:
     def precondition(self, optimizer: torch.optim.Optimizer) -> None:
         """Refresh the metric when due, then replace each covered layer's gradient by P grad. Called before the
         anchor gradient of `"natural+penalty"` is added, so that grad D / beta stays unpreconditioned."""
-        self._layers = {}
         if len(self.fip_model.memory(self.adapter)) == 0:
+            self.metric, self._layers = None, {}
             return
         if self.metric is None or self.steps % self.config.metric_update_interval == 0:
             self.refresh()
+            self._layers = self._preconditioned(optimizer)
         self.steps += 1
-        if self.metric is None:
-            return
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self._layers = {
-            name: layer
-            for name, layer in self.layers.items()
-            if name in self.metric and all(id(p) in in_optimizer for p in layer.params)
-        }
         with torch.no_grad():
             for name, layer in self._layers.items():
                 if all(p.grad is None for p in layer.params):
@@ -162,9 +156,20 @@ class MetricPreconditioner:
                 for p, new in zip(layer.params, projected, strict=True):
                     p.grad = new.to(p.dtype).contiguous()
 
+    def _preconditioned(self, optimizer: torch.optim.Optimizer) -> dict[str, CoveredLayer]:
+        """The covered layers the metric has and `optimizer` steps (set at each refresh, read by every step)."""
+        if self.metric is None:
+            return {}
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return {
+            name: layer
+            for name, layer in self.layers.items()
+            if name in self.metric and all(id(p) in in_optimizer for p in layer.params)
+        }
+
     def step(self, optimizer: torch.optim.Optimizer, base_step: Callable, closure=None):
         """The wrapped optimizer's step on the (preconditioned) gradients, or with `epsilon` the fixed-length step."""
-        layers = getattr(self, "_layers", {})
+        layers = self._layers
         if self.config.epsilon is None or not layers:
             return base_step(closure)
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
