@@ -18,7 +18,7 @@ from fip_peft.natural import (
     kronecker_metric,
     output_directions,
 )
-from fip_peft.optimizers.preconditioner import covered_layers
+from fip_peft.optimizers.preconditioner import MetricPreconditioner, covered_layers
 from tests._tasks import MLP, train_plain
 
 
@@ -234,6 +234,18 @@ def test_eigenbasis_is_recomputed_every_metric_basis_interval_refreshes(digits, 
         values.append(optimizer._fip_preconditioner.basis["fc1:output"].values)
     assert bases[1] is bases[0] and not torch.equal(values[1], values[0])
     assert bases[2] is not bases[1]
+
+
+def test_a_refresh_on_non_finite_outputs_keeps_the_previous_metric(digits, trained_mlp):
+    model = natural_mlp(trained_mlp, digits["x_a_train"])
+    preconditioner = MetricPreconditioner(model.base_model, "default")
+    preconditioner.refresh()
+    kept = preconditioner.metric
+    with torch.no_grad():
+        model.base_model.model.fc2.base_layer.weight[0, 0] = float("nan")
+    preconditioner.refresh()
+    assert preconditioner.metric is kept
+    assert preconditioner.refreshes == 1
 
 
 def test_eigenvalues_in_a_kept_basis_are_the_diagonal_of_the_new_factor_in_that_basis():

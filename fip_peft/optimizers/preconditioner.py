@@ -127,9 +127,9 @@ class MetricPreconditioner:
         except torch.linalg.LinAlgError as error:
             logger.warning(f"The FIP metric could not be refreshed ({error}); the previous one is kept.")
             return
-        finite = all(
-            torch.isfinite(m.a.values).all() and torch.isfinite(m.g.values).all() and math.isfinite(m.damping)
-            for m in metric.values()
+        values = [t for m in metric.values() for t in (m.a.values, m.g.values)]
+        finite = all(math.isfinite(m.damping) for m in metric.values()) and (
+            not values or bool(torch.isfinite(torch.cat(values)).all())
         )
         if not finite:
             logger.warning("The FIP metric on this anchor batch is NaN or infinite; the previous one is kept.")
