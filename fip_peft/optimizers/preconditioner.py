@@ -157,7 +157,8 @@ class MetricPreconditioner:
                     p.grad = new.to(p.dtype).contiguous()
 
     def _preconditioned(self, optimizer: torch.optim.Optimizer) -> dict[str, CoveredLayer]:
-        """The covered layers the metric has and `optimizer` steps (set at each refresh, read by every step)."""
+        """The covered layers the metric has and `optimizer` steps: set at each refresh and read by every step, so a
+        parameter group added between refreshes is preconditioned from the next refresh on."""
         if self.metric is None:
             return {}
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
