@@ -133,6 +133,8 @@ def train_with_fully_shard(batch: int) -> dict[str, torch.Tensor]:
 
 
 def main(out: str) -> None:
+    import torch.distributed as dist
+
     rank = int(os.environ["RANK"])
     results = {
         "trainer": train_with_trainer(os.path.join(out, "trainer"), PER_DEVICE_BATCH),
@@ -141,6 +143,9 @@ def main(out: str) -> None:
         "fully_shard": train_with_fully_shard(PER_DEVICE_BATCH),
     }
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    if dist.is_initialized():  # an undestroyed gloo group can abort the process at exit ("terminate called ...")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
