@@ -31,7 +31,7 @@ size (e.g. 128 anchors into a 1568-wide layer) is decomposed through its Gram ma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -222,10 +222,10 @@ class LayerMetric:
     a: Eigen
     g: Eigen
     damping: float
-    shrink: torch.Tensor | None = None
+    shrink: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.shrink is None and len(self.a.values) and len(self.g.values):
+        if len(self.a.values) and len(self.g.values):
             products = self.g.values[:, None] * self.a.values[None, :]
             self.shrink = products / (products + self.damping)
 
