@@ -30,6 +30,21 @@ CONFIGS = {
     "plain full-rank": {"rank": None, "remember": False, "plain": "plain full-rank"},
     "FIP full-rank": {"rank": None, "remember": True, "plain": "plain full-rank"},
     "FIP natural+penalty": {"rank": None, "remember": True, "plain": "plain full-rank", "solver": "natural+penalty"},
+    "FIP natural+penalty 8 positions": {
+        "rank": None,
+        "remember": True,
+        "plain": "plain full-rank",
+        "solver": "natural+penalty",
+        "metric_positions": 8,
+    },
+    "FIP natural": {"rank": None, "remember": True, "plain": "plain full-rank", "solver": "natural"},
+    "FIP natural 8 positions": {
+        "rank": None,
+        "remember": True,
+        "plain": "plain full-rank",
+        "solver": "natural",
+        "metric_positions": 8,
+    },
     "FIP natural+penalty eig/refresh": {
         "rank": None,
         "remember": True,
@@ -124,7 +139,20 @@ def main() -> None:
     parser.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--no-align", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="Also write the results to this JSON file.")
+    parser.add_argument(
+        "--configs",
+        help="Comma-separated configurations to run (default: all); each one's plain baseline is added: "
+        + ", ".join(CONFIGS),
+    )
     args = parser.parse_args()
+    names = list(CONFIGS)
+    if args.configs:
+        wanted = [name.strip() for name in args.configs.split(",")]
+        unknown = [name for name in wanted if name not in CONFIGS]
+        if unknown:
+            parser.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+        wanted += [CONFIGS[name]["plain"] for name in wanted]
+        names = [name for name in CONFIGS if name in wanted]
     if args.quick:
         args.steps, args.warmup, args.no_align = 3, 1, True
     if args.one:
@@ -134,7 +162,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     results = []
-    for name in CONFIGS:
+    for name in names:
         command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         command += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
         command += ["--model", args.model] if args.model else []
@@ -142,13 +170,13 @@ def main() -> None:
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     base = {r["config"]: r for r in results}
-    print(f"{'config':<32}{'s/step':>9}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
+    print(f"{'config':<34}{'s/step':>9}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
     for r in results:
         plain = base[CONFIGS[r["config"]]["plain"]]
         time_ratio = r["seconds_per_step"] / plain["seconds_per_step"]
         memory_ratio = r["peak_mib"] / plain["peak_mib"]
         print(
-            f"{r['config']:<32}{r['seconds_per_step']:>9.3f}{time_ratio:>9.2f}{r['peak_mib']:>10.0f}{memory_ratio:>9.2f}"
+            f"{r['config']:<34}{r['seconds_per_step']:>9.3f}{time_ratio:>9.2f}{r['peak_mib']:>10.0f}{memory_ratio:>9.2f}"
         )
     if args.json:
         with open(args.json, "w") as handle:

@@ -302,6 +302,46 @@ def output_directions(
     return directions
 
 
+class RowSelector:
+    """Which rows of one anchor chunk the factors are estimated on, the same for A and G of every layer.
+
+    Rows of a layer are its input positions: one per anchor for a plain MLP, one per token for a transformer, one
+    per patch for a convolution. Positions the attention `mask` marks as padding are dropped (a padded position gets
+    no gradient from the outputs, so its input would only dilute A). With `positions` set, `positions` x anchors
+    rows are drawn at random among the rest, without replacement; G's rows are then weighted by kept / drawn so that
+    G stays an unbiased estimate of the sum over all positions, and A, a mean over rows, needs no weight.
+    """
+
+    def __init__(self, mask: torch.Tensor | None, positions: int | None, generator: torch.Generator) -> None:
+        self.mask = mask
+        self.positions = positions
+        self.generator = generator
+        self.chosen: dict[tuple[int, int], tuple[torch.Tensor | None, float]] = {}
+
+    def select(self, num_rows: int, num_anchors: int) -> tuple[torch.Tensor | None, float]:
+        """(index of the rows to keep or None for all, weight of a kept row in G) for a layer with `num_rows` rows
+        over `num_anchors` anchors; every layer with the same row count gets the same rows."""
+        key = (num_rows, num_anchors)
+        if key not in self.chosen:
+            index = None
+            if self.mask is not None and self.mask.numel() == num_rows:
+                index = torch.nonzero(self.mask.reshape(-1).cpu()).flatten()
+            available = num_rows if index is None else index.numel()
+            drawn = available if self.positions is None else min(available, self.positions * num_anchors)
+            weight = 1.0
+            if drawn < available:
+                order = torch.randperm(available, generator=self.generator)[:drawn].sort().values
+                index = order if index is None else index[order]
+                weight = available / drawn
+            self.chosen[key] = (index, weight)
+        return self.chosen[key]
+
+    def rows(self, rows: torch.Tensor, num_anchors: int) -> tuple[torch.Tensor, float]:
+        """The kept rows of `rows` (shaped (num_rows, ...)) and their weight in G."""
+        index, weight = self.select(rows.shape[0], num_anchors)
+        return (rows if index is None else rows[index.to(rows.device)]), weight
+
+
 class KroneckerFactors:
     """Running K-FAC factors A and G of covered layers, gathered over one or more anchor chunks.
 
@@ -325,10 +365,13 @@ class KroneckerFactors:
         samples: int | None,
         generator: torch.Generator,
         mask: torch.Tensor | None = None,
+        positions: int | None = None,
     ) -> None:
-        """Gather the factors of one chunk: `forward()` returns the model's output f on the chunk's anchors."""
+        """Gather the factors of one chunk: `forward()` returns the model's output f on the chunk's anchors, `mask`
+        their attention mask, `positions` the rows per anchor to estimate the factors on (`RowSelector`)."""
         outputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
         seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        selector = RowSelector(mask, positions, generator)
 
         def hook_for(name: str, layer: CoveredLayer):
             def hook(module, args, output):
@@ -340,7 +383,7 @@ class KroneckerFactors:
                     self.shares_input.setdefault(name, owner)
                 if self.shares_input.get(name, name) != name:
                     return
-                rows = layer.input_rows(x.detach())
+                rows, _ = selector.rows(layer.input_rows(x.detach()), x.shape[0])
                 if name not in self.inputs:
                     if layer.kind == "embedding":
                         self.inputs[name] = _DiagonalFactor(layer.module.get_base_layer().num_embeddings)
@@ -372,7 +415,10 @@ class KroneckerFactors:
             for name in names:
                 for _ in outputs[name]:
                     if grads[position] is not None:
-                        self.grads[name].add(self.layers[name].output_rows(grads[position]).float())
+                        rows, weight = selector.rows(
+                            self.layers[name].output_rows(grads[position]), model_output.shape[0]
+                        )
+                        self.grads[name].add(rows.float() * weight**0.5 if weight != 1.0 else rows.float())
                     position += 1
 
     def metric(self, damping: float, basis: dict[str, Eigen] | None = None) -> dict[str, LayerMetric]:

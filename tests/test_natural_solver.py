@@ -336,6 +336,7 @@ def test_metric_spectrum_gives_the_top_k_eigenvalues_of_each_layer(digits, train
         ({"solver": "natural", "metric_anchors": 0}, "metric_anchors"),
         ({"solver": "natural", "metric_batch_size": 0}, "metric_batch_size"),
         ({"solver": "natural", "metric_samples": 1.5}, "metric_samples"),
+        ({"solver": "natural", "metric_positions": 0}, "metric_positions"),
     ],
 )
 def test_invalid_natural_solver_settings_raise_naming_the_field(config, field):
@@ -391,3 +392,85 @@ def test_metric_batch_size_sets_the_passes_of_a_refresh_not_the_metric(digits, t
     assert passes == [4, 1]
     for name, values in spectra[0].items():
         assert torch.allclose(spectra[1][name], values, rtol=1e-4, atol=1e-6), name
+
+
+class TokenClassifier(nn.Module):
+    """Embeddings, one per-token linear layer, masked mean pooling and a head: a transformer's row structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 6)
+        self.fc1 = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.fc1(self.embed(input_ids)))
+        mask = attention_mask[..., None].float()
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+def padded_tokens(num_anchors: int = 12, length: int = 10) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30, (num_anchors, length), generator=generator)
+    lengths = torch.randint(3, length + 1, (num_anchors,), generator=generator)
+    return {"input_ids": ids, "attention_mask": (torch.arange(length)[None, :] < lengths[:, None]).long()}
+
+
+def token_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = get_peft_model(TokenClassifier(), fip_peft.FIPConfig(target_modules=["fc1"], solver="natural"))
+    return model.eval()
+
+
+def token_factors(positions: int | None, seed: int = 0, model: nn.Module | None = None) -> KroneckerFactors:
+    model = model or token_model()
+    inputs = padded_tokens()
+    factors = KroneckerFactors(covered_layers(model.base_model, "default"))
+    factors.add(
+        lambda: model(**inputs),
+        "logits",
+        None,
+        torch.Generator().manual_seed(seed),
+        inputs["attention_mask"],
+        positions,
+    )
+    return factors
+
+
+def factor_matrices(factors: KroneckerFactors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, grads = factors.inputs[name], factors.grads[name]
+    return inputs.eigen(float(inputs.num_rows)).matrix(), grads.eigen(float(factors.num_anchors)).matrix()
+
+
+def test_padding_positions_are_left_out_of_the_input_factor():
+    model = token_model()
+    factors = token_factors(None, model=model)
+    inputs = padded_tokens()
+    embedded = model.base_model.model.embed(inputs["input_ids"]).detach()
+    kept = embedded[inputs["attention_mask"].bool()]
+    a, _ = factor_matrices(factors, "fc1")
+    assert factors.inputs["fc1"].num_rows == int(inputs["attention_mask"].sum())
+    assert torch.allclose(a, kept.t() @ kept / kept.shape[0], atol=1e-5)
+
+
+def test_sampled_positions_estimate_the_factors_of_every_position():
+    model = token_model()
+    full_a, full_g = factor_matrices(token_factors(None, model=model), "fc1")
+    draws = [factor_matrices(token_factors(2, seed, model), "fc1") for seed in range(200)]
+    mean_a = torch.stack([a for a, _ in draws]).mean(0)
+    mean_g = torch.stack([g for _, g in draws]).mean(0)
+    # one draw of 2 positions per anchor is 40% (A) and 20% (G) off; the mean of 200 draws about 3%
+    assert (mean_a - full_a).norm() / full_a.norm() < 0.06
+    assert (mean_g - full_g).norm() / full_g.norm() < 0.06
+
+
+def test_metric_positions_sets_the_rows_per_anchor_of_the_factors():
+    factors = token_factors(2)
+    assert factors.inputs["fc1"].num_rows == 2 * 12
+    assert factors.grads["fc1"].num_rows == 2 * 12 * 3  # one backward pass per output class (samples=None)
+
+
+def test_more_positions_than_the_sequence_gives_the_metric_of_every_position():
+    every, sampled = token_factors(None).metric(0.1), token_factors(10).metric(0.1)
+    for name, layer_metric in every.items():
+        assert torch.allclose(sampled[name].kronecker(), layer_metric.kronecker(), atol=1e-6), name

@@ -46,9 +46,9 @@ def covered_layers(fip_model: FIPModel, adapter: str) -> dict[str, CoveredLayer]
 def gather_factors(
     fip_model: FIPModel, adapter: str, layers: dict[str, CoveredLayer], index: torch.Tensor, seed: int
 ) -> KroneckerFactors:
-    """The Kronecker factors of `layers` on the anchors at `index` (eval mode, output directions seeded by `seed`),
-    gathered in chunks of `metric_batch_size` anchors (default `anchor_batch_size`: a refresh holds no more
-    activations than a step)."""
+    """The Kronecker factors of `layers` on the anchors at `index` (eval mode, output directions and sampled
+    positions seeded by `seed`), gathered in chunks of `metric_batch_size` anchors (default `anchor_batch_size`: a
+    refresh holds no more activations than a step)."""
     config = fip_model.peft_config[adapter]
     memory = fip_model.memory(adapter)
     factors = KroneckerFactors(layers)
@@ -62,6 +62,7 @@ def gather_factors(
                 config.metric_samples,
                 generator,
                 inputs.get("attention_mask"),
+                config.metric_positions,
             )
     return factors
 
