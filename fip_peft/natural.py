@@ -167,12 +167,14 @@ class _Factor:
 
     def add(self, rows: torch.Tensor) -> None:
         self.num_rows += rows.shape[0]
-        self.rows.append(rows)
-        if self.sum is not None or self.num_rows > self.dim:
-            stacked = torch.cat(self.rows)
-            self.rows = []
-            product = stacked.t() @ stacked
-            self.sum = product if self.sum is None else self.sum + product
+        if self.sum is None:
+            # all-zero rows (positions no output depends on) add nothing, and would make the Gram matrix singular
+            self.rows.append(rows[rows.any(dim=1)])
+            if sum(len(kept) for kept in self.rows) <= self.dim:
+                return
+            rows, self.rows = torch.cat(self.rows), []
+        product = rows.t() @ rows
+        self.sum = product if self.sum is None else self.sum + product
 
     def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
         """Eigen-decomposition of F = (sum of row outer products) / scale. Given the full eigenbasis Q of an earlier
@@ -187,6 +189,8 @@ class _Factor:
             values = values.clamp_min(0.0)
             return Eigen(values, self.dim, float(values.sum()), vectors=vectors)
         rows = torch.cat(self.rows) / scale**0.5
+        if not len(rows):
+            return Eigen(rows.new_zeros(0), self.dim, 0.0, vectors=rows.new_zeros(self.dim, 0))
         values, left = torch.linalg.eigh(rows @ rows.t())
         kept = values > values.max().clamp_min(0.0) * 1e-10
         values = values[kept]
