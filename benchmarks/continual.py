@@ -15,6 +15,8 @@ number of optimizer steps, the same seed and the same memory budget (FIP's ancho
 - ``joint``: the same adapter trained on all tasks at once for as many steps in total (the upper bound).
 - ``fip_natural``: FIP with ``solver="natural+penalty"`` (the natural solver the docs recommend), where the installed
   fip_peft has that solver.
+- ``fip_natural_sampled``: the same with ``metric_positions=8``: the metric's factors formed from 8 positions (tokens,
+  patches) per anchor instead of all of them.
 
 The classification head is trained in full by every method. Suites: ``vision`` (split Fashion-MNIST, 5 tasks of 2
 classes, class-incremental over one 10-way head, the small CNN of ``examples/continual_vision.py``) and ``text``
@@ -367,6 +369,10 @@ if "natural" in SOLVERS:  # the solved metric step, where this version of fip_pe
     METHODS["fip_natural"] = (
         "FIP, natural+penalty solver",
         lambda suite, seed: AdapterLearner(suite, seed, fip={"solver": "natural+penalty"}),
+    )
+    METHODS["fip_natural_sampled"] = (
+        "FIP, natural+penalty, 8 positions",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={"solver": "natural+penalty", "metric_positions": 8}),
     )
 
 

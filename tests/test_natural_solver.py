@@ -474,3 +474,20 @@ def test_more_positions_than_the_sequence_gives_the_metric_of_every_position():
     every, sampled = token_factors(None).metric(0.1), token_factors(10).metric(0.1)
     for name, layer_metric in every.items():
         assert torch.allclose(sampled[name].kronecker(), layer_metric.kronecker(), atol=1e-6), name
+
+
+def test_all_zero_rows_count_toward_the_mean_but_are_not_decomposed():
+    # positions no output depends on (every token but [CLS] in a BERT's last layer) have all-zero gradient rows
+    rows = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    factor = _Factor(8)
+    factor.add(torch.cat([rows, torch.zeros(5, 8)]))
+    assert factor.num_rows == 8 and sum(len(kept) for kept in factor.rows) == 3
+    assert torch.allclose(factor.eigen(8.0).matrix(), rows.t() @ rows / 8.0, atol=1e-5)
+
+
+def test_a_factor_of_only_zero_rows_has_no_eigen_directions():
+    factor = _Factor(4)
+    factor.add(torch.zeros(2, 4))
+    eigen = factor.eigen(2.0)
+    assert eigen.values.numel() == 0 and eigen.trace == 0.0
+    assert torch.equal(eigen.matrix(), torch.zeros(4, 4))
