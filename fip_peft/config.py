@@ -80,8 +80,10 @@ class FIPConfig(PeftConfig):
         metric_samples: Natural solvers: random output directions per anchor when estimating the metric.
         metric_positions: Natural solvers: input positions (tokens, conv patches) per anchor, on average, that the
             Kronecker factors are formed from, drawn at random among the non-padding ones at each refresh. `None`:
-            all of them. Forming the factors over every token of every anchor is most of a refresh on a transformer
-            (x^T x and d^T d over batch x sequence rows); 8 positions per anchor cut it about 8x at 64 tokens.
+            all of them. Forming the factors over every token of every anchor (x^T x and d^T d over batch x
+            sequence rows) is about half of a refresh on MiniLM at 64 tokens; 8 positions per anchor took its
+            natural step from 2.64x to 2.06x plain and cost 4-6 points of the new task on the text benchmark
+            (docs/benchmarks.md, "Factors from sampled positions").
         init_weights: `True` starts from a zero displacement (the base function). `False` starts from a small
             random displacement, for tests.
         on_nonfinite: What the optimizer step does when the task gradient or the anchor distance D is NaN or
