@@ -491,3 +491,19 @@ def test_a_factor_of_only_zero_rows_has_no_eigen_directions():
     eigen = factor.eigen(2.0)
     assert eigen.values.numel() == 0 and eigen.trace == 0.0
     assert torch.equal(eigen.matrix(), torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("positions", [None, 4])
+def test_metric_positions_sets_the_rows_of_a_refresh_on_a_transformer(digits, positions):
+    from fip_peft.optimizers.preconditioner import gather_factors
+    from tests._tasks import as_tokens, tiny_bert
+
+    config = fip_peft.FIPConfig(task_type="SEQ_CLS", solver="natural", anchor_budget=32, metric_positions=positions)
+    model = get_peft_model(tiny_bert(), config)
+    anchors = as_tokens(digits["x_a_train"][:32])
+    model.remember(anchors)
+    fip_model = model.base_model
+    factors = gather_factors(fip_model, "default", covered_layers(fip_model, "default"), torch.arange(32), 0)
+    tokens = anchors["input_ids"].shape[1]
+    expected = 32 * (tokens if positions is None else positions)
+    assert factors.inputs["bert.encoder.layer.0.attention.self.query"].num_rows == expected
