@@ -7,7 +7,7 @@ import json
 import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
@@ -30,6 +30,23 @@ def loss_uses_num_items(model) -> bool:
     return "loss_function" in source or "num_items_in_batch" in source
 
 
+class _SkippedStepCallback(TrainerCallback):
+    """Reports a step the FIP optimizer skipped (`on_nonfinite="skip"`) to accelerate as a skipped optimizer step,
+    so that `Trainer` does not advance the learning-rate schedule on it, as for a step a `GradScaler` skips."""
+
+    def __init__(self, trainer: FIPTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        fip_optimizer, wrapper = self.trainer._fip_optimizer, self.trainer.optimizer
+        if fip_optimizer is None or wrapper is fip_optimizer or not hasattr(wrapper, "step_was_skipped"):
+            return
+        # accelerate's AcceleratedOptimizer reports `step_was_skipped` from `_is_overflow`, which only its GradScaler
+        # path sets: keep a scaler overflow, add the FIP skip
+        overflow = wrapper.scaler is not None and wrapper._is_overflow
+        wrapper._is_overflow = overflow or fip_optimizer.fip_step_was_skipped
+
+
 class FIPTrainer(Trainer):
     """A `Trainer` for FIP models: the optimizer it builds (from `args.optim`, or the one passed in `optimizers`)
     performs the FIP step, and every log line carries `fip_distance`, the mean functional distance D on anchors
@@ -46,6 +63,7 @@ class FIPTrainer(Trainer):
             find_fip_model(model)
         super().__init__(model, *args, **kwargs)
         check_supported_engine(self.accelerator.distributed_type)
+        self.add_callback(_SkippedStepCallback(self))
         if self.model_accepts_loss_kwargs and self.compute_loss_func is None and not loss_uses_num_items(self.model):
             # Trainer would skip dividing this mean loss by the accumulation steps and multiply it by the number of
             # processes, as if the model had summed it over the global batch: the task gradient would grow with

@@ -417,3 +417,28 @@ def test_load_adapter_of_a_corrupted_file_adds_no_adapter(tmp_path, digits):
     with pytest.raises(ValueError, match="corrupted or truncated"):
         model.load_adapter(path, adapter_name="second")
     assert set(model.peft_config) == {"default"}
+
+
+def test_fip_trainer_does_not_advance_the_learning_rate_schedule_on_a_skipped_step(digits, tmp_path, caplog):
+    model = get_peft_model(LossMLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], anchor_budget=16))
+    model.remember(digits["x_a_train"])
+    x = digits["x_b_train"][:64].clone()
+    x[::16, 0] = float("nan")
+    dataset = Dataset.from_dict({"x": x.tolist(), "labels": digits["y_b_train"][:64].tolist()}).with_format("torch")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = fip_peft.FIPTrainer(model=model, args=args, train_dataset=dataset)
+    with caplog.at_level(logging.WARNING, logger="fip_peft"):
+        trainer.train()
+    skipped = caplog.text.count("the step is skipped")
+    assert 1 <= skipped < 8
+    assert trainer.lr_scheduler.last_epoch == 8 - skipped

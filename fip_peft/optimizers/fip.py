@@ -47,6 +47,7 @@ class FIPStepMixin:
         self.fip_distance_sum = 0.0
         self.fip_distance_count = 0
         self.fip_steps = 0
+        self.fip_step_was_skipped = False
         self.fip_max_grad_norm = getattr(self, "fip_max_grad_norm", None)
         fip_model._register_fip_optimizer(self)
 
@@ -154,7 +155,8 @@ class FIPStepMixin:
         self.check_engine()
         self.precondition_gradient()
         self.add_anchor_gradient()
-        if self.skip_nonfinite_step():
+        self.fip_step_was_skipped = self.skip_nonfinite_step()
+        if self.fip_step_was_skipped:
             return None
         self.clip_combined_gradient()
         self.add_sparsity_gradient()
