@@ -15,6 +15,10 @@ optimizer steps (``--steps``) at each target sparsity:
 - ``FIP``: this package's defaults: ``FIPConfig(objective="sparsify", target_sparsity=s,
   sparsity_ramp_steps=steps // 2)``, ``remember`` of the training inputs, task loss + FIP step (AdamW), then
   ``merge_and_unload()``.
+- ``FIP+unlabeled`` (not in the default set): ``FIP`` whose anchors are the training inputs plus
+  ``--unlabeled-anchors`` more reviews of the training split without their labels (the end of its seeded shuffle,
+  disjoint from the training subset and the validation rows), ``anchor_budget`` set to hold them all. A different
+  data regime: the other methods cannot use unlabeled text.
 - ``FIP-anchors`` (not in the default set): the same without the task loss (``optimizer.zero_grad();
   optimizer.step()``: the anchor term and the pull only).
 
@@ -45,6 +49,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import datasets
 import torch
 from peft import get_peft_model
 from torch import nn
@@ -218,7 +223,10 @@ def run_authors(dense: nn.Module, sparsity: float, *, stream, args) -> nn.Module
     return model
 
 
-def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data, task_loss: bool = True) -> nn.Module:
+def run_fip(
+    dense: nn.Module, sparsity: float, *, stream, args, train_data, task_loss: bool = True, anchor_budget=None
+) -> nn.Module:
+    budget = {} if anchor_budget is None else {"anchor_budget": anchor_budget}
     model = get_peft_model(
         copy.deepcopy(dense),
         fip_peft.FIPConfig(
@@ -227,6 +235,7 @@ def run_fip(dense: nn.Module, sparsity: float, *, stream, args, train_data, task
                 "objective": "sparsify",
                 "target_sparsity": sparsity,
                 "sparsity_ramp_steps": args.steps // 2,
+                **budget,
                 **args.fip_options,
             }
         ),
@@ -253,16 +262,22 @@ def run_fip_anchors_only(dense: nn.Module, sparsity: float, **kwargs) -> nn.Modu
     return run_fip(dense, sparsity, task_loss=False, **kwargs)
 
 
+def run_fip_unlabeled(dense: nn.Module, sparsity: float, *, train_data, **kwargs) -> nn.Module:
+    """FIP with every given anchor input kept (the training inputs and the unlabeled reviews)."""
+    return run_fip(dense, sparsity, train_data=train_data, anchor_budget=len(train_data), **kwargs)
+
+
 METHODS = {
     "one-shot": run_one_shot,
     "IMP": run_imp,
     "authors": run_authors,
     "FIP": run_fip,
     "FIP-anchors": run_fip_anchors_only,
+    "FIP+unlabeled": run_fip_unlabeled,
 }
 DEFAULT_METHODS = "one-shot,IMP,authors,FIP"
 # The argument holding each trained method's learning rate (set per method by --select-lr).
-LEARNING_RATE_ARGS = {"IMP": "imp_lr", "FIP": "fip_lr", "FIP-anchors": "fip_lr"}
+LEARNING_RATE_ARGS = {"IMP": "imp_lr", "FIP": "fip_lr", "FIP-anchors": "fip_lr", "FIP+unlabeled": "fip_lr"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -275,6 +290,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--methods", default=DEFAULT_METHODS, help=f"Comma-separated methods to run, of {', '.join(METHODS)}."
     )
     parser.add_argument("--train-size", type=int, default=1000, help="Training examples (random subset).")
+    parser.add_argument(
+        "--unlabeled-anchors",
+        type=int,
+        default=4000,
+        help="Unlabeled training-split reviews added to the anchors of FIP+unlabeled (from the end of the split).",
+    )
     parser.add_argument("--eval-size", type=int, default=500, help="Test examples (random subset).")
     parser.add_argument("--dense-steps", type=int, default=150, help="Optimizer steps of dense fine-tuning.")
     parser.add_argument("--steps", type=int, default=96, help="Optimizer steps of every sparsifying method.")
@@ -350,6 +371,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def unlabeled_split(data, tokenizer, args: argparse.Namespace):
+    """The last `--unlabeled-anchors` rows of the training split's seeded shuffle, tokenized, without labels: after
+    the training subset and the validation rows (`validation_split`), so neither is among them."""
+    first = len(data) - args.unlabeled_anchors
+    if first < args.train_size + args.val_size:
+        raise SystemExit(
+            f"--unlabeled-anchors {args.unlabeled_anchors} would overlap the training subset and validation rows "
+            f"(the split has {len(data)} rows; at most {len(data) - args.train_size - args.val_size})."
+        )
+    rows = data.shuffle(seed=args.seed).select(range(first, len(data)))
+    return rows.map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
+        batched=True,
+        remove_columns=rows.column_names,
+    )
+
+
 def validation_split(data, tokenizer, *, skip: int, size: int, max_length: int, seed: int):
     """`size` training-split rows after the first `skip` of its seeded shuffle (those are the training subset, see
     `tokenize_split`), tokenized like it: held out from training and from the test split, for choosing settings."""
@@ -411,6 +449,9 @@ def main(argv=None) -> None:
         train, batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=generator
     )
     anchors = train.remove_columns(["labels"])
+    if "FIP+unlabeled" in methods:
+        unlabeled = unlabeled_split(task["train"], tokenizer, args)
+        with_unlabeled = datasets.concatenate_datasets([anchors, unlabeled])
 
     dense = MeanPoolingClassifier(model_path, num_labels=2)
     start = time.perf_counter()
@@ -434,7 +475,7 @@ def main(argv=None) -> None:
                 generator=torch.Generator().manual_seed(args.seed + 1),
             )
         )
-        extra = {"train_data": anchors} if method.startswith("FIP") else {}
+        extra = {"train_data": with_unlabeled if method == "FIP+unlabeled" else anchors} if "FIP" in method else {}
         start = time.perf_counter()
         pruned = METHODS[method](dense, sparsity, stream=stream, args=args, **extra)
         return pruned, time.perf_counter() - start
