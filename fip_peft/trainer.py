@@ -39,7 +39,7 @@ class _SkippedStepCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         fip_optimizer, wrapper = self.trainer._fip_optimizer, self.trainer.optimizer
-        if fip_optimizer is None or wrapper is fip_optimizer or not hasattr(wrapper, "step_was_skipped"):
+        if fip_optimizer is None or not hasattr(wrapper, "step_was_skipped"):
             return
         # accelerate's AcceleratedOptimizer reports `step_was_skipped` from `_is_overflow`, which only its GradScaler
         # path sets: keep a scaler overflow, add the FIP skip
