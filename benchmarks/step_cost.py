@@ -45,6 +45,14 @@ CONFIGS = {
         "solver": "natural",
         "metric_positions": 8,
     },
+    "FIP natural 8 positions, one chunk": {
+        "rank": None,
+        "remember": True,
+        "plain": "plain full-rank",
+        "solver": "natural",
+        "metric_positions": 8,
+        "metric_batch_size": 128,
+    },
     "FIP natural+penalty eig/refresh": {
         "rank": None,
         "remember": True,
