@@ -45,7 +45,7 @@ CONFIGS = {
         "solver": "natural",
         "metric_positions": 8,
     },
-    "FIP natural 8 positions, one chunk": {
+    "FIP natural 8 positions 1 chunk": {
         "rank": None,
         "remember": True,
         "plain": "plain full-rank",

@@ -50,8 +50,9 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     On millions of entries (the global threshold over all target weights, taken at every step) a full selection
     dominates the sparsify step on CPU; instead the quantile k / n is estimated on a strided sample, the entries
     within +-1% of it are selected, and the k-th smallest is looked up among them: a few passes of comparisons and a
-    selection on ~2% of the entries. Exact whatever the sample: when the band misses the k-th entry, the full
-    selection runs.
+    selection on ~2% of the entries. Entries tied with the band's lower end are counted, not selected: once the mask
+    has pruned a fraction s, that many entries are exactly 0, and at the target the k-th smallest is one of them.
+    Exact whatever the sample: when the band misses the k-th entry, the full selection runs.
     """
     n = values.numel()
     if n < BAND_SELECT_MIN:
@@ -60,9 +61,12 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     quantiles = torch.tensor([max(0.0, k / n - BAND_HALF_WIDTH), min(1.0, k / n + BAND_HALF_WIDTH)])
     low, high = torch.quantile(sample, quantiles.to(sample.device), interpolation="nearest").to(values.dtype)
     below = int((values < low).sum())
-    band = values[(values >= low) & (values <= high)]
-    if below < k <= below + band.numel():
-        return band.kthvalue(k - below).values
+    up_to_low = int((values <= low).sum())
+    if below < k <= up_to_low:
+        return low
+    band = values[(values > low) & (values <= high)]
+    if up_to_low < k <= up_to_low + band.numel():
+        return band.kthvalue(k - up_to_low).values
     return values.kthvalue(k).values
 
 

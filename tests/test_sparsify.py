@@ -76,8 +76,12 @@ def test_global_masks_keep_the_largest_magnitudes_over_all_weights():
         lambda g: torch.randn(BAND_SELECT_MIN + 12345, generator=g).abs(),
         lambda g: torch.randint(0, 50, (BAND_SELECT_MIN * 2,), generator=g).float(),  # many ties
         lambda g: torch.cat([torch.zeros(BAND_SELECT_MIN), torch.rand(BAND_SELECT_MIN // 3, generator=g)]),
+        # a mask already at 80%: the k-th smallest is one of the tied zeros
+        lambda g: torch.cat([torch.zeros(4 * BAND_SELECT_MIN), torch.rand(BAND_SELECT_MIN, generator=g)])[
+            torch.randperm(5 * BAND_SELECT_MIN, generator=g)
+        ],
     ],
-    ids=["continuous", "ties", "mostly-zero"],
+    ids=["continuous", "ties", "mostly-zero", "pruned-to-80%"],
 )
 def test_kth_smallest_of_millions_of_entries_is_exactly_kthvalue(values, fraction):
     values = values(torch.Generator().manual_seed(0))
