@@ -60,6 +60,14 @@ CONFIGS = {
         "solver": "natural+penalty",
         "metric_basis_interval": 1,
     },
+    "FIP sparsify 80%": {
+        "rank": None,
+        "remember": True,
+        "plain": "plain full-rank",
+        "objective": "sparsify",
+        "target_sparsity": 0.8,
+        "sparsity_ramp_steps": 3,
+    },
     "plain rank-8": {"rank": 8, "remember": False, "plain": "plain rank-8"},
     "FIP rank-8": {"rank": 8, "remember": True, "plain": "plain rank-8"},
 }

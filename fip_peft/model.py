@@ -298,12 +298,15 @@ class FIPModel(BaseTuner):
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
         for key, mask in magnitude_masks(weights, sparsity, config.sparsity_scope).items():
             layers[key].set_mask(name, mask)
+        state = self._sparsity_state.setdefault(name, {"step": 0})
+        state["pruned_to"] = max(state.get("pruned_to", 0.0), sparsity)
 
     def sparsity_step(self, adapter_name: str | None = None) -> None:
         """One optimizer step of the sparsity schedule, called by the FIP optimizer's `step()`: on update steps,
         prune the mask to the scheduled sparsity s_t; then add the pull lambda * (w - P_s_f(w)) to the gradient of
         `delta`, P_s_f the magnitude projection of the current weights at the target (nonzero on the entries it
-        removes).
+        removes). Once the mask has pruned the target fraction, the entries P_s_f removes are the mask's exact zeros:
+        the pull is zero and a new mask would be the same (masks only ever lose entries), so neither is computed.
 
         Under Adam the pull moves each of those entries by about the learning rate per step whatever lambda, so the
         weights empty before the mask removes them only when the ramp lasts long enough: sparsity_ramp_steps x lr
@@ -313,6 +316,8 @@ class FIPModel(BaseTuner):
         state = self._sparsity_state.setdefault(name, {"step": 0})
         state["step"] += 1
         step = state["step"]
+        if state.get("pruned_to", 0.0) >= config.target_sparsity:
+            return
         ramp_end = config.sparsity_begin_step + config.sparsity_ramp_steps
         if step >= config.sparsity_begin_step and (step % config.sparsity_update_every == 0 or step == ramp_end):
             sparsity = scheduled_sparsity(
@@ -323,7 +328,7 @@ class FIPModel(BaseTuner):
                 config.sparsity_ramp_steps,
             )
             self._prune_mask(name, config, sparsity)
-        if config.sparsity_lambda == 0:
+        if config.sparsity_lambda == 0 or state.get("pruned_to", 0.0) >= config.target_sparsity:
             return
         layers = {
             key: layer for key, layer in self._sparse_layers(name).items() if layer.fip_delta[name].requires_grad

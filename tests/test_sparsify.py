@@ -144,6 +144,46 @@ def test_sparsity_follows_the_schedule_at_every_mask_update(trained_mlp, digits)
     assert reached == pytest.approx(expected, abs=1e-3)
 
 
+def _at_target(trained_mlp, digits) -> tuple[PeftModel, torch.optim.Optimizer]:
+    """A walk whose mask reached its target (80% after a 6-step ramp) and a few steps more."""
+    model = sparsify_model(trained_mlp, sparsity_ramp_steps=6, sparsity_update_every=2)
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=1e-3)
+    for _ in range(8):
+        optimizer.zero_grad()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_pull_is_zero_once_the_mask_is_at_the_target(trained_mlp, digits):
+    model, _ = _at_target(trained_mlp, digits)
+    layers = {name: getattr(model.base_model.model, name) for name in TARGETS}
+    weights = {name: layer.sparse_weight("default") for name, layer in layers.items()}
+    target = magnitude_masks(weights, 0.8)
+    grads = {}
+    for name, layer in layers.items():
+        assert not (weights[name] * ~target[name]).any()  # lambda (w - P(w)) vanishes entrywise
+        grads[name] = torch.randn_like(layer.fip_delta["default"])
+        layer.fip_delta["default"].grad = grads[name].clone()
+    model.sparsity_step()
+    for name, layer in layers.items():
+        assert torch.equal(layer.fip_delta["default"].grad, grads[name])
+
+
+def test_no_projection_is_computed_once_the_mask_is_at_the_target(trained_mlp, digits, monkeypatch):
+    model, optimizer = _at_target(trained_mlp, digits)
+    masks = {name: getattr(model.base_model.model, name).fip_mask["default"].clone() for name in TARGETS}
+    calls = []
+    monkeypatch.setattr(fip_peft.model, "magnitude_masks", lambda *args, **kwargs: calls.append(args))
+    for _ in range(4):
+        optimizer.zero_grad()
+        optimizer.step()
+    assert calls == []
+    for name in TARGETS:
+        assert torch.equal(getattr(model.base_model.model, name).fip_mask["default"], masks[name])
+    assert model.sparsity_report()["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
 def test_mask_survives_save_and_load(trained_mlp, digits, tmp_path):
     model = walk(sparsify_model(trained_mlp), steps=20, anchors=digits["x_a_train"])
     model.save_pretrained(tmp_path)
