@@ -321,6 +321,7 @@ class RowSelector:
         self.positions = positions
         self.generator = generator
         self.chosen: dict[tuple[int, int], tuple[torch.Tensor | None, float]] = {}
+        self.on_device: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def select(self, num_rows: int, num_anchors: int) -> tuple[torch.Tensor | None, float]:
         """(index of the rows to keep or None for all, weight of a kept row in G) for a layer with `num_rows` rows
@@ -330,6 +331,8 @@ class RowSelector:
             index = None
             if self.mask is not None and self.mask.numel() == num_rows:
                 index = torch.nonzero(self.mask.reshape(-1).cpu()).flatten()
+                if index.numel() == num_rows:  # no padding
+                    index = None
             available = num_rows if index is None else index.numel()
             drawn = available if self.positions is None else min(available, self.positions * num_anchors)
             weight = 1.0
@@ -341,9 +344,15 @@ class RowSelector:
         return self.chosen[key]
 
     def rows(self, rows: torch.Tensor, num_anchors: int) -> tuple[torch.Tensor, float]:
-        """The kept rows of `rows` (shaped (num_rows, ...)) and their weight in G."""
+        """The kept rows of `rows` (shaped (num_rows, ...)) and their weight in G. The index is copied to the rows'
+        device once per row count, not once per layer (a copy from host memory waits for the device's queue)."""
         index, weight = self.select(rows.shape[0], num_anchors)
-        return (rows if index is None else rows[index.to(rows.device)]), weight
+        if index is None:
+            return rows, weight
+        key = (rows.shape[0], num_anchors, rows.device)
+        if key not in self.on_device:
+            self.on_device[key] = index.to(rows.device)
+        return rows[self.on_device[key]], weight
 
 
 class KroneckerFactors:

@@ -12,6 +12,7 @@ from torch import nn
 import fip_peft
 from fip_peft.natural import (
     KroneckerFactors,
+    RowSelector,
     _Factor,
     conjugate_gradient,
     gauss_newton_matvec,
@@ -451,6 +452,14 @@ def test_padding_positions_are_left_out_of_the_input_factor():
     a, _ = factor_matrices(factors, "fc1")
     assert factors.inputs["fc1"].num_rows == int(inputs["attention_mask"].sum())
     assert torch.allclose(a, kept.t() @ kept / kept.shape[0], atol=1e-5)
+
+
+def test_a_mask_without_padding_keeps_every_row_without_an_index():
+    selector = RowSelector(torch.ones(3, 4), None, torch.Generator().manual_seed(0))
+    rows = torch.randn(12, 5)
+    assert selector.select(12, 3) == (None, 1.0)
+    kept, weight = selector.rows(rows, 3)
+    assert kept is rows and weight == 1.0
 
 
 def test_sampled_positions_estimate_the_factors_of_every_position():
