@@ -39,6 +39,9 @@ from torch import nn
 
 # Eigen-directions whose largest shrinkage s / (s + lambda) stays below this are treated as free (P = 1 there).
 TRUNCATION = 1e-4
+# An earlier partial eigenbasis (of a factor seen on fewer rows than its width) is kept while it holds at least this
+# share of the new factor's trace; the rest is treated as free until the next eigendecomposition.
+KEPT_BASIS_MIN_TRACE = 0.9
 
 
 # ---- covered layers -------------------------------------------------------------------------------------------------
@@ -177,9 +180,10 @@ class _Factor:
         self.sum = product if self.sum is None else self.sum + product
 
     def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
-        """Eigen-decomposition of F = (sum of row outer products) / scale. Given the full eigenbasis Q of an earlier
-        F, only the eigenvalues are refreshed, as diag(Q^T F Q) (eigenvalue-corrected K-FAC, George et al. 2018):
-        two matrix products instead of an eigendecomposition, the slow part of a refresh on a GPU."""
+        """Eigen-decomposition of F = (sum of row outer products) / scale. Given the eigenbasis Q of an earlier F,
+        only the eigenvalues are refreshed, as diag(Q^T F Q) (eigenvalue-corrected K-FAC, George et al. 2018): matrix
+        products instead of an eigendecomposition, the slow part of a refresh on a GPU. A partial Q (from a factor
+        seen on fewer rows than its width) is kept only while it holds `KEPT_BASIS_MIN_TRACE` of F's trace."""
         if basis is not None and self.sum is not None and basis.is_full_basis(self.dim):
             current = self.sum / scale
             values = ((current @ basis.vectors) * basis.vectors).sum(0).clamp_min(0.0)
@@ -191,6 +195,11 @@ class _Factor:
         rows = torch.cat(self.rows) / scale**0.5
         if not len(rows):
             return Eigen(rows.new_zeros(0), self.dim, 0.0, vectors=rows.new_zeros(self.dim, 0))
+        if basis is not None and basis.vectors is not None and basis.dim == self.dim and basis.vectors.shape[1]:
+            values = (rows @ basis.vectors).pow(2).sum(0)
+            trace = float(rows.pow(2).sum())
+            if float(values.sum()) >= KEPT_BASIS_MIN_TRACE * trace:
+                return Eigen(values, self.dim, trace, vectors=basis.vectors)
         values, left = torch.linalg.eigh(rows @ rows.t())
         kept = values > values.max().clamp_min(0.0) * 1e-10
         values = values[kept]

@@ -262,6 +262,34 @@ def test_eigenvalues_in_a_kept_basis_are_the_diagonal_of_the_new_factor_in_that_
     assert refreshed.trace == pytest.approx(float(torch.trace(new.sum / 20.0)), rel=1e-5)
 
 
+def _few_rows(subspace: torch.Tensor, count: int, seed: int) -> _Factor:
+    """A 10-wide factor seen on `count` rows (fewer than its width: the Gram path) drawn from `subspace`."""
+    factor = _Factor(10)
+    factor.add(torch.randn(count, subspace.shape[0], generator=torch.Generator().manual_seed(seed)) @ subspace)
+    return factor
+
+
+def test_a_partial_eigenbasis_is_kept_while_it_holds_the_new_factor():
+    subspace = torch.linalg.qr(torch.randn(10, 3, generator=torch.Generator().manual_seed(0)))[0].t()
+    basis = _few_rows(subspace, 4, seed=1).eigen(4.0)
+    new = _few_rows(subspace, 4, seed=2)
+    refreshed = new.eigen(4.0, basis)
+    dense = new.eigen(4.0).matrix()
+    assert refreshed.vectors is basis.vectors
+    assert torch.allclose(refreshed.values, torch.diagonal(basis.vectors.t() @ dense @ basis.vectors), atol=1e-5)
+    assert refreshed.trace == pytest.approx(float(torch.trace(dense)), rel=1e-5)
+
+
+def test_a_partial_eigenbasis_that_misses_the_new_factor_is_recomputed():
+    generator = torch.Generator().manual_seed(0)
+    space = torch.linalg.qr(torch.randn(10, 6, generator=generator))[0].t()
+    basis = _few_rows(space[:3], 4, seed=1).eigen(4.0)
+    new = _few_rows(space[3:], 4, seed=2)
+    refreshed = new.eigen(4.0, basis)
+    assert refreshed.vectors is not basis.vectors
+    assert torch.allclose(refreshed.matrix(), new.eigen(4.0).matrix(), atol=1e-5)
+
+
 def test_natural_plus_penalty_keeps_task_a_better_than_the_penalty_solver_alone(digits, trained_mlp):
     anchors = digits["x_a_train"]
     changes = {}
