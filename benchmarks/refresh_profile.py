@@ -93,7 +93,7 @@ def main() -> None:
         if isinstance(factor, _DiagonalFactor):
             runs = [("diagonal", None)]
         elif factor.sum is None:
-            runs = [("gram", None)]
+            runs = [("gram", None), ("gram, kept basis", basis.get(key))]
         else:
             runs = [("sum", None), ("kept basis", basis.get(key))]
         for path, kept_basis in runs:

@@ -446,8 +446,9 @@ class KroneckerFactors:
     def metric(self, damping: float, basis: dict[str, Eigen] | None = None) -> dict[str, LayerMetric]:
         """The damped eigen form of every layer's A (x) G; A = E[x x^T] per input row, G = sum over rows / anchors.
 
-        `basis`: the `eigen` of an earlier refresh; factors with a full eigenbasis there keep it and refresh only
-        their eigenvalues. The decompositions made here are left in `self.eigen` (before truncation)."""
+        `basis`: the `eigen` of an earlier refresh; factors keep their eigenbasis there and refresh only their
+        eigenvalues (a partial basis only while it holds most of the new factor, see `_Factor.eigen`). The
+        decompositions made here are left in `self.eigen` (before truncation)."""
         basis = basis or {}
         self.eigen = {}
         metric = {}
