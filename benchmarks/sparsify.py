@@ -459,6 +459,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--select-lr needs a trained method in --methods, of {list(LEARNING_RATE_ARGS)}.")
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device is available here; use --device cpu.")
     set_seed(args.seed)
     model_path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
