@@ -93,11 +93,15 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in INPUT_NAMES}
 
 
+def to_device(batch: dict, device: str | torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def batches(loader: DataLoader, device: str = "cpu"):
     """An endless stream of training batches (reshuffled every pass) on `device`."""
     while True:
         for batch in loader:
-            yield {k: v.to(device) for k, v in batch.items()}
+            yield to_device(batch, device)
 
 
 @torch.no_grad()
@@ -107,7 +111,7 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     device = next(model.parameters()).device
     correct = total = 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         logits = model(**model_inputs(batch)).logits
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         total += len(batch["labels"])
