@@ -36,6 +36,7 @@ peak memory, as mean and standard deviation over seeds.
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import gc
 import json
@@ -45,7 +46,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,8 @@ class Suite:
     osf_targets: list[str]
     head: str
     sizes: Sizes
+    fip_overrides: dict[str, Any] = field(default_factory=dict)
+    validation: int | None = None
 
 
 def vision_suite(sizes: Sizes, seed: int) -> Suite:
@@ -156,21 +159,35 @@ def vision_suite(sizes: Sizes, seed: int) -> Suite:
     )
 
 
-def text_suite(sizes: Sizes, seed: int) -> Suite:
-    """MiniLM (mean pooling) on Rotten Tomatoes sentiment then debates, as ``examples/continual_text.py``."""
+def text_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suite:
+    """MiniLM (mean pooling) on Rotten Tomatoes sentiment then debates, as ``examples/continual_text.py``.
+
+    ``validation=N`` scores on N further training examples per task instead of the test split: the training
+    examples are the same as without it (a seeded subsample's first rows), so settings can be chosen on it.
+    """
     import continual_text as ct
     from transformers import AutoTokenizer, DataCollatorWithPadding
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
-    argv = ["--seed", str(seed), "--train-size", str(sizes.train_size), "--max-length", str(sizes.max_length)]
+    train_size = sizes.train_size + (validation or 0)
+    argv = ["--seed", str(seed), "--train-size", str(train_size), "--max-length", str(sizes.max_length)]
     argv += ["--eval-size", str(sizes.eval_size)]
     args = ct.parse_args(argv)
     args.tasks = ct.DEFAULT_TASKS[args.dataset]
     args.model = ct.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tasks = ct.build_tasks(args, tokenizer)
+    if validation:
+        for task in tasks:
+            if len(task.train) < train_size:
+                raise SystemExit(
+                    f"--validation {validation}: task {task.name!r} has {len(task.train)} training examples, fewer "
+                    f"than {sizes.train_size} to train on plus {validation}; pass a smaller --validation."
+                )
+            task.test = task.train.select(range(sizes.train_size, train_size))
+            task.train = task.train.select(range(sizes.train_size))
     collator = DataCollatorWithPadding(tokenizer)
 
     def batch_of(rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -199,6 +216,7 @@ def text_suite(sizes: Sizes, seed: int) -> Suite:
         osf_targets=linear,
         head="classifier",
         sizes=sizes,
+        validation=validation,
     )
 
 
@@ -259,9 +277,10 @@ class AdapterLearner(Learner):
 
         import fip_peft
 
-        config = fip_peft.FIPConfig(
-            **self.suite.fip_targets, anchor_budget=self.suite.sizes.anchors, anchor_seed=self.seed, **(self.fip or {})
-        )
+        settings = {**self.suite.fip_targets, "anchor_budget": self.suite.sizes.anchors, "anchor_seed": self.seed}
+        if self.fip is not None:
+            settings |= self.fip | self.suite.fip_overrides
+        config = fip_peft.FIPConfig(**settings)
         self.model = get_peft_model(base, config)
 
     def begin_task(self, task: int) -> None:
@@ -462,6 +481,8 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
         "suite": suite.name,
         "method": method,
         "seed": seed,
+        "fip_set": suite.fip_overrides,
+        "scored_on": "validation" if suite.validation else "test",
         "R": [[None if value != value else float(value) for value in row] for row in R] if sequential else [final],
         "acc": statistics.fmean(final),
         "bwt": matrix.bwt if sequential else None,
@@ -476,9 +497,36 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
     }
 
 
-def build_suite(name: str, quick: bool, seed: int) -> Suite:
+def build_suite(
+    name: str, quick: bool, seed: int, validation: int | None = None, fip_overrides: dict[str, Any] | None = None
+) -> Suite:
     sizes = (QUICK_SIZES if quick else FULL_SIZES)[name]
-    return vision_suite(sizes, seed) if name == "vision" else text_suite(sizes, seed)
+    suite = vision_suite(sizes, seed) if name == "vision" else text_suite(sizes, seed, validation)
+    suite.fip_overrides = dict(fip_overrides or {})
+    return suite
+
+
+def parse_fip_set(text: str) -> dict[str, Any]:
+    """``damping=1.0,metric_positions=8`` -> FIPConfig overrides (values read as Python literals, else strings)."""
+    from fip_peft import FIPConfig
+
+    known = {f.name for f in fields(FIPConfig)}
+    overrides: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(
+                f"--fip-set: {item!r} is not KEY=VALUE with KEY a FIPConfig field, e.g. damping=1.0,beta=2."
+            )
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    try:
+        FIPConfig(**overrides)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--fip-set: {error}") from None
+    return overrides
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -602,6 +650,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Run every (suite, seed, method) in its own process: peak memory free of what earlier methods left.",
     )
+    parser.add_argument(
+        "--validation",
+        type=int,
+        metavar="N",
+        help="Text suite: score on N held-out training examples per task instead of the test split (same training "
+        "examples), to choose settings without looking at the test split.",
+    )
+    parser.add_argument(
+        "--fip-set",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="FIPConfig fields set for every FIP method, e.g. damping=1.0 (sweeps; recorded with each result).",
+    )
     parser.add_argument("--one", nargs=2, metavar=("SUITE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.suites = list(SUITES) if args.suite == "all" else [args.suite]
@@ -612,12 +673,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--seeds: expected comma-separated integers such as 0,1,2, got {args.seeds!r}.") from None
     if args.quick:
         args.seed_list = args.seed_list[:1]
+    if args.validation is not None and (args.validation < 1 or args.suites != ["text"]):
+        raise SystemExit(
+            f"--validation: takes a positive count with --suite text, got {args.validation} (--suite {args.suite})."
+        )
+    args.fip_overrides = parse_fip_set(args.fip_set)
     return args
 
 
-def run_isolated(suite: str, methods: list[str], seed: int) -> list[dict[str, Any]]:
+def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The methods of one (suite, seed) in a fresh process, one after the other; yields each method's results."""
     command = [sys.executable, __file__, "--one", suite, str(seed), "--methods", ",".join(methods)]
+    command += ["--fip-set", args.fip_set] + (["--validation", str(args.validation)] if args.validation else [])
     # One thread per run unless OMP_NUM_THREADS says otherwise: on a shared CPU, OpenMP threads that spin while
     # waiting for each other distort the times far more than the lost parallelism.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -634,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one:
         suite_name, seed = args.one[0], int(args.one[1])
-        suite = build_suite(suite_name, False, seed)
+        suite = build_suite(suite_name, False, seed, args.validation, args.fip_overrides)
         run_method(suite, "naive", seed, steps=2)  # warm-up: one-time allocations are nobody's cost
         for method in args.method_list:
             print(json.dumps(run_method(suite, method, seed)), flush=True)
@@ -656,12 +723,12 @@ def main(argv: list[str] | None = None) -> None:
     for suite_name in args.suites:
         for seed in args.seed_list:
             if args.quick:
-                suite = build_suite(suite_name, True, seed)
+                suite = build_suite(suite_name, True, seed, args.validation, args.fip_overrides)
                 runs = (run_method(suite, method, seed) for method in args.method_list)
             elif args.process_per_method:
-                runs = (r for method in args.method_list for r in run_isolated(suite_name, [method], seed))
+                runs = (r for method in args.method_list for r in run_isolated(suite_name, [method], seed, args))
             else:
-                runs = run_isolated(suite_name, args.method_list, seed)
+                runs = run_isolated(suite_name, args.method_list, seed, args)
             for result in runs:
                 results.append(result)
                 method = result["method"]
