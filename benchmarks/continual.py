@@ -31,6 +31,8 @@ peak memory, as mean and standard deviation over seeds.
     python benchmarks/continual.py                          # full: both suites, every method, seeds 0, 1, 2
     python benchmarks/continual.py --suite vision --methods naive,fip --seeds 0
     python benchmarks/continual.py --quick                  # tiny sizes, one seed, every method (CI smoke run)
+    python benchmarks/continual.py --suite text --methods fip_natural --validation 160 --fip-set damping=1.0
+                                                            # a setting scored on held-out training examples
 """
 
 from __future__ import annotations
@@ -162,8 +164,9 @@ def vision_suite(sizes: Sizes, seed: int) -> Suite:
 def text_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suite:
     """MiniLM (mean pooling) on Rotten Tomatoes sentiment then debates, as ``examples/continual_text.py``.
 
-    ``validation=N`` scores on N further training examples per task instead of the test split: the training
-    examples are the same as without it (a seeded subsample's first rows), so settings can be chosen on it.
+    ``validation=N`` scores on N further training examples per task instead of the test split, so settings can be
+    chosen without looking at it: the training examples are those used without it (a seeded subsample's first rows)
+    where the task has N to spare, else its first ``len - N`` (debates has 448 in all).
     """
     import continual_text as ct
     from transformers import AutoTokenizer, DataCollatorWithPadding
@@ -181,13 +184,14 @@ def text_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suite:
     tasks = ct.build_tasks(args, tokenizer)
     if validation:
         for task in tasks:
-            if len(task.train) < train_size:
+            keep = min(sizes.train_size, len(task.train) - validation)
+            if keep < validation:
                 raise SystemExit(
-                    f"--validation {validation}: task {task.name!r} has {len(task.train)} training examples, fewer "
-                    f"than {sizes.train_size} to train on plus {validation}; pass a smaller --validation."
+                    f"--validation {validation}: task {task.name!r} has only {len(task.train)} training examples; "
+                    f"pass at most {len(task.train) // 2}."
                 )
-            task.test = task.train.select(range(sizes.train_size, train_size))
-            task.train = task.train.select(range(sizes.train_size))
+            task.test = task.train.select(range(keep, keep + validation))
+            task.train = task.train.select(range(keep))
     collator = DataCollatorWithPadding(tokenizer)
 
     def batch_of(rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -498,9 +502,15 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
 
 
 def build_suite(
-    name: str, quick: bool, seed: int, validation: int | None = None, fip_overrides: dict[str, Any] | None = None
+    name: str,
+    quick: bool,
+    seed: int,
+    validation: int | None = None,
+    fip_overrides: dict[str, Any] | None = None,
+    steps: int | None = None,
 ) -> Suite:
     sizes = (QUICK_SIZES if quick else FULL_SIZES)[name]
+    sizes = sizes if steps is None else replace(sizes, steps=steps)
     suite = vision_suite(sizes, seed) if name == "vision" else text_suite(sizes, seed, validation)
     suite.fip_overrides = dict(fip_overrides or {})
     return suite
@@ -651,6 +661,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Run every (suite, seed, method) in its own process: peak memory free of what earlier methods left.",
     )
     parser.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="Optimizer steps per task instead of the suite's (e.g. a slower method's share of equal wall time).",
+    )
+    parser.add_argument(
         "--validation",
         type=int,
         metavar="N",
@@ -677,14 +693,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(
             f"--validation: takes a positive count with --suite text, got {args.validation} (--suite {args.suite})."
         )
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps: takes a positive number of optimizer steps per task, got {args.steps}.")
     args.fip_overrides = parse_fip_set(args.fip_set)
     return args
 
 
 def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The methods of one (suite, seed) in a fresh process, one after the other; yields each method's results."""
-    command = [sys.executable, __file__, "--one", suite, str(seed), "--methods", ",".join(methods)]
+    command = [sys.executable, __file__, "--one", suite, str(seed), "--suite", suite, "--methods", ",".join(methods)]
     command += ["--fip-set", args.fip_set] + (["--validation", str(args.validation)] if args.validation else [])
+    command += ["--steps", str(args.steps)] if args.steps else []
     # One thread per run unless OMP_NUM_THREADS says otherwise: on a shared CPU, OpenMP threads that spin while
     # waiting for each other distort the times far more than the lost parallelism.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -701,7 +720,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one:
         suite_name, seed = args.one[0], int(args.one[1])
-        suite = build_suite(suite_name, False, seed, args.validation, args.fip_overrides)
+        suite = build_suite(suite_name, False, seed, args.validation, args.fip_overrides, args.steps)
         run_method(suite, "naive", seed, steps=2)  # warm-up: one-time allocations are nobody's cost
         for method in args.method_list:
             print(json.dumps(run_method(suite, method, seed)), flush=True)
@@ -718,12 +737,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     for suite_name in args.suites:
-        print(f"{suite_name}: {sizes[suite_name]}", flush=True)
+        shown = sizes[suite_name] if args.steps is None else replace(sizes[suite_name], steps=args.steps)
+        print(f"{suite_name}: {shown}", flush=True)
     results = []
     for suite_name in args.suites:
         for seed in args.seed_list:
             if args.quick:
-                suite = build_suite(suite_name, True, seed, args.validation, args.fip_overrides)
+                suite = build_suite(suite_name, True, seed, args.validation, args.fip_overrides, args.steps)
                 runs = (run_method(suite, method, seed) for method in args.method_list)
             elif args.process_per_method:
                 runs = (r for method in args.method_list for r in run_isolated(suite_name, [method], seed, args))
