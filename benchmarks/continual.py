@@ -494,6 +494,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
         "retention": [final[i] / R[i][i] if R[i][i] else None for i in range(num_tasks - 1)] if sequential else None,
         "last_task": final[-1],
         "seconds_per_step": statistics.median(step_times),
+        "training_s": sum(step_times),
         "peak_mib": peak_mib(),
         "peak_increment_mib": peak_mib() - before,
         "wall_s": time.perf_counter() - start,
