@@ -31,14 +31,13 @@ peak memory, as mean and standard deviation over seeds.
     python benchmarks/continual.py                          # full: both suites, every method, seeds 0, 1, 2
     python benchmarks/continual.py --suite vision --methods naive,fip --seeds 0
     python benchmarks/continual.py --quick                  # tiny sizes, one seed, every method (CI smoke run)
-    python benchmarks/continual.py --suite text --methods fip_natural --validation 160 --fip-set damping=1.0
+    python benchmarks/continual.py --suite text --methods fip_natural --validation 100 --fip-option damping=1.0
                                                             # a setting scored on held-out training examples
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import ctypes
 import gc
 import json
@@ -48,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ sys.path[:0] = [str(ROOT / "examples"), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 from baselines import Example, OnlineEWC, ReplayBuffer  # noqa: E402
+from fip_options import parse_fip_options  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fip_peft.config import SOLVERS  # noqa: E402
@@ -485,7 +485,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
         "suite": suite.name,
         "method": method,
         "seed": seed,
-        "fip_set": suite.fip_overrides,
+        "fip_options": suite.fip_overrides,
         "scored_on": "validation" if suite.validation else "test",
         "R": [[None if value != value else float(value) for value in row] for row in R] if sequential else [final],
         "acc": statistics.fmean(final),
@@ -517,26 +517,15 @@ def build_suite(
     return suite
 
 
-def parse_fip_set(text: str) -> dict[str, Any]:
-    """``damping=1.0,metric_positions=8`` -> FIPConfig overrides (values read as Python literals, else strings)."""
+def parse_fip_overrides(options: list[str]) -> dict[str, Any]:
+    """``--fip-option`` values -> FIPConfig overrides of every FIP method, checked against FIPConfig's own rules."""
     from fip_peft import FIPConfig
 
-    known = {f.name for f in fields(FIPConfig)}
-    overrides: dict[str, Any] = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(
-                f"--fip-set: {item!r} is not KEY=VALUE with KEY a FIPConfig field, e.g. damping=1.0,beta=2."
-            )
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
+    overrides = parse_fip_options(options)
     try:
         FIPConfig(**overrides)
     except (TypeError, ValueError) as error:
-        raise SystemExit(f"--fip-set: {error}") from None
+        raise SystemExit(f"--fip-option: {error}") from None
     return overrides
 
 
@@ -675,10 +664,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "examples), to choose settings without looking at the test split.",
     )
     parser.add_argument(
-        "--fip-set",
-        default="",
-        metavar="KEY=VALUE,...",
-        help="FIPConfig fields set for every FIP method, e.g. damping=1.0 (sweeps; recorded with each result).",
+        "--fip-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Set a FIPConfig field of every FIP method (repeatable; VALUE read as JSON when it parses, else as a "
+        "string: --fip-option damping=1.0); recorded with each result.",
     )
     parser.add_argument("--one", nargs=2, metavar=("SUITE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -696,14 +687,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps: takes a positive number of optimizer steps per task, got {args.steps}.")
-    args.fip_overrides = parse_fip_set(args.fip_set)
+    args.fip_overrides = parse_fip_overrides(args.fip_option)
     return args
 
 
 def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The methods of one (suite, seed) in a fresh process, one after the other; yields each method's results."""
     command = [sys.executable, __file__, "--one", suite, str(seed), "--suite", suite, "--methods", ",".join(methods)]
-    command += ["--fip-set", args.fip_set] + (["--validation", str(args.validation)] if args.validation else [])
+    command += [part for option in args.fip_option for part in ("--fip-option", option)]
+    command += ["--validation", str(args.validation)] if args.validation else []
     command += ["--steps", str(args.steps)] if args.steps else []
     # One thread per run unless OMP_NUM_THREADS says otherwise: on a shared CPU, OpenMP threads that spin while
     # waiting for each other distort the times far more than the lost parallelism.

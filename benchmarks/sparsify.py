@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from continual_text import MeanPoolingClassifier, default_model_path  # noqa: E402
 from data import sentiment_task  # noqa: E402
+from fip_options import parse_fip_options  # noqa: E402
 from sparsify_text import tokenize_split  # noqa: E402
 
 import fip_peft  # noqa: E402
@@ -385,15 +386,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--output", default="outputs/sparsify_benchmark.json", help="Where the results go (JSON).")
     args = parser.parse_args(argv)
-    args.fip_options = {}
-    for option in args.fip_option:
-        field, sep, value = option.partition("=")
-        if not sep:
-            parser.error(f"--fip-option takes FIELD=VALUE, got {option!r}.")
-        try:
-            args.fip_options[field] = json.loads(value)
-        except json.JSONDecodeError:
-            args.fip_options[field] = value
+    args.fip_options = parse_fip_options(args.fip_option)
     return args
 
 

@@ -1,0 +1,50 @@
+"""The benchmarks' sweep options: FIPConfig overrides (shared), held-out scoring and steps per task (continual)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from continual import parse_args  # noqa: E402
+from fip_options import parse_fip_options  # noqa: E402
+
+
+def test_fip_option_reads_each_value_as_json_or_else_as_a_string():
+    options = ["damping=1.0", "metric_positions=8", "solver=natural+penalty", "beta=null", 'modules_to_save=["head"]']
+
+    assert parse_fip_options(options) == {
+        "damping": 1.0,
+        "metric_positions": 8,
+        "solver": "natural+penalty",
+        "beta": None,
+        "modules_to_save": ["head"],
+    }
+
+
+def test_fip_option_names_the_option_when_a_field_is_not_a_fipconfig_field():
+    with pytest.raises(SystemExit, match="--fip-option: 'dampng=1' is not FIELD=VALUE with FIELD a FIPConfig field"):
+        parse_fip_options(["dampng=1"])
+
+
+def test_continual_fip_options_pass_on_fipconfig_s_own_check_of_a_value():
+    with pytest.raises(SystemExit, match="--fip-option: .*damping must be > 0"):
+        parse_args(["--suite", "text", "--fip-option", "damping=-1"])
+
+
+def test_continual_fip_options_reach_the_parsed_arguments():
+    parsed = parse_args(["--suite", "text", "--fip-option", "damping=0.3", "--fip-option", "metric_anchors=64"])
+
+    assert parsed.fip_overrides == {"damping": 0.3, "metric_anchors": 64}
+
+
+def test_validation_is_refused_for_the_vision_suite():
+    with pytest.raises(SystemExit, match="--validation: takes a positive count with --suite text"):
+        parse_args(["--suite", "vision", "--validation", "10"])
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_steps_must_be_a_positive_count(count):
+    with pytest.raises(SystemExit, match="--steps: takes a positive number"):
+        parse_args(["--suite", "text", "--steps", count])
