@@ -583,7 +583,8 @@ def summarize(results: list[dict[str, Any]], suite: str, methods: list[str]) -> 
 
 
 def targets(results: list[dict[str, Any]]) -> list[str]:
-    """Issue 3's targets for the FIP defaults, each with its measured value and whether it is met."""
+    """Issue 3's targets for the FIP defaults, each with its measured value and whether it is met (test runs only)."""
+    results = [r for r in results if r.get("scored_on", "test") == "test"]
 
     def mean(suite: str, method: str, key: str) -> float | None:
         values = [r[key] for r in results if r["suite"] == suite and r["method"] == method and r[key] is not None]
@@ -660,8 +661,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation",
         type=int,
         metavar="N",
-        help="Text suite: score on N held-out training examples per task instead of the test split (same training "
-        "examples), to choose settings without looking at the test split.",
+        help="Text suite: score on N held-out training examples per task instead of the test split, to choose "
+        "settings without looking at it (training examples unchanged where a task has N to spare).",
     )
     parser.add_argument(
         "--fip-option",
