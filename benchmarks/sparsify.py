@@ -386,7 +386,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--output", default="outputs/sparsify_benchmark.json", help="Where the results go (JSON).")
     args = parser.parse_args(argv)
-    args.fip_options = parse_fip_options(args.fip_option)
+    args.fip_options = parse_fip_options(
+        args.fip_option, fixed={"target_modules": TARGET_REGEX, "objective": "sparsify", "target_sparsity": 0.5}
+    )
     return args
 
 

@@ -28,7 +28,17 @@ def test_fip_option_names_the_option_when_a_field_is_not_a_fipconfig_field():
         parse_fip_options(["dampng=1"])
 
 
-def test_continual_fip_options_pass_on_fipconfig_s_own_check_of_a_value():
+def test_fip_option_passes_on_fipconfig_s_own_check_of_a_value():
+    with pytest.raises(SystemExit, match="--fip-option: .*damping must be > 0"):
+        parse_fip_options(["damping=-1"])
+
+
+def test_fip_option_values_are_checked_beside_the_fields_the_script_sets():
+    with pytest.raises(SystemExit, match="--fip-option: .*sparsity"):
+        parse_fip_options(["sparsity_scope=row"], fixed={"objective": "sparsify", "target_sparsity": 0.8})
+
+
+def test_continual_refuses_a_bad_fip_option_value_before_any_work():
     with pytest.raises(SystemExit, match="--fip-option: .*damping must be > 0"):
         parse_args(["--suite", "text", "--fip-option", "damping=-1"])
 
@@ -36,7 +46,7 @@ def test_continual_fip_options_pass_on_fipconfig_s_own_check_of_a_value():
 def test_continual_fip_options_reach_the_parsed_arguments():
     parsed = parse_args(["--suite", "text", "--fip-option", "damping=0.3", "--fip-option", "metric_anchors=64"])
 
-    assert parsed.fip_overrides == {"damping": 0.3, "metric_anchors": 64}
+    assert parsed.fip_options == {"damping": 0.3, "metric_anchors": 64}
 
 
 def test_validation_is_refused_for_the_vision_suite():
