@@ -185,16 +185,26 @@ def subsample(dataset: datasets.Dataset, size: int | None, seed: int) -> dataset
     return dataset if size is None or size >= len(dataset) else dataset.select(range(size))
 
 
+class MeanPooling(nn.Module):
+    """Mean of the token states over the attention mask: the sentence features the head reads."""
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
 class MeanPoolingClassifier(nn.Module):
     """Encoder, mean of the token states, linear head: how sentence-transformers models such as MiniLM pool.
 
     MiniLM's [CLS] state was never trained as a sentence summary, so `AutoModelForSequenceClassification` (which
-    classifies from it) learns these tasks far more slowly; mean pooling uses what the model already knows.
+    classifies from it) learns these tasks far more slowly; mean pooling uses what the model already knows. The
+    pooling is its own module, so FIP can keep the sentence features (`FIPConfig(anchor_output_module="pooling")`).
     """
 
     def __init__(self, model_name: str, num_labels: int) -> None:
         super().__init__()
         self.encoder = AutoModel.from_pretrained(model_name)
+        self.pooling = MeanPooling()
         self.classifier = nn.Linear(self.encoder.config.hidden_size, num_labels)
 
     def forward(
@@ -207,8 +217,7 @@ class MeanPoolingClassifier(nn.Module):
         states = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        logits = self.classifier((states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0))
+        logits = self.classifier(self.pooling(states, attention_mask))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 

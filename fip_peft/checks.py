@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -145,6 +146,21 @@ def check_adaptable_targets(tuner: FIPModel, config: FIPConfig, model: nn.Module
         matched = tuner._check_target_module_exists(config, key)
         if matched and not isinstance(matched, _ExcludedModule):
             check_adaptable_layer(key, module)
+
+
+def check_anchor_output_module(name: str | None, model: nn.Module) -> None:
+    """`FIPConfig.anchor_output_module` must name a submodule of the base model; suggest the closest names if not."""
+    if name is None:
+        return
+    names = [key for key, _ in model.named_modules() if key]
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f" Did you mean {close}?" if close else ""
+    raise ValueError(
+        f"FIPConfig.anchor_output_module={name!r} is not a submodule of {type(model).__name__}: give a name from "
+        f"`model.named_modules()` (e.g. the pooler of a classifier), or None for the model's output.{hint}"
+    )
 
 
 # ---- anchors --------------------------------------------------------------------------------------------------------

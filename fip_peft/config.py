@@ -57,6 +57,12 @@ class FIPConfig(PeftConfig):
         save_anchors: Store anchors and reference outputs in the adapter file so that training can resume
             anywhere. Anchors are training inputs: mind their privacy before pushing to a public Hub.
         anchor_seed: Seed of anchor selection and per-step anchor sampling (identical on every process).
+        anchor_output_module: Name of the submodule whose output is kept unchanged on the anchors (e.g.
+            `"bert.pooler"`: the 384 features a MiniLM classifier reads instead of its 2 logits), compared with
+            `distance="logits"` (squared L2). `None`: the model's output. Features carry far more of the function
+            per anchor than a few logits do, so keeping them holds the function on inputs that are not anchors
+            better (hidden-state distillation); the reference is recorded from this module, so set it before
+            `remember`.
         solver: How the FIP step is solved. `"penalty"`: first-order step on L + D / beta. `"natural"`: the
             metric-preconditioned step: the gradient of L on each covered layer (full-rank displacements and trained
             `nn.Linear` heads) becomes P grad L, P = lambda (g + lambda I)^-1 with g the Kronecker-factored metric
@@ -142,6 +148,10 @@ class FIPConfig(PeftConfig):
         default=True, metadata={"help": "Store anchors and reference outputs in the adapter file."}
     )
     anchor_seed: int = field(default=0, metadata={"help": "Seed of anchor selection and sampling."})
+    anchor_output_module: str | None = field(
+        default=None,
+        metadata={"help": "Submodule whose output is kept on anchors (e.g. 'bert.pooler'); None: the model output."},
+    )
     solver: Literal["penalty", "natural", "natural+penalty"] = field(
         default="penalty", metadata={"help": "How the FIP step is solved: 'penalty', 'natural', 'natural+penalty'."}
     )
@@ -241,10 +251,25 @@ class FIPConfig(PeftConfig):
         _check_int("anchor_budget", self.anchor_budget, minimum=1)
         _check_int("anchor_batch_size", self.anchor_batch_size, minimum=1)
         _check_int("anchor_seed", self.anchor_seed, minimum=0)
+        self._validate_anchor_output()
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
         _check_history(self.task_names, self.accuracy_matrix)
         check_config_consistency(self)
+
+    def _validate_anchor_output(self) -> None:
+        if self.anchor_output_module is None:
+            return
+        if not isinstance(self.anchor_output_module, str) or not self.anchor_output_module.strip():
+            raise (TypeError if not isinstance(self.anchor_output_module, str) else ValueError)(
+                "FIPConfig.anchor_output_module must be a submodule name such as 'bert.pooler', or None for the "
+                f"model's output; got {self.anchor_output_module!r}."
+            )
+        if self.distance != "logits":
+            raise ValueError(
+                f"FIPConfig.anchor_output_module={self.anchor_output_module!r} keeps hidden features, which are not "
+                f"logits of a distribution: use distance='logits' (squared L2), got distance={self.distance!r}."
+            )
 
     def _validate_sparsity(self) -> None:
         if self.objective != "sparsify":

@@ -15,6 +15,7 @@ from .anchors import POSITIONAL, AnchorInputs, collect_inputs, num_rows
 from .checks import (
     check_adaptable_targets,
     check_anchor_inputs,
+    check_anchor_output_module,
     check_anchors_match,
     check_finite_reference,
     check_remember_adapter,
@@ -69,8 +70,10 @@ class FIPModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: FIPConfig, model: nn.Module) -> None:
-        """Refuse any target FIP cannot adapt before the first layer is replaced."""
+        """Refuse any target FIP cannot adapt, or an anchor output module the model lacks, before the first layer is
+        replaced."""
         check_adaptable_targets(self, peft_config, model)
+        check_anchor_output_module(peft_config.anchor_output_module, model)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject the FIP layers of `adapter_name` and give it an empty anchor memory."""
@@ -141,23 +144,40 @@ class FIPModel(BaseTuner):
             for module in training:
                 object.__setattr__(module, "training", True)
 
-    def _run(self, inputs: AnchorInputs, forward: nn.Module | None = None) -> torch.Tensor:
-        """The model's outputs on `inputs`, through `forward` when given (an FSDP2 root, which gathers the shards)."""
+    def _run(
+        self, inputs: AnchorInputs, forward: nn.Module | None = None, adapter_name: str | None = None
+    ) -> torch.Tensor:
+        """The outputs FIP keeps on `inputs`: the model's, or those of `FIPConfig.anchor_output_module` (caught by a
+        forward hook). Run through `forward` when given (an FSDP2 root, which gathers the shards)."""
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         inputs = {k: v.to(device) for k, v in inputs.items()}
         positional = inputs.pop(POSITIONAL, None)
         forward = self.model if forward is None else forward
-        outputs = forward(positional, **inputs) if positional is not None else forward(**inputs)
-        return model_output(outputs)
+        module_name = self.peft_config[self._adapter(adapter_name)].anchor_output_module
+        if module_name is None:
+            outputs = forward(positional, **inputs) if positional is not None else forward(**inputs)
+            return model_output(outputs)
+        caught = []
+        hook = self.model.get_submodule(module_name).register_forward_hook(lambda m, a, out: caught.append(out))
+        try:
+            forward(positional, **inputs) if positional is not None else forward(**inputs)
+        finally:
+            hook.remove()
+        if not caught:
+            raise RuntimeError(
+                f"FIPConfig.anchor_output_module={module_name!r} did not run in the model's forward pass: name a "
+                "module between the inputs and the outputs, or None for the model's output."
+            )
+        return model_output(caught[-1])
 
     @torch.no_grad()
-    def _outputs_on(self, inputs: AnchorInputs) -> torch.Tensor:
+    def _outputs_on(self, inputs: AnchorInputs, adapter_name: str) -> torch.Tensor:
         with self._evaluating():
             rows = num_rows(inputs)
             chunks = []
             for start in range(0, rows, REFERENCE_BATCH_SIZE):
                 chunk = {k: v[start : start + REFERENCE_BATCH_SIZE] for k, v in inputs.items()}
-                chunks.append(self._run(chunk).float().cpu())
+                chunks.append(self._run(chunk, adapter_name=adapter_name).float().cpu())
         return torch.cat(chunks)
 
     def remember(
@@ -202,7 +222,7 @@ class FIPModel(BaseTuner):
         check_anchor_inputs(new_inputs, self.model)
         check_remember_budget(config.anchor_budget, memory.anchors_per_task(), num_rows(new_inputs))
         try:
-            probe = self._outputs_on({k: v[:2] for k, v in new_inputs.items()})
+            probe = self._outputs_on({k: v[:2] for k, v in new_inputs.items()}, name)
         except Exception as error:  # the model's own error says what is wrong with the inputs
             raise ValueError(
                 f"The model cannot run on the anchors given to `remember` (inputs {sorted(new_inputs)}): {error}"
@@ -210,7 +230,7 @@ class FIPModel(BaseTuner):
         check_anchors_match(new_inputs, memory.inputs)
         inputs, task_ids = memory.with_new_task(new_inputs, config.anchor_budget)
         check_reference_size(num_rows(inputs), probe.shape)
-        reference = self._outputs_on(inputs)
+        reference = self._outputs_on(inputs, name)
         check_finite_reference(reference)
         memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance))
         config.task_names = [*config.task_names, task_name or f"task {len(config.task_names)}"]
@@ -240,7 +260,7 @@ class FIPModel(BaseTuner):
             return None
         inputs, reference = memory.batch(memory.next_batch_index(config.anchor_batch_size, config.anchor_seed))
         with self._evaluating():
-            outputs = self._run(inputs, forward)
+            outputs = self._run(inputs, forward, name)
         mask = inputs.get("attention_mask")
         distance = functional_distance(outputs, reference.to(outputs.device), config.distance, mask)
         return distance / memory.scale

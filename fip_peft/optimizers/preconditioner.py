@@ -57,7 +57,7 @@ def gather_factors(
         for chunk in index.split(config.metric_batch_size or config.anchor_batch_size):
             inputs, _ = memory.batch(chunk)
             factors.add(
-                lambda inputs=inputs: fip_model._run(inputs),
+                lambda inputs=inputs: fip_model._run(inputs, adapter_name=adapter),
                 config.distance,
                 config.metric_samples,
                 generator,
