@@ -486,6 +486,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
         "method": method,
         "seed": seed,
         "fip_options": suite.fip_options,
+        "lr": suite.sizes.lr,
         "scored_on": "validation" if suite.validation else "test",
         "R": [[None if value != value else float(value) for value in row] for row in R] if sequential else [final],
         "acc": statistics.fmean(final),
@@ -509,12 +510,19 @@ def build_suite(
     validation: int | None = None,
     fip_options: dict[str, Any] | None = None,
     steps: int | None = None,
+    lr: float | None = None,
 ) -> Suite:
-    sizes = (QUICK_SIZES if quick else FULL_SIZES)[name]
-    sizes = sizes if steps is None else replace(sizes, steps=steps)
+    sizes = suite_sizes(name, quick, steps, lr)
     suite = vision_suite(sizes, seed) if name == "vision" else text_suite(sizes, seed, validation)
     suite.fip_options = dict(fip_options or {})
     return suite
+
+
+def suite_sizes(name: str, quick: bool, steps: int | None = None, lr: float | None = None) -> Sizes:
+    """The suite's sizes, with `--steps` and `--lr` in place of its own where given."""
+    sizes = (QUICK_SIZES if quick else FULL_SIZES)[name]
+    sizes = sizes if steps is None else replace(sizes, steps=steps)
+    return sizes if lr is None else replace(sizes, lr=lr)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -646,6 +654,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Optimizer steps per task instead of the suite's (e.g. a slower method's share of equal wall time).",
     )
     parser.add_argument(
+        "--lr",
+        type=float,
+        help="Learning rate instead of the suite's (LoRA keeps its multiple of it); recorded with each result.",
+    )
+    parser.add_argument(
         "--validation",
         type=int,
         metavar="N",
@@ -676,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps: takes a positive number of optimizer steps per task, got {args.steps}.")
+    if args.lr is not None and not args.lr > 0:
+        raise SystemExit(f"--lr: takes a positive learning rate such as 2e-4, got {args.lr}.")
     args.fip_options = parse_fip_options(args.fip_option)
     return args
 
@@ -686,6 +701,7 @@ def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Names
     command += [part for option in args.fip_option for part in ("--fip-option", option)]
     command += ["--validation", str(args.validation)] if args.validation else []
     command += ["--steps", str(args.steps)] if args.steps else []
+    command += ["--lr", repr(args.lr)] if args.lr else []
     # One thread per run unless OMP_NUM_THREADS says otherwise: on a shared CPU, OpenMP threads that spin while
     # waiting for each other distort the times far more than the lost parallelism.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -702,7 +718,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one:
         suite_name, seed = args.one[0], int(args.one[1])
-        suite = build_suite(suite_name, False, seed, args.validation, args.fip_options, args.steps)
+        suite = build_suite(suite_name, False, seed, args.validation, args.fip_options, args.steps, args.lr)
         run_method(suite, "naive", seed, steps=2)  # warm-up: one-time allocations are nobody's cost
         for method in args.method_list:
             print(json.dumps(run_method(suite, method, seed)), flush=True)
@@ -717,15 +733,13 @@ def main(argv: list[str] | None = None) -> None:
         print("\n" + "\n".join(targets(results)))
         return
     started = time.perf_counter()
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
     for suite_name in args.suites:
-        shown = sizes[suite_name] if args.steps is None else replace(sizes[suite_name], steps=args.steps)
-        print(f"{suite_name}: {shown}", flush=True)
+        print(f"{suite_name}: {suite_sizes(suite_name, args.quick, args.steps, args.lr)}", flush=True)
     results = []
     for suite_name in args.suites:
         for seed in args.seed_list:
             if args.quick:
-                suite = build_suite(suite_name, True, seed, args.validation, args.fip_options, args.steps)
+                suite = build_suite(suite_name, True, seed, args.validation, args.fip_options, args.steps, args.lr)
                 runs = (run_method(suite, method, seed) for method in args.method_list)
             elif args.process_per_method:
                 runs = (r for method in args.method_list for r in run_isolated(suite_name, [method], seed, args))

@@ -1,4 +1,5 @@
-"""The benchmarks' sweep options: FIPConfig overrides (shared), held-out scoring and steps per task (continual)."""
+"""The benchmarks' sweep options: FIPConfig overrides (shared); held-out scoring, steps per task and learning rate
+(continual)."""
 
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from continual import parse_args  # noqa: E402
+from continual import parse_args, suite_sizes  # noqa: E402
 from fip_options import parse_fip_options  # noqa: E402
 
 
@@ -58,3 +59,16 @@ def test_validation_is_refused_for_the_vision_suite():
 def test_steps_must_be_a_positive_count(count):
     with pytest.raises(SystemExit, match="--steps: takes a positive number"):
         parse_args(["--suite", "text", "--steps", count])
+
+
+@pytest.mark.parametrize("lr", ["0", "-1e-4"])
+def test_lr_must_be_positive(lr):
+    with pytest.raises(SystemExit, match="--lr: takes a positive learning rate"):
+        parse_args(["--suite", "text", f"--lr={lr}"])
+
+
+def test_lr_replaces_the_suite_s_learning_rate_and_keeps_its_other_sizes():
+    sizes = suite_sizes("text", quick=False, steps=18, lr=3e-4)
+
+    assert (sizes.lr, sizes.steps) == (3e-4, 18)
+    assert sizes.batch_size == suite_sizes("text", quick=False).batch_size
