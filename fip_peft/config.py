@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from .checks import check_config_consistency, drop_unknown_config_fields
-from .sparsity import SCHEDULES, SCOPES
+from .sparsity import CRITERIA, SCHEDULES, SCOPES
 
 DISTANCES = ("logits", "bhattacharyya", "kl")
 OBJECTIVES = ("continual", "sparsify")
@@ -100,7 +100,14 @@ class FIPConfig(PeftConfig):
             are exactly zero at the end, in [0, 1). Only target modules count (norms, biases, heads only if targeted).
         sparsity_schedule: How the mask's sparsity s_t ramps from 0 to `target_sparsity`: `"cubic"` (Zhu & Gupta,
             s_t = s_f (1 - (1 - t/T)^3)), `"linear"`, or `"constant"` (s_f from the first step, as the authors).
-        sparsity_scope: `"global"`: one magnitude threshold over all target weights; `"layer"`: one per weight.
+        sparsity_scope: `"global"`: one threshold over all target weights; `"layer"`: one per weight.
+        sparsity_criterion: Which entries go first. `"magnitude"`: the smallest |w|. `"saliency"`: the smallest
+            w_ij^2 A_jj G_ii, the optimal-brain-damage saliency under the FIP metric (diagonal of its Kronecker
+            factors A (x) G on `metric_anchors` anchors, gathered as the natural solvers' `metric_*` fields say and
+            refreshed at every mask update): the entries whose removal
+            moves the outputs on the anchors least. It weighs each entry by how much its input carries and how much
+            the outputs depend on its output, so one global threshold compares layers on one scale. One-shot on
+            MiniLM at 80% it kept 4.7 points more validation accuracy than magnitude (docs/benchmarks.md).
         sparsity_begin_step: Optimizer step at which the mask starts to prune.
         sparsity_ramp_steps: T, optimizer steps from `sparsity_begin_step` until the mask reaches the target.
         sparsity_update_every: Optimizer steps between mask updates (the last ramp step always updates). `None`
@@ -169,17 +176,21 @@ class FIPConfig(PeftConfig):
         default=5,
         metadata={"help": "Natural solvers: metric refreshes per eigendecomposition (others refresh eigenvalues)."},
     )
-    metric_anchors: int = field(default=128, metadata={"help": "Natural solvers: anchors per metric refresh."})
+    metric_anchors: int = field(
+        default=128, metadata={"help": "Natural solvers, saliency: anchors per metric refresh."}
+    )
     metric_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Natural solvers: anchors per pass of a metric refresh; None: anchor_batch_size."},
+        metadata={"help": "Natural solvers, saliency: anchors per pass of a metric refresh; None: anchor_batch_size."},
     )
     metric_samples: int = field(
-        default=1, metadata={"help": "Natural solvers: random output directions per anchor for the metric."}
+        default=1, metadata={"help": "Natural solvers, saliency: random output directions per anchor for the metric."}
     )
     metric_positions: int | None = field(
         default=None,
-        metadata={"help": "Natural solvers: positions (tokens, patches) per anchor the metric uses; None: all."},
+        metadata={
+            "help": "Natural solvers, saliency: positions (tokens, patches) per anchor the metric uses; None: all."
+        },
     )
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero displacement (base function); False: random, for tests."}
@@ -193,6 +204,10 @@ class FIPConfig(PeftConfig):
     )
     sparsity_scope: Literal["global", "layer"] = field(
         default="global", metadata={"help": "Magnitude threshold over all target weights ('global') or per layer."}
+    )
+    sparsity_criterion: Literal["magnitude", "saliency"] = field(
+        default="magnitude",
+        metadata={"help": "Entries pruned first: smallest 'magnitude' |w|, or smallest 'saliency' under the metric."},
     )
     sparsity_begin_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning begins."})
     sparsity_ramp_steps: int = field(
@@ -295,6 +310,10 @@ class FIPConfig(PeftConfig):
             )
         if self.sparsity_scope not in SCOPES:
             raise ValueError(f"FIPConfig.sparsity_scope must be one of {SCOPES}, got {self.sparsity_scope!r}.")
+        if self.sparsity_criterion not in CRITERIA:
+            raise ValueError(
+                f"FIPConfig.sparsity_criterion must be one of {CRITERIA}, got {self.sparsity_criterion!r}."
+            )
         _check_int("sparsity_begin_step", self.sparsity_begin_step, minimum=0)
         _check_int("sparsity_ramp_steps", self.sparsity_ramp_steps, minimum=0)
         if self.sparsity_update_every is None:

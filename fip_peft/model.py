@@ -27,7 +27,8 @@ from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory, check_reference_size
 from .model_io import model_output
-from .sparsity import count_zeros, magnitude_masks, mean_pruned_magnitude, scheduled_sparsity
+from .natural import metric_saliency
+from .sparsity import count_zeros, mean_pruned_magnitude, scheduled_sparsity, score_masks
 
 logger = logging.get_logger(__name__)
 
@@ -301,8 +302,9 @@ class FIPModel(BaseTuner):
         return name, config
 
     def apply_sparsity_mask(self, sparsity: float | None = None, adapter_name: str | None = None) -> float:
-        """Prune the smallest-magnitude effective target weights now, to `sparsity` (default: the target), and
-        return the sparsity reached. Pruned entries stay exactly zero from then on (forward, merge, save)."""
+        """Prune the effective target weights with the smallest score (`FIPConfig.sparsity_criterion`) now, to
+        `sparsity` (default: the target), and return the sparsity reached. Pruned entries stay exactly zero from then
+        on (forward, merge, save)."""
         name, config = self._sparse_config(adapter_name)
         sparsity = config.target_sparsity if sparsity is None else sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
@@ -310,13 +312,47 @@ class FIPModel(BaseTuner):
         self._prune_mask(name, config, sparsity)
         return self.sparsity_report(name)["sparsity"]
 
+    def _sparsity_scores(
+        self, name: str, config: FIPConfig, weights: dict[str, torch.Tensor], refresh: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Each effective target weight's entries scored by `sparsity_criterion` (prune the smallest first). The
+        saliency's metric diagonals are gathered on the anchors when `refresh` is set or none are kept yet."""
+        if config.sparsity_criterion == "magnitude":
+            return {key: weight.detach().abs() for key, weight in weights.items()}
+        from .optimizers.preconditioner import fip_covered_layer, gather_factors  # it imports this module
+
+        layers = self._sparse_layers(name)
+        covered = {key: fip_covered_layer(key, layer, layer.fip_delta[name]) for key, layer in layers.items()}
+        state = self._sparsity_state.setdefault(name, {"step": 0})
+        if refresh or "diagonals" not in state:
+            memory = self.fip_memory[name]
+            if len(memory) == 0:
+                raise ValueError(
+                    "FIPConfig.sparsity_criterion='saliency' scores weights on the remembered anchors, and adapter "
+                    f"{name!r} has none: call `model.remember(data)` first, or use sparsity_criterion='magnitude'."
+                )
+            seed = config.anchor_seed * 1_000_003 + state["step"]
+            order = torch.randperm(len(memory), generator=torch.Generator().manual_seed(seed))
+            factors = gather_factors(self, name, covered, order[: config.metric_anchors], seed, diagonal_only=True)
+            state["diagonals"] = factors.diagonals()
+        diagonals = state["diagonals"]
+        missing = sorted(set(weights) - set(diagonals))
+        if missing:
+            raise ValueError(
+                f"FIPConfig.sparsity_criterion='saliency' found no metric for {missing[:3]}: the anchors' outputs do "
+                "not depend on them (check FIPConfig.anchor_output_module), or use sparsity_criterion='magnitude'."
+            )
+        return {key: metric_saliency(covered[key], weights[key], *diagonals[key]) for key in weights}
+
     def _prune_mask(self, name: str, config: FIPConfig, sparsity: float) -> None:
-        """Set every target layer's mask to the magnitude projection of its effective weight at `sparsity`."""
+        """Set every target layer's mask to the projection of its effective weight at `sparsity`, by
+        `sparsity_criterion` (the saliency's metric gathered afresh)."""
         layers = self._sparse_layers(name)
         if any(layer.merged for layer in layers.values()):
             raise ValueError("Unmerge the adapter (`unmerge_adapter()`) before changing its sparsity mask.")
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
-        for key, mask in magnitude_masks(weights, sparsity, config.sparsity_scope).items():
+        scores = self._sparsity_scores(name, config, weights, refresh=True)
+        for key, mask in score_masks(scores, sparsity, config.sparsity_scope).items():
             layers[key].set_mask(name, mask)
         state = self._sparsity_state.setdefault(name, {"step": 0})
         state["pruned_to"] = max(state.get("pruned_to", 0.0), sparsity)
@@ -324,9 +360,10 @@ class FIPModel(BaseTuner):
     def sparsity_step(self, adapter_name: str | None = None) -> None:
         """One optimizer step of the sparsity schedule, called by the FIP optimizer's `step()`: on update steps,
         prune the mask to the scheduled sparsity s_t; then add the pull lambda * (w - P_s_f(w)) to the gradient of
-        `delta`, P_s_f the magnitude projection of the current weights at the target (nonzero on the entries it
-        removes). Once the mask has pruned the target fraction, the entries P_s_f removes are the mask's exact zeros:
-        the pull is zero and a new mask would be the same (masks only ever lose entries), so neither is computed.
+        `delta`, P_s_f the projection of the current weights at the target by `sparsity_criterion` (nonzero on the
+        entries it removes; the saliency reuses the metric of the last mask update). Once the mask has pruned the
+        target fraction, the entries P_s_f removes are the mask's exact zeros: the pull is zero and a new mask would
+        be the same (masks only ever lose entries), so neither is computed.
 
         Under Adam the pull moves each of those entries by about the learning rate per step whatever lambda, so the
         weights empty before the mask removes them only when the ramp lasts long enough: sparsity_ramp_steps x lr
@@ -354,7 +391,8 @@ class FIPModel(BaseTuner):
             key: layer for key, layer in self._sparse_layers(name).items() if layer.fip_delta[name].requires_grad
         }
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
-        target = magnitude_masks(weights, config.target_sparsity, config.sparsity_scope)
+        scores = self._sparsity_scores(name, config, weights)
+        target = score_masks(scores, config.target_sparsity, config.sparsity_scope)
         with torch.no_grad():
             for key, layer in layers.items():
                 delta = layer.fip_delta[name]
@@ -371,7 +409,8 @@ class FIPModel(BaseTuner):
         ramp = config.sparsity_ramp_steps if config.sparsity_schedule != "constant" else 0
         steps = config.sparsity_begin_step + ramp
         weights = {key: layer.sparse_weight(name) for key, layer in self._sparse_layers(name).items()}
-        magnitude = mean_pruned_magnitude(weights, config.target_sparsity, config.sparsity_scope)
+        scores = self._sparsity_scores(name, config, weights)
+        magnitude = mean_pruned_magnitude(weights, score_masks(scores, config.target_sparsity, config.sparsity_scope))
         if config.sparsity_lambda > 0 and learning_rate * steps < magnitude / 2:
             logger.warning(
                 "FIP sparsify: the optimizer moves each weight by about its learning rate per step, "

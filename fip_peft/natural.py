@@ -101,6 +101,17 @@ class CoveredLayer:
         return d.reshape(-1, d.shape[-1])
 
 
+def metric_saliency(
+    layer: CoveredLayer, weight: torch.Tensor, a_diag: torch.Tensor, g_diag: torch.Tensor
+) -> torch.Tensor:
+    """Optimal-brain-damage saliency of every entry of `weight` (shaped like the layer's weight) under the metric:
+    w_ij^2 g_(ij),(ij) with the diagonal of A (x) G, g_(ij),(ij) = G_ii A_jj. It is twice the increase of the
+    functional distance D when that entry alone is zeroed, to second order: prune the smallest first."""
+    matrix = layer.as_matrix(weight.detach().float())
+    saliency = matrix.pow(2) * g_diag.to(matrix.device)[:, None] * a_diag.to(matrix.device)[None, : matrix.shape[1]]
+    return layer.from_matrix(saliency)[0]
+
+
 def check_conv(conv: nn.Conv2d, name: str) -> None:
     """Refuse convolutions whose weight is not a plain patch product (groups, string padding, non-zero padding)."""
     if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
@@ -162,14 +173,19 @@ class _Factor:
     """Running sum of row outer products, kept as the rows themselves while there are fewer rows than columns (so
     that a wide, rarely seen factor is decomposed through its small Gram matrix)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, diagonal_only: bool = False) -> None:
         self.dim = dim
+        self.diagonal_only = diagonal_only
         self.rows: list[torch.Tensor] = []
         self.num_rows = 0
         self.sum: torch.Tensor | None = None
 
     def add(self, rows: torch.Tensor) -> None:
         self.num_rows += rows.shape[0]
+        if self.diagonal_only:  # only diag(sum of x x^T) = sum of x^2 is wanted: no outer products
+            squares = rows.pow(2).sum(0)
+            self.sum = squares if self.sum is None else self.sum + squares
+            return
         if self.sum is None:
             # all-zero rows (positions no output depends on) add nothing, and would make the Gram matrix singular
             self.rows.append(rows[rows.any(dim=1)])
@@ -178,6 +194,13 @@ class _Factor:
             rows, self.rows = torch.cat(self.rows), []
         product = rows.t() @ rows
         self.sum = product if self.sum is None else self.sum + product
+
+    def diagonal(self, scale: float) -> torch.Tensor:
+        """diag(F), F = (sum of row outer products) / scale."""
+        if self.diagonal_only:
+            return self.sum / scale
+        total = sum((rows.pow(2).sum(0) for rows in self.rows), torch.zeros(self.dim))
+        return (total if self.sum is None else total.to(self.sum.device) + self.sum.diagonal()) / scale
 
     def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
         """Eigen-decomposition of F = (sum of row outer products) / scale. Given the eigenbasis Q of an earlier F,
@@ -219,6 +242,9 @@ class _DiagonalFactor:
         self.num_rows += ids.numel()
         counts = torch.bincount(ids, minlength=self.dim).to(torch.float32)
         self.counts = counts if self.counts is None else self.counts + counts
+
+    def diagonal(self, scale: float) -> torch.Tensor:
+        return self.counts / scale
 
     def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
         """The diagonal factor is its own eigen form (`basis` is not needed)."""
@@ -372,8 +398,9 @@ class KroneckerFactors:
     query, key and value projections of an attention block) share one A factor: gathered and decomposed once.
     """
 
-    def __init__(self, layers: dict[str, CoveredLayer]) -> None:
+    def __init__(self, layers: dict[str, CoveredLayer], diagonal_only: bool = False) -> None:
         self.layers = layers
+        self.diagonal_only = diagonal_only
         self.inputs: dict[str, _Factor | _DiagonalFactor] = {}
         self.grads: dict[str, _Factor] = {}
         self.shares_input: dict[str, str] = {}
@@ -410,7 +437,7 @@ class KroneckerFactors:
                     if layer.kind == "embedding":
                         self.inputs[name] = _DiagonalFactor(layer.module.get_base_layer().num_embeddings)
                     else:
-                        self.inputs[name] = _Factor(rows.shape[1])
+                        self.inputs[name] = _Factor(rows.shape[1], self.diagonal_only)
                 self.inputs[name].add(rows if layer.kind == "embedding" else rows.float())
 
             return hook
@@ -427,7 +454,8 @@ class KroneckerFactors:
         flat = [tensor for name in names for tensor in outputs[name]]
         for name in names:
             if name not in self.grads:
-                self.grads[name] = _Factor(outputs[name][0].shape[1 if self.layers[name].kind == "conv2d" else -1])
+                dim = outputs[name][0].shape[1 if self.layers[name].kind == "conv2d" else -1]
+                self.grads[name] = _Factor(dim, self.diagonal_only)
         directions = output_directions(model_output, distance, samples, generator, mask)
         for i, v in enumerate(directions):
             grads = torch.autograd.grad(
@@ -442,6 +470,17 @@ class KroneckerFactors:
                         )
                         self.grads[name].add(rows.float() * weight**0.5 if weight != 1.0 else rows.float())
                     position += 1
+
+    def diagonals(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """diag(A) and diag(G) of every layer with factors (the diagonal of the metric A (x) G is their outer
+        product)."""
+        diagonals = {}
+        for name, grads in self.grads.items():
+            owner = self.shares_input.get(name, name)
+            if grads.num_rows and owner in self.inputs:
+                inputs = self.inputs[owner]
+                diagonals[name] = (inputs.diagonal(float(inputs.num_rows)), grads.diagonal(float(self.num_anchors)))
+        return diagonals
 
     def metric(self, damping: float, basis: dict[str, Eigen] | None = None) -> dict[str, LayerMetric]:
         """The damped eigen form of every layer's A (x) G; A = E[x x^T] per input row, G = sum over rows / anchors.

@@ -1,8 +1,10 @@
-"""Magnitude sparsity: schedules, masks and counts (the math of `objective="sparsify"`, no PEFT glue).
+"""Sparsity: schedules, masks and counts (the math of `objective="sparsify"`, no PEFT glue).
 
-The sparse projection P_s(w) of weights w zeroes the fraction s of their entries with the smallest magnitude, over
-all target weights together (`scope="global"`) or within each weight (`scope="layer"`). Masks here are boolean
-tensors shaped like the weights, True where an entry is kept.
+The sparse projection P_s(w) of weights w zeroes the fraction s of their entries with the smallest score, over all
+target weights together (`scope="global"`) or within each weight (`scope="layer"`). The score is the magnitude |w|
+(`criterion="magnitude"`) or the saliency under the FIP metric (`criterion="saliency"`, `natural.metric_saliency`);
+an entry already zero scores 0 under both. Masks here are boolean tensors shaped like the weights, True where an
+entry is kept.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 SCHEDULES = ("cubic", "linear", "constant")
 SCOPES = ("global", "layer")
+CRITERIA = ("magnitude", "saliency")
 
 
 def scheduled_sparsity(step: int, target: float, schedule: str, begin_step: int = 0, ramp_steps: int = 0) -> float:
@@ -77,10 +80,8 @@ def _keep_above(magnitudes: torch.Tensor, num_pruned: int) -> torch.Tensor:
     return kth_smallest(magnitudes, num_pruned)
 
 
-def magnitude_masks(
-    weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global"
-) -> dict[str, torch.Tensor]:
-    """Masks of P_s: keep the largest-magnitude (1 - `sparsity`) of the entries of `weights`.
+def score_masks(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+    """Masks of P_s: keep the (1 - `sparsity`) of the entries with the largest (non-negative) `scores`.
 
     With `scope="global"` one threshold covers all weights together; with `"layer"` each weight gets its own.
     Entries tied with the threshold are pruned with it, so a weight that already has many exact zeros may end up
@@ -90,24 +91,29 @@ def magnitude_masks(
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
-    if not weights:
+    if not scores:
         return {}
     if scope == "layer":
         masks = {}
-        for name, weight in weights.items():
-            magnitudes = weight.detach().abs().float().flatten()
-            threshold = _keep_above(magnitudes, _num_pruned(magnitudes.numel(), sparsity))
-            masks[name] = weight.detach().abs() > threshold.to(weight.dtype)
+        for name, score in scores.items():
+            flat = score.detach().float().flatten()
+            masks[name] = score.detach().float() > _keep_above(flat, _num_pruned(flat.numel(), sparsity))
         return masks
-    device = next(iter(weights.values())).device
-    magnitudes = torch.cat([w.detach().abs().float().flatten().to(device) for w in weights.values()])
-    threshold = _keep_above(magnitudes, _num_pruned(magnitudes.numel(), sparsity))
-    return {name: w.detach().abs().float() > threshold.to(w.device) for name, w in weights.items()}
+    device = next(iter(scores.values())).device
+    flat = torch.cat([score.detach().float().flatten().to(device) for score in scores.values()])
+    threshold = _keep_above(flat, _num_pruned(flat.numel(), sparsity))
+    return {name: score.detach().float() > threshold.to(score.device) for name, score in scores.items()}
 
 
-def mean_pruned_magnitude(weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global") -> float:
-    """Mean |w| of the entries that P_s removes (0.0 when it removes none)."""
-    masks = magnitude_masks(weights, sparsity, scope)
+def magnitude_masks(
+    weights: Mapping[str, torch.Tensor], sparsity: float, scope: str = "global"
+) -> dict[str, torch.Tensor]:
+    """Masks of the magnitude projection: keep the largest-magnitude (1 - `sparsity`) of the entries of `weights`."""
+    return score_masks({name: weight.detach().abs() for name, weight in weights.items()}, sparsity, scope)
+
+
+def mean_pruned_magnitude(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> float:
+    """Mean |w| of the entries `masks` remove (0.0 when they remove none)."""
     total = sum(float(w.detach().abs().float()[~masks[name]].sum()) for name, w in weights.items())
     count = sum(int((~mask).sum()) for mask in masks.values())
     return total / count if count else 0.0

@@ -28,30 +28,38 @@ def covered_layers(fip_model: FIPModel, adapter: str) -> dict[str, CoveredLayer]
     for name, module in fip_model.model.named_modules():
         if isinstance(module, fip_layers.FIPLayer):
             delta = module.fip_delta[adapter] if adapter in module.fip_delta else None
-            if delta is None or not delta.requires_grad:
-                continue
-            if isinstance(module, fip_layers.Conv2d):
-                check_conv(module.get_base_layer(), name)
-                layers[name] = CoveredLayer(module, "conv2d", delta)
-            elif isinstance(module, fip_layers.Embedding):
-                layers[name] = CoveredLayer(module, "embedding", delta, transposed=True)
-            else:
-                layers[name] = CoveredLayer(module, "linear", delta, transposed=isinstance(module, fip_layers.Conv1D))
+            if delta is not None and delta.requires_grad:
+                layers[name] = fip_covered_layer(name, module, delta)
         elif isinstance(module, nn.Linear) and module.weight.requires_grad:
             bias = module.bias if module.bias is not None and module.bias.requires_grad else None
             layers[name] = CoveredLayer(module, "linear", module.weight, bias=bias)
     return layers
 
 
+def fip_covered_layer(name: str, module: fip_layers.FIPLayer, delta: nn.Parameter) -> CoveredLayer:
+    """The full-rank FIP displacement `delta` of `module` as the metric sees it."""
+    if isinstance(module, fip_layers.Conv2d):
+        check_conv(module.get_base_layer(), name)
+        return CoveredLayer(module, "conv2d", delta)
+    if isinstance(module, fip_layers.Embedding):
+        return CoveredLayer(module, "embedding", delta, transposed=True)
+    return CoveredLayer(module, "linear", delta, transposed=isinstance(module, fip_layers.Conv1D))
+
+
 def gather_factors(
-    fip_model: FIPModel, adapter: str, layers: dict[str, CoveredLayer], index: torch.Tensor, seed: int
+    fip_model: FIPModel,
+    adapter: str,
+    layers: dict[str, CoveredLayer],
+    index: torch.Tensor,
+    seed: int,
+    diagonal_only: bool = False,
 ) -> KroneckerFactors:
     """The Kronecker factors of `layers` on the anchors at `index` (eval mode, output directions and sampled
     positions seeded by `seed`), gathered in chunks of `metric_batch_size` anchors (default `anchor_batch_size`: a
-    refresh holds no more activations than a step)."""
+    refresh holds no more activations than a step). `diagonal_only`: only their diagonals (no outer products)."""
     config = fip_model.peft_config[adapter]
     memory = fip_model.memory(adapter)
-    factors = KroneckerFactors(layers)
+    factors = KroneckerFactors(layers, diagonal_only)
     generator = torch.Generator().manual_seed(seed)
     with fip_model._evaluating():
         for chunk in index.split(config.metric_batch_size or config.anchor_batch_size):
