@@ -4,6 +4,8 @@ One dense model is fine-tuned first; every method then starts from that same den
 optimizer steps (``--steps``) at each target sparsity:
 
 - ``one-shot``: global magnitude pruning of the target weights, no training.
+- ``one-shot-saliency`` (not in the default set): the same with ``FIPConfig(sparsity_criterion="saliency")``: the
+  entries with the smallest saliency under the FIP metric on the training inputs (512 anchors) go, no training.
 - ``IMP``: iterative magnitude pruning with fine-tuning: ``--imp-rounds`` rounds, each pruning to
   ``1 - (1 - s)^(r / R)`` and fine-tuning on the task loss with the mask held.
 - ``authors``: the authors' recipe (see ``/work/shared/FIP.md``): each step zeroes the globally smallest s of *all*
@@ -181,6 +183,17 @@ def run_one_shot(dense: nn.Module, sparsity: float, **_) -> nn.Module:
     return model
 
 
+def run_one_shot_saliency(dense: nn.Module, sparsity: float, *, args, train_data, **_) -> nn.Module:
+    """One-shot pruning by saliency under the FIP metric on the anchors (`FIPConfig.sparsity_criterion`)."""
+    config = {"target_modules": TARGET_REGEX, "objective": "sparsify", "target_sparsity": sparsity}
+    model = get_peft_model(
+        copy.deepcopy(dense), fip_peft.FIPConfig(**config, **{**args.fip_options, "sparsity_criterion": "saliency"})
+    )
+    model.remember(train_data)
+    model.apply_sparsity_mask()
+    return model.merge_and_unload()
+
+
 def run_imp(dense: nn.Module, sparsity: float, *, stream, args) -> nn.Module:
     model = copy.deepcopy(dense)
     rounds = args.imp_rounds
@@ -291,6 +304,7 @@ def run_fip_unlabeled(dense: nn.Module, sparsity: float, *, train_data, **kwargs
 METHODS = {
     "dense-continued": run_dense_continued,
     "one-shot": run_one_shot,
+    "one-shot-saliency": run_one_shot_saliency,
     "IMP": run_imp,
     "authors": run_authors,
     "FIP": run_fip,
@@ -500,7 +514,8 @@ def main(argv=None) -> None:
             ),
             device,
         )
-        extra = {"train_data": with_unlabeled if method == "FIP+unlabeled" else anchors} if "FIP" in method else {}
+        anchored = "FIP" in method or method == "one-shot-saliency"
+        extra = {"train_data": with_unlabeled if method == "FIP+unlabeled" else anchors} if anchored else {}
         start = time.perf_counter()
         pruned = METHODS[method](dense, sparsity, stream=stream, args=args, **extra)
         return pruned, time.perf_counter() - start
@@ -547,7 +562,7 @@ def main(argv=None) -> None:
                     "accuracy": accuracy(pruned, test_loader),
                     "target_weight_sparsity": target_sparsity_of(pruned),
                     "seconds": seconds,
-                    "steps": 0 if method == "one-shot" else args.steps,
+                    "steps": 0 if method.startswith("one-shot") else args.steps,
                 }
             results.append(row)
             print(
