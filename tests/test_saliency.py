@@ -111,3 +111,14 @@ def test_walk_with_saliency_reaches_the_target_and_merges_to_that_many_zeros(dig
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert zeros == report["zeros"]
+
+
+def test_walk_with_saliency_and_no_anchors_is_refused_at_the_first_step_before_any_change(trained_mlp):
+    model = sparsify_mlp(trained_mlp, "saliency")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(ValueError, match=r"model\.remember"):
+        optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])
+    assert model.sparsity_report()["step"] == 0
