@@ -73,6 +73,11 @@ def anchor_forward(fip_model: nn.Module, root: nn.Module | None, optimized: list
             "The FIP optimizer was created before `fully_shard`, so it holds the parameters from before sharding: "
             "create it after sharding, `create_fip_optimizer(sharded_model, ...)`."
         )
+    if any(config.sparsity_criterion == "saliency" for config in fip_model.peft_config.values()):
+        raise NotImplementedError(
+            "FIPConfig.sparsity_criterion='saliency' is not supported on FSDP2 (`fully_shard`) parameters: its metric "
+            "is gathered through hooks on unsharded layers. Use sparsity_criterion='magnitude', or DDP."
+        )
     if root is None or root is fip_model or solvers != {"penalty"}:
         raise NotImplementedError(
             "FIP on FSDP2 (`fully_shard`) parameters needs the penalty solver and the FIP optimizer created on the "

@@ -132,6 +132,13 @@ def test_natural_solver_on_fully_shard_parameters_is_refused_before_changing_any
     assert "needs the penalty solver" in sharded_step_error(model, optimizer)
 
 
+def test_saliency_sparsify_on_fully_shard_parameters_is_refused_before_changing_anything(single_process_group):
+    model = worker.fip_bert(objective="sparsify", target_sparsity=0.5, sparsity_criterion="saliency")
+    fully_shard(model, mesh=single_process_group)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
+    assert "sparsity_criterion='magnitude'" in sharded_step_error(model, optimizer)
+
+
 def fip_trainer(model, output_dir, steps: int = 6, **overrides) -> fip_peft.FIPTrainer:
     args = worker.training_args(str(output_dir), worker.PER_DEVICE_BATCH, max_steps=steps, **overrides)
     return fip_peft.FIPTrainer(model=model, args=args, train_dataset=worker.task_b(steps * worker.PER_DEVICE_BATCH))
