@@ -143,6 +143,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--anchor-batch-size", type=int, default=16, help="Anchors drawn per step (FIPConfig.anchor_batch_size)."
     )
+    parser.add_argument(
+        "--sparsity-criterion",
+        choices=["magnitude", "saliency"],
+        default="magnitude",
+        help="Entries pruned first (FIPConfig.sparsity_criterion): smallest magnitude, or smallest saliency under the "
+        "FIP metric on the anchors (at 90%% in benchmarks/sparsify.py 4.9 points ahead of iterative magnitude "
+        "pruning, against 1.5 with magnitude).",
+    )
     parser.add_argument("--max-length", type=int, default=48, help="Tokens kept per text.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="outputs/sparsify_text", help="Where the adapters are saved.")
@@ -227,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                 target_sparsity=sparsity,
                 sparsity_ramp_steps=args.steps // 2,
                 anchor_batch_size=args.anchor_batch_size,
+                sparsity_criterion=args.sparsity_criterion,
                 # every unlabeled anchor kept; without them, the default budget (512 of the training inputs)
                 **({"anchor_budget": len(anchors)} if args.unlabeled_anchors else {}),
             )
