@@ -196,11 +196,11 @@ class _Factor:
         self.sum = product if self.sum is None else self.sum + product
 
     def diagonal(self, scale: float) -> torch.Tensor:
-        """diag(F), F = (sum of row outer products) / scale."""
-        if self.diagonal_only:
-            return self.sum / scale
-        total = sum((rows.pow(2).sum(0) for rows in self.rows), torch.zeros(self.dim))
-        return (total if self.sum is None else total.to(self.sum.device) + self.sum.diagonal()) / scale
+        """diag(F), F = (sum of row outer products) / scale (zeros before any row)."""
+        diagonal = self.sum if self.diagonal_only or self.sum is None else self.sum.diagonal()
+        for rows in self.rows:
+            diagonal = rows.pow(2).sum(0) if diagonal is None else diagonal + rows.pow(2).sum(0)
+        return torch.zeros(self.dim) if diagonal is None else diagonal / scale
 
     def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
         """Eigen-decomposition of F = (sum of row outer products) / scale. Given the eigenbasis Q of an earlier F,
