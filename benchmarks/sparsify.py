@@ -5,7 +5,8 @@ optimizer steps (``--steps``) at each target sparsity:
 
 - ``one-shot``: global magnitude pruning of the target weights, no training.
 - ``one-shot-saliency`` (not in the default set): the same with ``FIPConfig(sparsity_criterion="saliency")``: the
-  entries with the smallest saliency under the FIP metric on the training inputs (512 anchors) go, no training.
+  entries with the smallest saliency under the FIP metric go, gathered on ``metric_anchors`` (128) of the 512
+  training-input anchors; no training.
 - ``IMP``: iterative magnitude pruning with fine-tuning: ``--imp-rounds`` rounds, each pruning to
   ``1 - (1 - s)^(r / R)`` and fine-tuning on the task loss with the mask held.
 - ``authors``: the authors' recipe (see ``/work/shared/FIP.md``): each step zeroes the globally smallest s of *all*
