@@ -433,6 +433,30 @@ class FIPModel(BaseTuner):
             raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
         self._sparsity_state.setdefault(name, {})["step"] = step
 
+    def get_sparsity_metric(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The saliency criterion's metric diagonals from the last mask update, as `"<layer>:input"` (diag A) and
+        `"<layer>:output"` (diag G) tensors: what `FIPTrainer` checkpoints, so that a resumed walk pulls by the same
+        scores as an uninterrupted one. Empty with the magnitude criterion or before the first update."""
+        name, _ = self._sparse_config(adapter_name)
+        diagonals = self._sparsity_state.get(name, {}).get("diagonals", {})
+        return {
+            f"{key}:{part}": t
+            for key, pair in diagonals.items()
+            for part, t in zip(("input", "output"), pair, strict=True)
+        }
+
+    def set_sparsity_metric(self, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+        """Restore what `get_sparsity_metric` returned (resuming from a checkpoint)."""
+        name, _ = self._sparse_config(adapter_name)
+        layers = {key.rsplit(":", 1)[0] for key in tensors}
+        missing = sorted(
+            f"{key}:{part}" for key in layers for part in ("input", "output") if f"{key}:{part}" not in tensors
+        )
+        if missing:
+            raise ValueError(f"The saved saliency metric of adapter {name!r} is incomplete: missing {missing[:3]}.")
+        diagonals = {key: (tensors[f"{key}:input"], tensors[f"{key}:output"]) for key in layers}
+        self._sparsity_state.setdefault(name, {"step": 0})["diagonals"] = diagonals
+
     def sparsity_report(self, adapter_name: str | None = None) -> dict[str, object]:
         """Sparsity of the effective target weights `(W + delta) * mask`: `sparsity` (overall fraction of exact
         zeros), `zeros`, `total`, `layers` (per module: zeros, total, sparsity), `target_sparsity` and `step` (the

@@ -7,6 +7,7 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
@@ -17,6 +18,7 @@ from .optimizers.fip import attach_fip_step, find_fip_model
 logger = logging.get_logger(__name__)
 
 FIP_STATE_NAME = "fip_trainer_state.json"
+SPARSITY_METRIC_NAME = "fip_sparsity_metric.safetensors"
 
 
 def loss_uses_num_items(model) -> bool:
@@ -117,11 +119,18 @@ class FIPTrainer(Trainer):
                 name: {"anchors": len(memory), "sample_step": int(memory.sample_step)}
                 for name, memory in fip_model.fip_memory.items()
             }
+            metric = {}
             for name, config in fip_model.peft_config.items():
                 if config.objective == "sparsify" and name in state:
                     state[name]["sparsity_step"] = fip_model.get_sparsity_step(name)
+                    metric |= {f"{name}/{key}": t for key, t in fip_model.get_sparsity_metric(name).items()}
             with open(os.path.join(output_dir, FIP_STATE_NAME), "w") as handle:
                 json.dump(state, handle, indent=2)
+            if metric:
+                save_file(
+                    {key: t.contiguous().cpu() for key, t in metric.items()},
+                    os.path.join(output_dir, SPARSITY_METRIC_NAME),
+                )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -145,3 +154,11 @@ class FIPTrainer(Trainer):
             memory.sample_step.fill_(saved["sample_step"])
             if "sparsity_step" in saved:
                 fip_model.set_sparsity_step(saved["sparsity_step"], name)
+        metric_path = os.path.join(checkpoint, SPARSITY_METRIC_NAME)
+        if os.path.isfile(metric_path):
+            metric = load_file(metric_path)
+            for name in {key.split("/", 1)[0] for key in metric} & set(fip_model.peft_config):
+                prefix = f"{name}/"
+                fip_model.set_sparsity_metric(
+                    {key.removeprefix(prefix): t for key, t in metric.items() if key.startswith(prefix)}, name
+                )
