@@ -93,6 +93,12 @@ def target_sparsity_of(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
+def layer_sparsity_range(model: nn.Module) -> list[float]:
+    """The smallest and largest fraction of zeros among the target layers (1.0: a layer emptied)."""
+    fractions = [float((m.weight == 0).float().mean()) for m in target_linears(model).values()]
+    return [min(fractions), max(fractions)]
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in INPUT_NAMES}
 
@@ -562,13 +568,16 @@ def main(argv=None) -> None:
                     "method": method,
                     "accuracy": accuracy(pruned, test_loader),
                     "target_weight_sparsity": target_sparsity_of(pruned),
+                    "layer_sparsity_range": layer_sparsity_range(pruned),
                     "seconds": seconds,
                     "steps": 0 if method.startswith("one-shot") else args.steps,
                 }
             results.append(row)
+            low, high = row["layer_sparsity_range"]
             print(
                 f"{sparsity:.0%} {method:>8}: accuracy {row['accuracy']:.4f} (dense {dense_accuracy:.4f}), "
-                f"target-weight sparsity {row['target_weight_sparsity']:.4f}, {row['seconds']:.0f} s",
+                f"target-weight sparsity {row['target_weight_sparsity']:.4f} (layers {low:.2f}-{high:.2f}), "
+                f"{row['seconds']:.0f} s",
                 flush=True,
             )
 
