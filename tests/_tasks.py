@@ -144,3 +144,27 @@ def sparsify_trainer(model: PeftModel, data, output_dir, **settings) -> fip_peft
         **({"save_strategy": "no"} | settings),
     )
     return fip_peft.FIPTrainer(model=model, args=args, train_dataset=data)
+
+
+def resumed_and_uninterrupted(tokens: dict[str, torch.Tensor], output_dir, **config) -> tuple[PeftModel, PeftModel]:
+    """Two `sparsify_bert` walks of 4 `FIPTrainer` steps on `tokens`, the first resumed from the second's step-2
+    checkpoint."""
+    from datasets import Dataset
+
+    data = Dataset.from_dict({k: v.tolist() for k, v in tokens.items()})
+    uninterrupted = sparsify_bert(tokens, **config)
+    sparsify_trainer(uninterrupted, data, output_dir, save_strategy="steps", save_steps=2).train()
+    resumed = sparsify_bert(tokens, **config)
+    sparsify_trainer(resumed, data, output_dir / "resumed").train(
+        resume_from_checkpoint=str(output_dir / "checkpoint-2")
+    )
+    return resumed, uninterrupted
+
+
+def assert_same_walk(model: PeftModel, expected: PeftModel) -> None:
+    """Same parameters (atol 1e-6) and identical sparsity masks."""
+    for (name, weight), (_, want) in zip(model.named_parameters(), expected.named_parameters(), strict=True):
+        torch.testing.assert_close(weight, want, atol=1e-6, rtol=0, msg=name)
+    for (name, mask), (_, want) in zip(model.named_buffers(), expected.named_buffers(), strict=True):
+        if "fip_mask" in name:
+            assert torch.equal(mask, want), name

@@ -4,14 +4,13 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import get_peft_model
 from torch import nn
 
 import fip_peft
 from fip_peft.natural import metric_saliency
 from fip_peft.optimizers.preconditioner import fip_covered_layer, gather_factors
-from tests._tasks import MLP, as_tokens, sparsify_bert, sparsify_trainer, train_plain
+from tests._tasks import MLP, as_tokens, assert_same_walk, resumed_and_uninterrupted, sparsify_bert, train_plain
 
 
 class OneLayer(nn.Module):
@@ -127,16 +126,5 @@ def test_walk_with_saliency_and_no_anchors_is_refused_at_the_first_step_before_a
 
 def test_resuming_between_mask_updates_repeats_the_uninterrupted_saliency_walk(digits, tmp_path):
     tokens = as_tokens(digits["x_a_train"][:64])
-    data = Dataset.from_dict({k: v.tolist() for k, v in tokens.items()})
     settings = {"sparsity_criterion": "saliency", "sparsity_update_every": 2, "sparsity_ramp_steps": 6}
-    uninterrupted = sparsify_bert(tokens, **settings)
-    sparsify_trainer(uninterrupted, data, tmp_path, save_strategy="steps", save_steps=2).train()
-    resumed = sparsify_bert(tokens, **settings)
-    sparsify_trainer(resumed, data, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    for (name, weight), (_, expected) in zip(
-        resumed.named_parameters(), uninterrupted.named_parameters(), strict=True
-    ):
-        torch.testing.assert_close(weight, expected, atol=1e-6, rtol=0, msg=name)
-    for (name, mask), (_, expected) in zip(resumed.named_buffers(), uninterrupted.named_buffers(), strict=True):
-        if "fip_mask" in name:
-            assert torch.equal(mask, expected), name
+    assert_same_walk(*resumed_and_uninterrupted(tokens, tmp_path, **settings))

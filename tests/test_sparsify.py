@@ -12,7 +12,16 @@ from transformers import TrainingArguments, get_linear_schedule_with_warmup
 
 import fip_peft
 from fip_peft.sparsity import BAND_SELECT_MIN, kth_smallest, magnitude_masks, scheduled_sparsity
-from tests._tasks import MLP, as_tokens, logits_of, sparsify_bert, sparsify_trainer, train_plain
+from tests._tasks import (
+    MLP,
+    as_tokens,
+    assert_same_walk,
+    logits_of,
+    resumed_and_uninterrupted,
+    sparsify_bert,
+    sparsify_trainer,
+    train_plain,
+)
 
 TARGETS = ["fc1", "fc2"]
 
@@ -327,16 +336,6 @@ def test_fip_trainer_sparsifies_a_dataset_without_labels(digits, tmp_path):
 
 def test_resuming_continues_the_sparsity_schedule_as_an_uninterrupted_run(digits, tmp_path):
     tokens = as_tokens(digits["x_a_train"][:64])
-    data = Dataset.from_dict({k: v.tolist() for k, v in tokens.items()})
-    uninterrupted = sparsify_bert(tokens)
-    sparsify_trainer(uninterrupted, data, tmp_path, save_strategy="steps", save_steps=2).train()
-    resumed = sparsify_bert(tokens)
-    sparsify_trainer(resumed, data, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    resumed, uninterrupted = resumed_and_uninterrupted(tokens, tmp_path)
     assert resumed.sparsity_report()["step"] == uninterrupted.sparsity_report()["step"] == 4
-    for (name, weight), (_, expected) in zip(
-        resumed.named_parameters(), uninterrupted.named_parameters(), strict=True
-    ):
-        torch.testing.assert_close(weight, expected, atol=1e-6, rtol=0, msg=name)
-    for (name, mask), (_, expected) in zip(resumed.named_buffers(), uninterrupted.named_buffers(), strict=True):
-        if "fip_mask" in name:
-            assert torch.equal(mask, expected), name
+    assert_same_walk(resumed, uninterrupted)
