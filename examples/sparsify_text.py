@@ -47,7 +47,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, Traini
 
 import fip_peft
 from fip_peft.evaluation import evaluate_tasks
-from fip_peft.sparsity import magnitude_masks
+from fip_peft.sparsity import CRITERIA, magnitude_masks
 
 # The encoder's linear layers: query/key/value, attention output, intermediate and output of every layer.
 TARGET_MODULES = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sparsity-criterion",
-        choices=["magnitude", "saliency"],
+        choices=CRITERIA,
         default="magnitude",
         help="Entries pruned first (FIPConfig.sparsity_criterion): smallest magnitude, or smallest saliency under the "
         "FIP metric on the anchors (at 90%% in benchmarks/sparsify.py 4.9 points ahead of iterative magnitude "

@@ -100,12 +100,16 @@ class AnchorMemory(nn.Module):
 
     def next_batch_index(self, batch_size: int, seed: int) -> torch.Tensor:
         """Anchor indices for the next step: the same on every process, since they depend only on seed and step."""
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(self.sample_step))
+        index = self.batch_index(batch_size, seed, int(self.sample_step))
         self.sample_step += 1
+        return index
+
+    def batch_index(self, batch_size: int, seed: int, step: int) -> torch.Tensor:
+        """`batch_size` anchor indices drawn by `seed` and `step` alone (all anchors when there are no more)."""
         size = len(self)
         if batch_size >= size:
             return torch.arange(size)
-        return torch.randperm(size, generator=generator)[:batch_size]
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))[:batch_size]
 
     def batch(self, index: torch.Tensor) -> tuple[AnchorInputs, torch.Tensor]:
         """Anchor inputs and reference outputs at `index`, trimmed of columns that are padding in every row."""

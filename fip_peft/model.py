@@ -155,15 +155,17 @@ class FIPModel(BaseTuner):
         positional = inputs.pop(POSITIONAL, None)
         forward = self.model if forward is None else forward
         module_name = self.peft_config[self._adapter(adapter_name)].anchor_output_module
-        if module_name is None:
-            outputs = forward(positional, **inputs) if positional is not None else forward(**inputs)
-            return model_output(outputs)
         caught = []
-        hook = self.model.get_submodule(module_name).register_forward_hook(lambda m, a, out: caught.append(out))
+        hook = None
+        if module_name is not None:
+            hook = self.model.get_submodule(module_name).register_forward_hook(lambda m, a, out: caught.append(out))
         try:
-            forward(positional, **inputs) if positional is not None else forward(**inputs)
+            outputs = forward(positional, **inputs) if positional is not None else forward(**inputs)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
+        if module_name is None:
+            return model_output(outputs)
         if not caught:
             raise RuntimeError(
                 f"FIPConfig.anchor_output_module={module_name!r} did not run in the model's forward pass: name a "
@@ -331,9 +333,9 @@ class FIPModel(BaseTuner):
                     "FIPConfig.sparsity_criterion='saliency' scores weights on the remembered anchors, and adapter "
                     f"{name!r} has none: call `model.remember(data)` first, or use sparsity_criterion='magnitude'."
                 )
-            seed = config.anchor_seed * 1_000_003 + state["step"]
-            order = torch.randperm(len(memory), generator=torch.Generator().manual_seed(seed))
-            factors = gather_factors(self, name, covered, order[: config.metric_anchors], seed, diagonal_only=True)
+            index = memory.batch_index(config.metric_anchors, config.anchor_seed, state["step"])
+            seed = config.anchor_seed * 1_000_003 + state["step"]  # of the output directions
+            factors = gather_factors(self, name, covered, index, seed, diagonal_only=True)
             state["diagonals"] = factors.diagonals()
         diagonals = state["diagonals"]
         missing = sorted(set(weights) - set(diagonals))
