@@ -7,6 +7,9 @@ optimizer steps (``--steps``) at each target sparsity:
 - ``one-shot-saliency`` (not in the default set): the same with ``FIPConfig(sparsity_criterion="saliency")``: the
   entries with the smallest saliency under the FIP metric go, gathered on ``metric_anchors`` (128) of the 512
   training-input anchors; no training.
+- ``one-shot-obs`` (not in the default set): the same with ``FIPConfig(sparsity_criterion="obs",
+  sparsity_scope="layer")``: every layer pruned to s by optimal brain surgeon under the input factor A gathered on
+  ``metric_anchors`` (128) anchors, the kept entries of each row compensating (SparseGPT's solve); no training.
 - ``IMP``: iterative magnitude pruning with fine-tuning: ``--imp-rounds`` rounds, each pruning to
   ``1 - (1 - s)^(r / R)`` and fine-tuning on the task loss with the mask held.
 - ``authors``: the authors' recipe (see ``/work/shared/FIP.md``): each step zeroes the globally smallest s of *all*
@@ -190,15 +193,27 @@ def run_one_shot(dense: nn.Module, sparsity: float, **_) -> nn.Module:
     return model
 
 
-def run_one_shot_saliency(dense: nn.Module, sparsity: float, *, args, train_data, **_) -> nn.Module:
-    """One-shot pruning by saliency under the FIP metric on the anchors (`FIPConfig.sparsity_criterion`)."""
+def _one_shot_by(criterion: str, dense: nn.Module, sparsity: float, args, train_data) -> nn.Module:
+    """One-shot pruning by `FIPConfig.sparsity_criterion` (a metric criterion, on the anchors), no training."""
     config = {"target_modules": TARGET_REGEX, "objective": "sparsify", "target_sparsity": sparsity}
+    scope = {"sparsity_scope": "layer"} if criterion == "obs" else {}
     model = get_peft_model(
-        copy.deepcopy(dense), fip_peft.FIPConfig(**config, **{**args.fip_options, "sparsity_criterion": "saliency"})
+        copy.deepcopy(dense),
+        fip_peft.FIPConfig(**config, **{**args.fip_options, "sparsity_criterion": criterion, **scope}),
     )
     model.remember(train_data)
     model.apply_sparsity_mask()
     return model.merge_and_unload()
+
+
+def run_one_shot_saliency(dense: nn.Module, sparsity: float, *, args, train_data, **_) -> nn.Module:
+    """One-shot pruning by saliency under the FIP metric on the anchors."""
+    return _one_shot_by("saliency", dense, sparsity, args, train_data)
+
+
+def run_one_shot_obs(dense: nn.Module, sparsity: float, *, args, train_data, **_) -> nn.Module:
+    """One-shot pruning by optimal brain surgeon under the metric's input factor, every layer at the target."""
+    return _one_shot_by("obs", dense, sparsity, args, train_data)
 
 
 def run_imp(dense: nn.Module, sparsity: float, *, stream, args) -> nn.Module:
@@ -312,6 +327,7 @@ METHODS = {
     "dense-continued": run_dense_continued,
     "one-shot": run_one_shot,
     "one-shot-saliency": run_one_shot_saliency,
+    "one-shot-obs": run_one_shot_obs,
     "IMP": run_imp,
     "authors": run_authors,
     "FIP": run_fip,
@@ -521,7 +537,7 @@ def main(argv=None) -> None:
             ),
             device,
         )
-        anchored = "FIP" in method or method == "one-shot-saliency"
+        anchored = "FIP" in method or method in ("one-shot-saliency", "one-shot-obs")
         extra = {"train_data": with_unlabeled if method == "FIP+unlabeled" else anchors} if anchored else {}
         start = time.perf_counter()
         pruned = METHODS[method](dense, sparsity, stream=stream, args=args, **extra)

@@ -109,7 +109,12 @@ class FIPConfig(PeftConfig):
             weighs each entry by how much its input carries and how much the outputs depend on its output, so one
             global threshold compares layers on one scale. On MiniLM at 90% (five seeds) the walk ended 4.9
             points ahead of iterative magnitude pruning against 1.5 with magnitude; at 80% it gained 0.4
-            (docs/benchmarks.md, "Run 10"). Needs remembered anchors.
+            (docs/benchmarks.md, "Run 10"). Needs remembered anchors. `"obs"`: optimal brain surgeon under the
+            metric's input factor A = E[x x^T] (SparseGPT's solve, `natural.obs_prune`): at every mask update each
+            layer is pruned to the scheduled sparsity and the kept entries of each row move to make up for the pruned
+            ones, so the layer's outputs on the anchors change as little as the solve finds; the pull uses the OBS
+            saliency w_ij^2 / [A^-1]_jj. Needs remembered anchors and `sparsity_scope="layer"`; not for embeddings.
+            Best with `sparsity_schedule="constant"`: one solve, then the walk repairs (docs/benchmarks.md, "Run 11").
         sparsity_begin_step: Optimizer step at which the mask starts to prune.
         sparsity_ramp_steps: T, optimizer steps from `sparsity_begin_step` until the mask reaches the target.
         sparsity_update_every: Optimizer steps between mask updates (the last ramp step always updates). `None`
@@ -207,9 +212,12 @@ class FIPConfig(PeftConfig):
     sparsity_scope: Literal["global", "layer"] = field(
         default="global", metadata={"help": "Magnitude threshold over all target weights ('global') or per layer."}
     )
-    sparsity_criterion: Literal["magnitude", "saliency"] = field(
+    sparsity_criterion: Literal["magnitude", "saliency", "obs"] = field(
         default="magnitude",
-        metadata={"help": "Entries pruned first: smallest 'magnitude' |w|, or smallest 'saliency' under the metric."},
+        metadata={
+            "help": "Entries pruned first: smallest 'magnitude' |w|, smallest 'saliency' under the metric, or 'obs' "
+            "(optimal brain surgeon: the rest of each row compensates; needs sparsity_scope='layer')."
+        },
     )
     sparsity_begin_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning begins."})
     sparsity_ramp_steps: int = field(
@@ -315,6 +323,11 @@ class FIPConfig(PeftConfig):
         if self.sparsity_criterion not in CRITERIA:
             raise ValueError(
                 f"FIPConfig.sparsity_criterion must be one of {CRITERIA}, got {self.sparsity_criterion!r}."
+            )
+        if self.sparsity_criterion == "obs" and self.sparsity_scope != "layer":
+            raise ValueError(
+                "FIPConfig.sparsity_criterion='obs' prunes every target layer to the scheduled sparsity (its solve "
+                f"works within a layer), so it needs sparsity_scope='layer', got {self.sparsity_scope!r}."
             )
         _check_int("sparsity_begin_step", self.sparsity_begin_step, minimum=0)
         _check_int("sparsity_ramp_steps", self.sparsity_ramp_steps, minimum=0)

@@ -73,10 +73,12 @@ def anchor_forward(fip_model: nn.Module, root: nn.Module | None, optimized: list
             "The FIP optimizer was created before `fully_shard`, so it holds the parameters from before sharding: "
             "create it after sharding, `create_fip_optimizer(sharded_model, ...)`."
         )
-    if any(config.sparsity_criterion == "saliency" for config in fip_model.peft_config.values()):
+    criteria = {config.sparsity_criterion for config in fip_model.peft_config.values()} - {"magnitude"}
+    if criteria:
         raise NotImplementedError(
-            "FIPConfig.sparsity_criterion='saliency' is not supported on FSDP2 (`fully_shard`) parameters: its metric "
-            "is gathered through hooks on unsharded layers. Use sparsity_criterion='magnitude', or DDP."
+            f"FIPConfig.sparsity_criterion={sorted(criteria)[0]!r} is not supported on FSDP2 (`fully_shard`) "
+            "parameters: its metric is gathered through hooks on unsharded layers. Use "
+            "sparsity_criterion='magnitude', or DDP."
         )
     if root is None or root is fip_model or solvers != {"penalty"}:
         raise NotImplementedError(

@@ -27,7 +27,7 @@ from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory, check_reference_size
 from .model_io import model_output
-from .natural import metric_saliency
+from .natural import CoveredLayer, metric_saliency, obs_input_weights, obs_prune
 from .sparsity import count_zeros, mean_pruned_magnitude, scheduled_sparsity, score_masks
 
 logger = logging.get_logger(__name__)
@@ -318,44 +318,91 @@ class FIPModel(BaseTuner):
         self, name: str, config: FIPConfig, weights: dict[str, torch.Tensor], refresh: bool = False
     ) -> dict[str, torch.Tensor]:
         """Each effective target weight's entries scored by `sparsity_criterion` (prune the smallest first). The
-        saliency's metric diagonals are gathered on the anchors when `refresh` is set or none are kept yet."""
+        metric diagonals of saliency or OBS are gathered on the anchors when `refresh` is set or none are kept yet."""
         if config.sparsity_criterion == "magnitude":
             return {key: weight.detach().abs() for key, weight in weights.items()}
-        from .optimizers.preconditioner import fip_covered_layer, gather_factors  # it imports this module
-
-        layers = self._sparse_layers(name)
-        covered = {key: fip_covered_layer(key, layer, layer.fip_delta[name]) for key, layer in layers.items()}
+        covered = self._sparse_covered(name)
         state = self._sparsity_state.setdefault(name, {"step": 0})
         if refresh or "diagonals" not in state:
-            memory = self.fip_memory[name]
-            if len(memory) == 0:
-                raise ValueError(
-                    "FIPConfig.sparsity_criterion='saliency' scores weights on the remembered anchors, and adapter "
-                    f"{name!r} has none: call `model.remember(data)` first, or use sparsity_criterion='magnitude'."
-                )
-            index = memory.batch_index(config.metric_anchors, config.anchor_seed, state["step"])
-            seed = config.anchor_seed * 1_000_003 + state["step"]  # of the output directions
-            factors = gather_factors(self, name, covered, index, seed, diagonal_only=True)
-            state["diagonals"] = factors.diagonals()
+            self._gather_sparsity_metric(name, config, covered)
         diagonals = state["diagonals"]
-        missing = sorted(set(weights) - set(diagonals))
+        return {key: metric_saliency(covered[key], weights[key], *diagonals[key]) for key in weights}
+
+    def _sparse_covered(self, name: str) -> dict[str, CoveredLayer]:
+        from .optimizers.preconditioner import fip_covered_layer  # it imports this module
+
+        return {
+            key: fip_covered_layer(key, layer, layer.fip_delta[name])
+            for key, layer in self._sparse_layers(name).items()
+        }
+
+    def _gather_sparsity_metric(
+        self, name: str, config: FIPConfig, covered: dict[str, CoveredLayer]
+    ) -> dict[str, torch.Tensor]:
+        """Gather the metric of `sparsity_criterion` on `metric_anchors` anchors and keep the diagonals its scores
+        use: diag A and diag G (saliency), or 1 / diag (A + damping)^-1 and ones (OBS). Returns the dense input
+        factors A per layer for the OBS solve (empty for saliency). Refuses, before anything changes, when nothing
+        is remembered or a layer's metric is missing."""
+        from .optimizers.preconditioner import gather_factors  # it imports this module
+
+        criterion = config.sparsity_criterion
+        memory = self.fip_memory[name]
+        if len(memory) == 0:
+            raise ValueError(
+                f"FIPConfig.sparsity_criterion={criterion!r} scores weights on the remembered anchors, and adapter "
+                f"{name!r} has none: call `model.remember(data)` first, or use sparsity_criterion='magnitude'."
+            )
+        if criterion == "obs":
+            embeddings = [key for key, layer in covered.items() if layer.kind == "embedding"]
+            if embeddings:
+                raise ValueError(
+                    f"FIPConfig.sparsity_criterion='obs' cannot prune embeddings {embeddings[:3]} (their inputs are "
+                    "token ids, with no input factor to compensate through): remove them from target_modules, or use "
+                    "sparsity_criterion='saliency'."
+                )
+        state = self._sparsity_state.setdefault(name, {"step": 0})
+        index = memory.batch_index(config.metric_anchors, config.anchor_seed, state["step"])
+        seed = config.anchor_seed * 1_000_003 + state["step"]  # of the output directions
+        factors = gather_factors(self, name, covered, index, seed, diagonal_only=criterion == "saliency")
+        moments = factors.input_moments() if criterion == "obs" else {}
+        diagonals = (
+            factors.diagonals()
+            if criterion == "saliency"
+            else {key: (obs_input_weights(a), torch.ones(1)) for key, a in moments.items()}
+        )
+        missing = sorted(set(covered) - set(diagonals))
         if missing:
             raise ValueError(
-                f"FIPConfig.sparsity_criterion='saliency' found no metric for {missing[:3]}: the anchors' outputs do "
-                "not depend on them (check FIPConfig.anchor_output_module), or use sparsity_criterion='magnitude'."
+                f"FIPConfig.sparsity_criterion={criterion!r} found no metric for {missing[:3]}: the anchors' outputs "
+                "do not depend on them (check FIPConfig.anchor_output_module), or use sparsity_criterion='magnitude'."
             )
-        return {key: metric_saliency(covered[key], weights[key], *diagonals[key]) for key in weights}
+        state["diagonals"] = diagonals
+        return moments
 
     def _prune_mask(self, name: str, config: FIPConfig, sparsity: float) -> None:
         """Set every target layer's mask to the projection of its effective weight at `sparsity`, by
-        `sparsity_criterion` (the saliency's metric gathered afresh)."""
+        `sparsity_criterion` (the saliency's metric gathered afresh). With `"obs"` the kept entries of each row
+        also move to make up for the pruned ones (`natural.obs_prune`), through `delta`."""
         layers = self._sparse_layers(name)
         if any(layer.merged for layer in layers.values()):
             raise ValueError("Unmerge the adapter (`unmerge_adapter()`) before changing its sparsity mask.")
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
-        scores = self._sparsity_scores(name, config, weights, refresh=True)
-        for key, mask in score_masks(scores, sparsity, config.sparsity_scope).items():
-            layers[key].set_mask(name, mask)
+        if config.sparsity_criterion == "obs":
+            covered = self._sparse_covered(name)
+            moments = self._gather_sparsity_metric(name, config, covered)
+            for key, layer in layers.items():
+                pruned = covered[key].as_matrix(~layer.fip_mask[name])
+                matrix, pruned = obs_prune(covered[key].as_matrix(weights[key]), moments[key], sparsity, pruned)
+                delta = layer.fip_delta[name]
+                base = layer.get_base_layer().weight.detach()
+                with torch.no_grad():
+                    weight = covered[key].from_matrix(matrix)[0].to(delta.device)
+                    delta.copy_((weight - base.to(weight.dtype)).to(delta.dtype))
+                layer.set_mask(name, ~covered[key].from_matrix(pruned)[0])
+        else:
+            scores = self._sparsity_scores(name, config, weights, refresh=True)
+            for key, mask in score_masks(scores, sparsity, config.sparsity_scope).items():
+                layers[key].set_mask(name, mask)
         state = self._sparsity_state.setdefault(name, {"step": 0})
         state["pruned_to"] = max(state.get("pruned_to", 0.0), sparsity)
 

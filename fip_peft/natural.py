@@ -112,6 +112,62 @@ def metric_saliency(
     return layer.from_matrix(saliency)[0]
 
 
+# Damping of the OBS solve: this fraction of the mean of diag(A) is added to A's diagonal (SparseGPT's default).
+OBS_DAMPING = 0.01
+# Columns whose entries the OBS solve chooses together, from the weights as compensated so far (SparseGPT's block).
+OBS_BLOCK = 128
+
+
+def _damped_inverse_cholesky(a: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with U^T U = (A + OBS_DAMPING mean(diag A) I)^-1."""
+    h = a.float().clone()
+    mean = h.diagonal().mean()
+    h.diagonal().add_(OBS_DAMPING * mean if mean > 0 else 1.0)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def obs_input_weights(a: torch.Tensor) -> torch.Tensor:
+    """1 / [H^-1]_jj with H the damped A: w_ij^2 times it is the OBS saliency of entry (i, j), the increase of the
+    layer's reconstruction error E_x (x (W - W')^T)^2 when it alone is removed and its row compensated.
+    `metric_saliency` with these as the input diagonal and ones as the output diagonal gives it."""
+    u = _damped_inverse_cholesky(a)
+    return 1.0 / u.pow(2).sum(0)
+
+
+def obs_prune(
+    matrix: torch.Tensor, a: torch.Tensor, sparsity: float, pruned: torch.Tensor, block: int = OBS_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal brain surgeon under the input factor A = E[x x^T]: prune round(`sparsity` x numel) entries of
+    `matrix` (out, in), those already `pruned` first, and move the kept entries of each row to make up for them, so
+    that the layer's outputs x W^T on the anchors change as little as the greedy solve finds. Column blocks of `block`
+    are pruned left to right, each choosing its share of the entries by w_ij^2 / U_jj^2 after the compensation of
+    the blocks before (SparseGPT, Frantar & Alistarh 2023; U the Cholesky factor of the damped inverse of A).
+    Returns the new matrix (exact zeros where pruned) and its pruned mask."""
+    w = matrix.detach().float().clone()
+    rows, cols = w.shape
+    u = _damped_inverse_cholesky(a.to(w.device))
+    chosen_all = torch.zeros_like(w, dtype=torch.bool)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        w1, u1 = w[:, start:end], u[start:end, start:end]
+        score = w1.pow(2) / u1.diagonal().pow(2)[None, :]
+        already = pruned[:, start:end].to(w.device)
+        score[already] = -1.0
+        count = round(sparsity * rows * end) - round(sparsity * rows * start)
+        count = max(count, int(already.sum()))
+        chosen = torch.zeros_like(already)
+        chosen.view(-1)[score.flatten().topk(count, largest=False).indices] = True
+        errors = torch.zeros_like(w1)
+        for i in range(end - start):
+            kept = torch.where(chosen[:, i], torch.zeros_like(w1[:, i]), w1[:, i])
+            errors[:, i] = (w1[:, i] - kept) / u1[i, i]
+            w1[:, i:] -= errors[:, i : i + 1] * u1[i : i + 1, i:]
+            w1[:, i] = kept
+        w[:, end:] -= errors @ u[start:end, end:]
+        chosen_all[:, start:end] = chosen
+    return w.masked_fill(chosen_all, 0.0), chosen_all
+
+
 def check_conv(conv: nn.Conv2d, name: str) -> None:
     """Refuse convolutions whose weight is not a plain patch product (groups, string padding, non-zero padding)."""
     if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
@@ -201,6 +257,15 @@ class _Factor:
         for rows in self.rows:
             diagonal = rows.pow(2).sum(0) if diagonal is None else diagonal + rows.pow(2).sum(0)
         return torch.zeros(self.dim) if diagonal is None else diagonal / scale
+
+    def dense(self, scale: float) -> torch.Tensor:
+        """F = (sum of row outer products) / scale as a (dim, dim) matrix."""
+        if self.diagonal_only:
+            raise ValueError("A diagonal-only factor has no dense form.")
+        total = self.sum if self.sum is not None else torch.zeros(self.dim, self.dim)
+        for rows in self.rows:
+            total = total.to(rows.device) + rows.t() @ rows
+        return total / scale
 
     def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
         """Eigen-decomposition of F = (sum of row outer products) / scale. Given the eigenbasis Q of an earlier F,
@@ -481,6 +546,20 @@ class KroneckerFactors:
                 inputs = self.inputs[owner]
                 diagonals[name] = (inputs.diagonal(float(inputs.num_rows)), grads.diagonal(float(self.num_anchors)))
         return diagonals
+
+    def input_moments(self) -> dict[str, torch.Tensor]:
+        """A = E[x x^T] per input row, dense, of every layer with factors (layers sharing an input share the
+        tensor); embeddings, whose A is a diagonal of token counts, are left out."""
+        moments: dict[str, torch.Tensor] = {}
+        by_owner: dict[str, torch.Tensor] = {}
+        for name, grads in self.grads.items():
+            owner = self.shares_input.get(name, name)
+            factor = self.inputs.get(owner)
+            if grads.num_rows and isinstance(factor, _Factor):
+                if owner not in by_owner:
+                    by_owner[owner] = factor.dense(float(factor.num_rows))
+                moments[name] = by_owner[owner]
+        return moments
 
     def metric(self, damping: float, basis: dict[str, Eigen] | None = None) -> dict[str, LayerMetric]:
         """The damped eigen form of every layer's A (x) G; A = E[x x^T] per input row, G = sum over rows / anchors.

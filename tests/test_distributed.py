@@ -132,8 +132,13 @@ def test_natural_solver_on_fully_shard_parameters_is_refused_before_changing_any
     assert "needs the penalty solver" in sharded_step_error(model, optimizer)
 
 
-def test_saliency_sparsify_on_fully_shard_parameters_is_refused_before_changing_anything(single_process_group):
-    model = worker.fip_bert(objective="sparsify", target_sparsity=0.5, sparsity_criterion="saliency")
+@pytest.mark.parametrize("criterion", ["saliency", "obs"])
+def test_metric_criterion_sparsify_on_fully_shard_parameters_is_refused_before_changing_anything(
+    single_process_group, criterion
+):
+    model = worker.fip_bert(
+        objective="sparsify", target_sparsity=0.5, sparsity_criterion=criterion, sparsity_scope="layer"
+    )
     fully_shard(model, mesh=single_process_group)
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=worker.LEARNING_RATE)
     assert "sparsity_criterion='magnitude'" in sharded_step_error(model, optimizer)

@@ -94,7 +94,9 @@ def test_saliency_without_remembered_anchors_is_refused_naming_remember(trained_
 
 
 def test_unknown_criterion_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match=r"FIPConfig.sparsity_criterion must be one of \('magnitude', 'saliency'\)"):
+    with pytest.raises(
+        ValueError, match=r"FIPConfig.sparsity_criterion must be one of \('magnitude', 'saliency', 'obs'\)"
+    ):
         fip_peft.FIPConfig(objective="sparsify", target_sparsity=0.5, sparsity_criterion="movement")
 
 
