@@ -425,7 +425,10 @@ class FIPModel(BaseTuner):
         if state.get("pruned_to", 0.0) >= config.target_sparsity:
             return
         ramp_end = config.sparsity_begin_step + config.sparsity_ramp_steps
-        if step >= config.sparsity_begin_step and (step % config.sparsity_update_every == 0 or step == ramp_end):
+        first = config.sparsity_schedule == "constant" and step == max(config.sparsity_begin_step, 1)
+        if step >= config.sparsity_begin_step and (
+            step % config.sparsity_update_every == 0 or step == ramp_end or first
+        ):
             sparsity = scheduled_sparsity(
                 step,
                 config.target_sparsity,

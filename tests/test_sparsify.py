@@ -153,6 +153,22 @@ def test_sparsity_follows_the_schedule_at_every_mask_update(trained_mlp, digits)
     assert reached == pytest.approx(expected, abs=1e-3)
 
 
+@pytest.mark.parametrize("begin", [0, 3])
+def test_constant_schedule_prunes_to_the_target_at_its_first_step(trained_mlp, digits, begin):
+    model = sparsify_model(
+        trained_mlp, sparsity_schedule="constant", sparsity_begin_step=begin, sparsity_update_every=5
+    )
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=1e-3)
+    reached = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        optimizer.step()
+        reached.append(model.sparsity_report()["sparsity"])
+    first = max(begin, 1)
+    assert reached == pytest.approx([0.8 if step >= first else 0.0 for step in range(1, 5)], abs=1e-3)
+
+
 def _at_target(trained_mlp, digits) -> tuple[PeftModel, torch.optim.Optimizer]:
     """A walk whose mask reached its target (80% after a 6-step ramp) and a few steps more."""
     model = sparsify_model(trained_mlp, sparsity_ramp_steps=6, sparsity_update_every=2)
