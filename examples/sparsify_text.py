@@ -47,7 +47,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, Traini
 
 import fip_peft
 from fip_peft.evaluation import evaluate_tasks
-from fip_peft.sparsity import CRITERIA, magnitude_masks
+from fip_peft.sparsity import CRITERIA, SCHEDULES, SCOPES, magnitude_masks
 
 # The encoder's linear layers: query/key/value, attention output, intermediate and output of every layer.
 TARGET_MODULES = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
@@ -147,9 +147,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sparsity-criterion",
         choices=CRITERIA,
         default="magnitude",
-        help="Entries pruned first (FIPConfig.sparsity_criterion): smallest magnitude, or smallest saliency under the "
+        help="Entries pruned first (FIPConfig.sparsity_criterion): smallest magnitude, smallest saliency under the "
         "FIP metric on the anchors (at 90%% in benchmarks/sparsify.py 4.9 points ahead of iterative magnitude "
-        "pruning, against 1.5 with magnitude).",
+        "pruning, against 1.5 with magnitude), or obs (optimal brain surgeon, the rest of each row compensating; "
+        "needs --sparsity-scope layer, best with --sparsity-schedule constant).",
+    )
+    parser.add_argument(
+        "--sparsity-scope",
+        choices=SCOPES,
+        default="global",
+        help="One threshold over all target weights, or one per layer (FIPConfig.sparsity_scope).",
+    )
+    parser.add_argument(
+        "--sparsity-schedule",
+        choices=SCHEDULES,
+        default="cubic",
+        help="Ramp of the mask from 0 to the target over half the steps, or the target from the first step "
+        "(FIPConfig.sparsity_schedule).",
     )
     parser.add_argument("--max-length", type=int, default=48, help="Tokens kept per text.")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--unlabeled-anchors must be >= 0, got {args.unlabeled_anchors}.")
     if args.anchor_batch_size < 1:
         parser.error(f"--anchor-batch-size must be >= 1, got {args.anchor_batch_size}.")
+    if args.sparsity_criterion == "obs" and args.sparsity_scope != "layer":
+        parser.error("--sparsity-criterion obs prunes every layer to the target: add --sparsity-scope layer.")
     return args
 
 
@@ -236,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                 sparsity_ramp_steps=args.steps // 2,
                 anchor_batch_size=args.anchor_batch_size,
                 sparsity_criterion=args.sparsity_criterion,
+                sparsity_scope=args.sparsity_scope,
+                sparsity_schedule=args.sparsity_schedule,
                 # every unlabeled anchor kept; without them, the default budget (512 of the training inputs)
                 **({"anchor_budget": len(anchors)} if args.unlabeled_anchors else {}),
             )

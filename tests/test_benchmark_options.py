@@ -1,5 +1,5 @@
 """The benchmarks' sweep options: FIPConfig overrides (shared); held-out scoring, steps per task and learning rate
-(continual)."""
+(continual); and the sparsify example's refusal of a criterion its scope cannot take."""
 
 import sys
 from pathlib import Path
@@ -72,3 +72,12 @@ def test_lr_replaces_the_suite_s_learning_rate_and_keeps_its_other_sizes():
 
     assert (sizes.lr, sizes.steps) == (3e-4, 18)
     assert sizes.batch_size == suite_sizes("text", quick=False).batch_size
+
+
+def test_sparsify_example_refuses_obs_with_a_global_threshold_before_any_work():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from sparsify_text import parse_args as example_args
+
+    with pytest.raises(SystemExit):
+        example_args(["--sparsity-criterion", "obs"])
+    assert example_args(["--sparsity-criterion", "obs", "--sparsity-scope", "layer"]).sparsity_scope == "layer"
