@@ -9,7 +9,7 @@ from peft import get_peft_model
 
 import fip_peft
 from fip_peft.natural import OBS_DAMPING, obs_input_weights, obs_prune
-from tests._tasks import MLP, as_tokens, assert_same_walk, resumed_and_uninterrupted, sparsify_bert, train_plain
+from tests._tasks import MLP, train_plain
 from tests.test_sparsify import EmbedConv
 
 
@@ -119,13 +119,6 @@ def test_obs_with_one_global_threshold_is_refused_naming_sparsity_scope():
         fip_peft.FIPConfig(objective="sparsify", target_sparsity=0.5, sparsity_criterion="obs")
 
 
-def test_obs_without_remembered_anchors_is_refused_naming_remember(trained_mlp):
-    model = sparsify_mlp(trained_mlp, "obs")
-    with pytest.raises(ValueError, match=r"sparsity_criterion='obs'.*model\.remember"):
-        model.apply_sparsity_mask(0.5)
-    assert model.sparsity_report()["sparsity"] == 0.0
-
-
 def test_obs_on_an_embedding_is_refused_before_any_change():
     torch.manual_seed(0)
     config = fip_peft.FIPConfig(
@@ -140,28 +133,3 @@ def test_obs_on_an_embedding_is_refused_before_any_change():
     with pytest.raises(ValueError, match=r"cannot prune embeddings \['.*embed'\].*target_modules"):
         model.apply_sparsity_mask()
     assert model.sparsity_report()["sparsity"] == 0.0
-
-
-def test_walk_with_obs_reaches_the_target_in_every_layer_and_merges_to_that_many_zeros(digits):
-    model = sparsify_bert(as_tokens(digits["x_a_train"][:64]), sparsity_criterion="obs", sparsity_scope="layer")
-    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
-    model.train()
-    for _ in range(5):
-        optimizer.zero_grad()
-        optimizer.step()
-    report = model.sparsity_report()
-    merged = model.merge_and_unload()
-    for name, layer in report["layers"].items():
-        assert layer["sparsity"] == pytest.approx(0.5, abs=1e-3), name
-        assert int((merged.get_submodule(name).weight == 0).sum()) == layer["zeros"]
-
-
-def test_resuming_between_mask_updates_repeats_the_uninterrupted_obs_walk(digits, tmp_path):
-    tokens = as_tokens(digits["x_a_train"][:64])
-    settings = {
-        "sparsity_criterion": "obs",
-        "sparsity_scope": "layer",
-        "sparsity_update_every": 2,
-        "sparsity_ramp_steps": 6,
-    }
-    assert_same_walk(*resumed_and_uninterrupted(tokens, tmp_path, **settings))

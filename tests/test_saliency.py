@@ -1,4 +1,5 @@
-"""`sparsity_criterion="saliency"`: prune the entries whose removal moves the anchor outputs least, by the metric."""
+"""`sparsity_criterion="saliency"`: prune the entries whose removal moves the anchor outputs least, by the metric.
+What it shares with `"obs"` (anchors needed, the walk, resuming) is tested for both here."""
 
 import copy
 
@@ -28,9 +29,19 @@ def trained_mlp(digits):
     return train_plain(MLP(), digits["x_a_train"], digits["y_a_train"], steps=60, lr=3e-3)
 
 
-def sparsify_mlp(base: nn.Module, criterion: str) -> nn.Module:
+# The criteria scored on the anchors' metric, with the scope each takes.
+METRIC_CRITERIA = [
+    pytest.param({"sparsity_criterion": "saliency"}, id="saliency"),
+    pytest.param({"sparsity_criterion": "obs", "sparsity_scope": "layer"}, id="obs"),
+]
+
+
+def sparsify_mlp(base: nn.Module, criterion: str = "saliency", **settings) -> nn.Module:
     config = fip_peft.FIPConfig(
-        target_modules=["fc1", "fc2"], objective="sparsify", target_sparsity=0.8, sparsity_criterion=criterion
+        target_modules=["fc1", "fc2"],
+        objective="sparsify",
+        target_sparsity=0.8,
+        **({"sparsity_criterion": criterion} | settings),
     )
     return get_peft_model(copy.deepcopy(base), config)
 
@@ -86,9 +97,11 @@ def test_saliency_mask_has_the_asked_sparsity(digits, trained_mlp):
     assert model.apply_sparsity_mask(0.6) == pytest.approx(0.6, abs=1e-3)
 
 
-def test_saliency_without_remembered_anchors_is_refused_naming_remember(trained_mlp):
-    model = sparsify_mlp(trained_mlp, "saliency")
-    with pytest.raises(ValueError, match=r"sparsity_criterion='saliency'.*model\.remember"):
+@pytest.mark.parametrize("settings", METRIC_CRITERIA)
+def test_metric_criterion_without_remembered_anchors_is_refused_naming_remember(trained_mlp, settings):
+    model = sparsify_mlp(trained_mlp, **settings)
+    criterion = settings["sparsity_criterion"]
+    with pytest.raises(ValueError, match=rf"sparsity_criterion='{criterion}'.*model\.remember"):
         model.apply_sparsity_mask(0.5)
     assert model.sparsity_report()["sparsity"] == 0.0
 
@@ -100,8 +113,9 @@ def test_unknown_criterion_is_refused_naming_the_choices():
         fip_peft.FIPConfig(objective="sparsify", target_sparsity=0.5, sparsity_criterion="movement")
 
 
-def test_walk_with_saliency_reaches_the_target_and_merges_to_that_many_zeros(digits):
-    model = sparsify_bert(as_tokens(digits["x_a_train"][:64]), sparsity_criterion="saliency")
+@pytest.mark.parametrize("settings", METRIC_CRITERIA)
+def test_walk_with_a_metric_criterion_reaches_the_target_and_merges_to_that_many_zeros(digits, settings):
+    model = sparsify_bert(as_tokens(digits["x_a_train"][:64]), **settings)
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
     model.train()
     for _ in range(5):
@@ -109,10 +123,11 @@ def test_walk_with_saliency_reaches_the_target_and_merges_to_that_many_zeros(dig
         optimizer.step()
     report = model.sparsity_report()
     merged = model.merge_and_unload()
-    weights = [m.weight for name, m in merged.named_modules() if name in report["layers"]]
-    zeros = sum(int((w == 0).sum()) for w in weights)
+    zeros = {name: int((merged.get_submodule(name).weight == 0).sum()) for name in report["layers"]}
     assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert zeros == report["zeros"]
+    assert zeros == {name: layer["zeros"] for name, layer in report["layers"].items()}
+    if settings.get("sparsity_scope") == "layer":
+        assert all(layer["sparsity"] == pytest.approx(0.5, abs=1e-3) for layer in report["layers"].values())
 
 
 def test_walk_with_saliency_and_no_anchors_is_refused_at_the_first_step_before_any_change(trained_mlp):
@@ -126,7 +141,9 @@ def test_walk_with_saliency_and_no_anchors_is_refused_at_the_first_step_before_a
     assert model.sparsity_report()["step"] == 0
 
 
-def test_resuming_between_mask_updates_repeats_the_uninterrupted_saliency_walk(digits, tmp_path):
+@pytest.mark.parametrize("settings", METRIC_CRITERIA)
+def test_resuming_between_mask_updates_repeats_the_uninterrupted_walk(digits, tmp_path, settings):
     tokens = as_tokens(digits["x_a_train"][:64])
-    settings = {"sparsity_criterion": "saliency", "sparsity_update_every": 2, "sparsity_ramp_steps": 6}
-    assert_same_walk(*resumed_and_uninterrupted(tokens, tmp_path, **settings))
+    assert_same_walk(
+        *resumed_and_uninterrupted(tokens, tmp_path, sparsity_update_every=2, sparsity_ramp_steps=6, **settings)
+    )

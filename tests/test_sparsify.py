@@ -136,15 +136,21 @@ def test_unmerge_restores_the_base_weights(trained_mlp):
         )
 
 
-def test_sparsity_follows_the_schedule_at_every_mask_update(trained_mlp, digits):
-    model = sparsify_model(trained_mlp, target_sparsity=0.9, sparsity_ramp_steps=12, sparsity_update_every=3)
-    model.remember(digits["x_a_train"])
+def sparsity_after_each_step(model: PeftModel, anchors: torch.Tensor, steps: int) -> list[float]:
+    """The reported sparsity after each of `steps` walk steps (Adam, no task loss) on remembered `anchors`."""
+    model.remember(anchors)
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=1e-3)
     reached = []
-    for _ in range(15):
+    for _ in range(steps):
         optimizer.zero_grad()
         optimizer.step()
         reached.append(model.sparsity_report()["sparsity"])
+    return reached
+
+
+def test_sparsity_follows_the_schedule_at_every_mask_update(trained_mlp, digits):
+    model = sparsify_model(trained_mlp, target_sparsity=0.9, sparsity_ramp_steps=12, sparsity_update_every=3)
+    reached = sparsity_after_each_step(model, digits["x_a_train"], 15)
     expected, current = [], 0.0
     for step in range(1, 16):
         if step % 3 == 0:
@@ -158,13 +164,7 @@ def test_constant_schedule_prunes_to_the_target_at_its_first_step(trained_mlp, d
     model = sparsify_model(
         trained_mlp, sparsity_schedule="constant", sparsity_begin_step=begin, sparsity_update_every=5
     )
-    model.remember(digits["x_a_train"])
-    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=1e-3)
-    reached = []
-    for _ in range(4):
-        optimizer.zero_grad()
-        optimizer.step()
-        reached.append(model.sparsity_report()["sparsity"])
+    reached = sparsity_after_each_step(model, digits["x_a_train"], 4)
     first = max(begin, 1)
     assert reached == pytest.approx([0.8 if step >= first else 0.0 for step in range(1, 5)], abs=1e-3)
 
