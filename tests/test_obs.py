@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
+from torch import nn
 
 import fip_peft
 from fip_peft.natural import OBS_DAMPING, obs_input_weights, obs_prune
@@ -133,3 +134,39 @@ def test_obs_on_an_embedding_is_refused_before_any_change():
     with pytest.raises(ValueError, match=r"cannot prune embeddings \['.*embed'\].*target_modules"):
         model.apply_sparsity_mask()
     assert model.sparsity_report()["sparsity"] == 0.0
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_obs_prunes_a_convolution_through_its_patches_with_less_output_change_than_magnitude(digits):
+    images = digits["x_a_train"][:128].reshape(-1, 1, 8, 8).repeat(1, 2, 1, 1)
+    torch.manual_seed(0)
+    base = SmallCNN()
+    changes = {}
+    for criterion in ("magnitude", "obs"):
+        config = fip_peft.FIPConfig(
+            target_modules=["conv"],
+            objective="sparsify",
+            target_sparsity=0.7,
+            sparsity_scope="layer",
+            sparsity_criterion=criterion,
+        )
+        model = get_peft_model(copy.deepcopy(base), config)
+        model.remember(images)
+        before = model.eval()(images).detach()
+        model.apply_sparsity_mask()
+        after = model(images).detach()
+        changes[criterion] = float((after - before).pow(2).sum(-1).mean())
+        zeros = model.sparsity_report()["zeros"]
+        merged = model.merge_and_unload()
+        assert int((merged.conv.weight == 0).sum()) == zeros
+        torch.testing.assert_close(merged(images), after)
+    assert changes["obs"] < changes["magnitude"]
