@@ -456,21 +456,25 @@ class FIPModel(BaseTuner):
         `learning_rate` per step) cannot pull the weights to prune far toward zero before the mask reaches the target:
         `learning_rate` x the steps until then below half the mean magnitude of those weights. On MiniLM at 80%
         sparsity a twentieth ended at the constant predictor, a sixth lost 8 points to a half (docs/benchmarks.md,
-        sparsification)."""
+        sparsification). Silent when the mask is asked to cut at the first step (`sparsity_schedule="constant"`
+        from step 0): that is a one-shot prune by choice, which the walk then repairs."""
         name, config = self._sparse_config(adapter_name)
-        ramp = config.sparsity_ramp_steps if config.sparsity_schedule != "constant" else 0
-        steps = config.sparsity_begin_step + ramp
+        constant = config.sparsity_schedule == "constant"
+        steps = config.sparsity_begin_step + (0 if constant else config.sparsity_ramp_steps)
+        if steps == 0 or config.sparsity_lambda == 0:
+            return
         weights = {key: layer.sparse_weight(name) for key, layer in self._sparse_layers(name).items()}
         scores = self._sparsity_scores(name, config, weights)
         magnitude = mean_pruned_magnitude(weights, score_masks(scores, config.target_sparsity, config.sparsity_scope))
-        if config.sparsity_lambda > 0 and learning_rate * steps < magnitude / 2:
+        if learning_rate * steps < magnitude / 2:
+            knob = "sparsity_begin_step" if constant else "sparsity_ramp_steps"
             logger.warning(
                 "FIP sparsify: the optimizer moves each weight by about its learning rate per step, "
                 f"{learning_rate:g} x {steps} steps = {learning_rate * steps:.3g} before the mask reaches "
                 f"target_sparsity={config.target_sparsity}, but the weights to prune average {magnitude:.3g} in "
                 "magnitude: the mask will cut them before the pull shrinks them, and the outputs on the anchors may "
-                "collapse. Raise the learning rate or FIPConfig.sparsity_ramp_steps until their product reaches at "
-                f"least {magnitude / 2:.2g}."
+                f"collapse. Raise the learning rate or FIPConfig.{knob} until their product reaches at least "
+                f"{magnitude / 2:.2g}."
             )
 
     def get_sparsity_step(self, adapter_name: str | None = None) -> int:

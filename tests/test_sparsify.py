@@ -244,6 +244,16 @@ def test_adam_warns_when_lr_times_ramp_is_below_the_size_of_the_weights_to_prune
     assert ("Raise the learning rate or FIPConfig.sparsity_ramp_steps" in caplog.text) == warns
 
 
+@pytest.mark.parametrize(("begin", "warns"), [(0, False), (3, True)])
+def test_constant_schedule_warns_only_when_a_pull_runs_before_the_cut(trained_mlp, digits, caplog, begin, warns):
+    model = sparsify_model(trained_mlp, sparsity_schedule="constant", sparsity_begin_step=begin)
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.Adam, lr=1e-4)
+    with caplog.at_level(logging.WARNING, logger="fip_peft"):
+        optimizer.step()
+    assert ("Raise the learning rate or FIPConfig.sparsity_begin_step" in caplog.text) == warns
+
+
 def test_pace_warning_reads_the_peak_lr_of_a_warmup_schedule(trained_mlp, digits, caplog):
     model = sparsify_model(trained_mlp)
     model.remember(digits["x_a_train"])
