@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Entries pruned first (FIPConfig.sparsity_criterion): smallest magnitude, smallest saliency under the "
         "FIP metric on the anchors (at 90%% in benchmarks/sparsify.py 4.9 points ahead of iterative magnitude "
         "pruning, against 1.5 with magnitude), or obs (optimal brain surgeon, the rest of each row compensating; "
-        "needs --sparsity-scope layer, best with --sparsity-schedule constant).",
+        "needs --sparsity-scope layer; measured with --sparsity-schedule constant).",
     )
     parser.add_argument(
         "--sparsity-scope",
