@@ -119,6 +119,15 @@ class FIPLayer(BaseTunerLayer):
             self.fip_mask[adapter] = kept
             self._fold_mask(adapter)
 
+    def set_sparse_weight(self, adapter: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        """Make the effective weight `weight` (delta = weight - W: a pruning that also moves the kept entries) and
+        prune where `mask` is False, as `set_mask`."""
+        with torch.no_grad():
+            delta = self.fip_delta[adapter]
+            base = self.get_base_layer().weight.detach()
+            delta.copy_((weight.to(base.device).float() - base.float()).to(delta.dtype))
+        self.set_mask(adapter, mask)
+
     def _fold_mask(self, adapter: str) -> None:
         if adapter not in self.fip_mask or self.rank[adapter] is not None:
             return

@@ -27,10 +27,18 @@ from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory, check_reference_size
 from .model_io import model_output
-from .natural import CoveredLayer, metric_saliency, obs_input_weights, obs_prune
+from .natural import CoveredLayer, metric_saliency, obs_input_weights, obs_inverse_factor, obs_prune
 from .sparsity import count_zeros, mean_pruned_magnitude, scheduled_sparsity, score_masks
 
 logger = logging.get_logger(__name__)
+
+
+def _ramp_end(config: FIPConfig) -> int:
+    """The optimizer step at which the mask's schedule reaches `target_sparsity` (a constant schedule has no ramp).
+    That step always updates the mask; steps count from 1, so a ramp ending at 0 updates at the first step."""
+    ramp = 0 if config.sparsity_schedule == "constant" else config.sparsity_ramp_steps
+    return config.sparsity_begin_step + ramp
+
 
 MEMORY_ATTR = "fip_memory"
 REFERENCE_BATCH_SIZE = 64
@@ -340,9 +348,9 @@ class FIPModel(BaseTuner):
         self, name: str, config: FIPConfig, covered: dict[str, CoveredLayer]
     ) -> dict[str, torch.Tensor]:
         """Gather the metric of `sparsity_criterion` on `metric_anchors` anchors and keep the diagonals its scores
-        use: diag A and diag G (saliency), or 1 / diag (A + damping)^-1 and ones (OBS). Returns the dense input
-        factors A per layer for the OBS solve (empty for saliency). Refuses, before anything changes, when nothing
-        is remembered or a layer's metric is missing."""
+        use: diag A and diag G (saliency), or 1 / diag (A + damping)^-1 and ones (OBS). Returns each layer's
+        `natural.obs_inverse_factor` of A for the OBS solve (empty for saliency). Refuses, before anything changes,
+        when nothing is remembered or a layer's metric is missing."""
         from .optimizers.preconditioner import gather_factors  # it imports this module
 
         criterion = config.sparsity_criterion
@@ -364,11 +372,17 @@ class FIPModel(BaseTuner):
         index = memory.batch_index(config.metric_anchors, config.anchor_seed, state["step"])
         seed = config.anchor_seed * 1_000_003 + state["step"]  # of the output directions
         factors = gather_factors(self, name, covered, index, seed, diagonal_only=criterion == "saliency")
-        moments = factors.input_moments() if criterion == "obs" else {}
+        inverses: dict[str, torch.Tensor] = {}
+        if criterion == "obs":
+            by_factor: dict[int, torch.Tensor] = {}  # layers sharing an input share its A tensor
+            for key, a in factors.input_moments().items():
+                if id(a) not in by_factor:
+                    by_factor[id(a)] = obs_inverse_factor(a)
+                inverses[key] = by_factor[id(a)]
         diagonals = (
             factors.diagonals()
             if criterion == "saliency"
-            else {key: (obs_input_weights(a), torch.ones(1)) for key, a in moments.items()}
+            else {key: (obs_input_weights(u), torch.ones(1)) for key, u in inverses.items()}
         )
         missing = sorted(set(covered) - set(diagonals))
         if missing:
@@ -377,7 +391,7 @@ class FIPModel(BaseTuner):
                 "do not depend on them (check FIPConfig.anchor_output_module), or use sparsity_criterion='magnitude'."
             )
         state["diagonals"] = diagonals
-        return moments
+        return inverses
 
     def _prune_mask(self, name: str, config: FIPConfig, sparsity: float) -> None:
         """Set every target layer's mask to the projection of its effective weight at `sparsity`, by
@@ -389,16 +403,13 @@ class FIPModel(BaseTuner):
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
         if config.sparsity_criterion == "obs":
             covered = self._sparse_covered(name)
-            moments = self._gather_sparsity_metric(name, config, covered)
+            inverses = self._gather_sparsity_metric(name, config, covered)
             for key, layer in layers.items():
                 pruned = covered[key].as_matrix(~layer.fip_mask[name])
-                matrix, pruned = obs_prune(covered[key].as_matrix(weights[key]), moments[key], sparsity, pruned)
-                delta = layer.fip_delta[name]
-                base = layer.get_base_layer().weight.detach()
-                with torch.no_grad():
-                    weight = covered[key].from_matrix(matrix)[0].to(delta.device)
-                    delta.copy_((weight - base.to(weight.dtype)).to(delta.dtype))
-                layer.set_mask(name, ~covered[key].from_matrix(pruned)[0])
+                matrix, pruned = obs_prune(covered[key].as_matrix(weights[key]), inverses[key], sparsity, pruned)
+                layer.set_sparse_weight(
+                    name, covered[key].from_matrix(matrix)[0], ~covered[key].from_matrix(pruned)[0]
+                )
         else:
             scores = self._sparsity_scores(name, config, weights, refresh=True)
             for key, mask in score_masks(scores, sparsity, config.sparsity_scope).items():
@@ -424,10 +435,8 @@ class FIPModel(BaseTuner):
         step = state["step"]
         if state.get("pruned_to", 0.0) >= config.target_sparsity:
             return
-        ramp_end = config.sparsity_begin_step + config.sparsity_ramp_steps
-        first = config.sparsity_schedule == "constant" and step == max(config.sparsity_begin_step, 1)
         if step >= config.sparsity_begin_step and (
-            step % config.sparsity_update_every == 0 or step == ramp_end or first
+            step % config.sparsity_update_every == 0 or step == max(_ramp_end(config), 1)
         ):
             sparsity = scheduled_sparsity(
                 step,
@@ -459,15 +468,14 @@ class FIPModel(BaseTuner):
         sparsification). Silent when the mask is asked to cut at the first step (`sparsity_schedule="constant"`
         from step 0): that is a one-shot prune by choice, which the walk then repairs."""
         name, config = self._sparse_config(adapter_name)
-        constant = config.sparsity_schedule == "constant"
-        steps = config.sparsity_begin_step + (0 if constant else config.sparsity_ramp_steps)
+        steps = _ramp_end(config)
         if steps == 0 or config.sparsity_lambda == 0:
             return
         weights = {key: layer.sparse_weight(name) for key, layer in self._sparse_layers(name).items()}
         scores = self._sparsity_scores(name, config, weights)
         magnitude = mean_pruned_magnitude(weights, score_masks(scores, config.target_sparsity, config.sparsity_scope))
         if learning_rate * steps < magnitude / 2:
-            knob = "sparsity_begin_step" if constant else "sparsity_ramp_steps"
+            knob = "sparsity_begin_step" if config.sparsity_schedule == "constant" else "sparsity_ramp_steps"
             logger.warning(
                 "FIP sparsify: the optimizer moves each weight by about its learning rate per step, "
                 f"{learning_rate:g} x {steps} steps = {learning_rate * steps:.3g} before the mask reaches "

@@ -118,34 +118,34 @@ OBS_DAMPING = 0.01
 OBS_BLOCK = 128
 
 
-def _damped_inverse_cholesky(a: torch.Tensor) -> torch.Tensor:
-    """U upper triangular with U^T U = (A + OBS_DAMPING mean(diag A) I)^-1."""
+def obs_inverse_factor(a: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with U^T U = (A + OBS_DAMPING mean(diag A) I)^-1: what the OBS scores and solve read,
+    computed once per input factor (layers that share an input share it)."""
     h = a.float().clone()
     mean = h.diagonal().mean()
     h.diagonal().add_(OBS_DAMPING * mean if mean > 0 else 1.0)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def obs_input_weights(a: torch.Tensor) -> torch.Tensor:
-    """1 / [H^-1]_jj with H the damped A: w_ij^2 times it is the OBS saliency of entry (i, j), the increase of the
-    layer's reconstruction error E_x (x (W - W')^T)^2 when it alone is removed and its row compensated.
-    `metric_saliency` with these as the input diagonal and ones as the output diagonal gives it."""
-    u = _damped_inverse_cholesky(a)
+def obs_input_weights(u: torch.Tensor) -> torch.Tensor:
+    """1 / [H^-1]_jj from U = `obs_inverse_factor(A)` (H the damped A): w_ij^2 times it is the OBS saliency of entry
+    (i, j), the increase of the layer's reconstruction error E_x (x (W - W')^T)^2 when it alone is removed and its row
+    compensated. `metric_saliency` with these as the input diagonal and ones as the output diagonal gives it."""
     return 1.0 / u.pow(2).sum(0)
 
 
 def obs_prune(
-    matrix: torch.Tensor, a: torch.Tensor, sparsity: float, pruned: torch.Tensor, block: int = OBS_BLOCK
+    matrix: torch.Tensor, u: torch.Tensor, sparsity: float, pruned: torch.Tensor, block: int = OBS_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimal brain surgeon under the input factor A = E[x x^T]: prune round(`sparsity` x numel) entries of
     `matrix` (out, in), those already `pruned` first, and move the kept entries of each row to make up for them, so
     that the layer's outputs x W^T on the anchors change as little as the greedy solve finds. Column blocks of `block`
     are pruned left to right, each choosing its share of the entries by w_ij^2 / U_jj^2 after the compensation of
-    the blocks before (SparseGPT, Frantar & Alistarh 2023; U the Cholesky factor of the damped inverse of A).
+    the blocks before (SparseGPT, Frantar & Alistarh 2023; `u` = `obs_inverse_factor(A)`).
     Returns the new matrix (exact zeros where pruned) and its pruned mask."""
     w = matrix.detach().float().clone()
     rows, cols = w.shape
-    u = _damped_inverse_cholesky(a.to(w.device))
+    u = u.to(w.device)
     chosen_all = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, block):
         end = min(start + block, cols)

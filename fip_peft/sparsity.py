@@ -5,8 +5,7 @@ target weights together (`scope="global"`) or within each weight (`scope="layer"
 (`criterion="magnitude"`), the saliency under the FIP metric (`criterion="saliency"`, `natural.metric_saliency`) or
 the optimal-brain-surgeon saliency under its input factor (`criterion="obs"`, `natural.obs_input_weights`; the mask
 itself then comes from `natural.obs_prune`, which also compensates the kept entries); an entry already zero scores 0
-under all three. Masks here are boolean tensors shaped like the weights, True where an
-entry is kept.
+under all three. Masks here are boolean tensors shaped like the weights, True where an entry is kept.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.natural import OBS_DAMPING, obs_input_weights, obs_prune
+from fip_peft.natural import OBS_DAMPING, obs_input_weights, obs_inverse_factor, obs_prune
 from tests._tasks import MLP, train_plain
 from tests.test_sparsify import EmbedConv
 
@@ -46,7 +46,7 @@ def test_pruning_one_entry_of_the_first_column_is_the_optimal_brain_surgeon_upda
     weight = torch.randn(1, 8)
     pruned = torch.zeros(1, 8, dtype=torch.bool)
     pruned[0, 0] = True
-    got, got_pruned = obs_prune(weight, a, 1 / 8, pruned)
+    got, got_pruned = obs_prune(weight, obs_inverse_factor(a), 1 / 8, pruned)
     inverse = damped_inverse(a)
     expected = weight - weight[0, 0] / inverse[0, 0] * inverse[0:1, :]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
@@ -56,7 +56,9 @@ def test_pruning_one_entry_of_the_first_column_is_the_optimal_brain_surgeon_upda
 def test_with_isotropic_inputs_the_smallest_entries_of_each_block_go_and_nothing_else_moves():
     torch.manual_seed(0)
     weight = torch.randn(6, 8)
-    got, pruned = obs_prune(weight, torch.eye(8), 0.5, torch.zeros(6, 8, dtype=torch.bool), block=4)
+    got, pruned = obs_prune(
+        weight, obs_inverse_factor(torch.eye(8)), 0.5, torch.zeros(6, 8, dtype=torch.bool), block=4
+    )
     for start in (0, 4):
         block = weight[:, start : start + 4].abs().flatten()
         expected = block <= block.kthvalue(12).values
@@ -69,7 +71,7 @@ def test_obs_keeps_earlier_pruned_entries_and_prunes_the_asked_count():
     torch.manual_seed(1)
     weight = torch.randn(5, 8)
     earlier = torch.rand(5, 8) < 0.3
-    got, pruned = obs_prune(weight, x.T @ x / len(x), 0.6, earlier, block=3)
+    got, pruned = obs_prune(weight, obs_inverse_factor(x.T @ x / len(x)), 0.6, earlier, block=3)
     assert bool((pruned | ~earlier).all())
     assert int(pruned.sum()) == round(0.6 * 40)
     assert torch.equal(got == 0, pruned)
@@ -79,7 +81,7 @@ def test_compensation_moves_the_layer_outputs_less_than_zeroing_the_same_entries
     x = correlated_inputs()
     torch.manual_seed(2)
     weight = torch.randn(5, 8)
-    got, pruned = obs_prune(weight, x.T @ x / len(x), 0.5, torch.zeros(5, 8, dtype=torch.bool))
+    got, pruned = obs_prune(weight, obs_inverse_factor(x.T @ x / len(x)), 0.5, torch.zeros(5, 8, dtype=torch.bool))
     compensated = (x @ (weight - got).T).pow(2).mean()
     zeroed = (x @ (weight * pruned).T).pow(2).mean()
     assert compensated < zeroed
@@ -88,7 +90,9 @@ def test_compensation_moves_the_layer_outputs_less_than_zeroing_the_same_entries
 def test_obs_input_weights_are_the_inverse_diagonal_of_the_damped_inverse():
     x = correlated_inputs()
     a = x.T @ x / len(x)
-    torch.testing.assert_close(obs_input_weights(a), 1 / damped_inverse(a).diagonal(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        obs_input_weights(obs_inverse_factor(a)), 1 / damped_inverse(a).diagonal(), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_obs_mask_moves_the_anchor_outputs_less_than_the_saliency_and_magnitude_masks(digits, trained_mlp):

@@ -159,10 +159,18 @@ def test_sparsity_follows_the_schedule_at_every_mask_update(trained_mlp, digits)
     assert reached == pytest.approx(expected, abs=1e-3)
 
 
-@pytest.mark.parametrize("begin", [0, 3])
-def test_constant_schedule_prunes_to_the_target_at_its_first_step(trained_mlp, digits, begin):
+@pytest.mark.parametrize(
+    ("schedule", "begin"),
+    [("constant", 0), ("constant", 3), ("cubic", 0)],
+    ids=["constant", "constant-later", "no-ramp"],
+)
+def test_a_schedule_without_ramp_prunes_to_the_target_at_its_first_step(trained_mlp, digits, schedule, begin):
     model = sparsify_model(
-        trained_mlp, sparsity_schedule="constant", sparsity_begin_step=begin, sparsity_update_every=5
+        trained_mlp,
+        sparsity_schedule=schedule,
+        sparsity_begin_step=begin,
+        sparsity_ramp_steps=0 if schedule == "cubic" else 20,
+        sparsity_update_every=5,
     )
     reached = sparsity_after_each_step(model, digits["x_a_train"], 4)
     first = max(begin, 1)
