@@ -50,6 +50,8 @@ METHODS = {
         "metric_batch_size": 256,
         "metric_update_interval": 50,
     },
+    "FIP natural+quadratic": {"solver": "natural+quadratic"},
+    "FIP natural+quadratic, refresh in one pass": {"solver": "natural+quadratic", "metric_batch_size": 256},
 }
 SEQUENCES = {
     "digits": {"steps": 150, "lr": 3e-3, "batch": 32, "anchors": 100},
@@ -300,7 +302,7 @@ def ablation(seeds: list[int]) -> None:
         print(f"| {name} | {_mean_sd([r[0] for r in rows])} | {_mean_sd([r[1] for r in rows])} | {_mean_sd(ratios)} |")
 
 
-def step_cost(sequence: str, rounds: int, block: int) -> None:
+def step_cost(sequence: str, rounds: int, block: int, methods: list[str]) -> None:
     """Seconds per training step of each method on the same model and data, measured in interleaved blocks of
     `block` steps (round-robin over the methods, `rounds` times; the median block), so that the machine's load
     drifts over all methods alike. With metric_update_interval=10 and block=10 every natural block holds exactly
@@ -316,7 +318,8 @@ def step_cost(sequence: str, rounds: int, block: int) -> None:
     train, _ = load_tasks(sequence, 0)
     (x_a, _), (x_b, y_b) = train[0], train[1]
     runs = {}
-    for name, options in METHODS.items():
+    for name in methods:
+        options = METHODS[name]
         torch.manual_seed(0)
         model = MLP() if sequence == "digits" else _cnn()
         targets = ["fc1", "fc2"] if sequence == "digits" else ["conv1", "conv2", "fc1"]
@@ -328,7 +331,7 @@ def step_cost(sequence: str, rounds: int, block: int) -> None:
             model.remember(x_a)
         runs[name] = (model, fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=settings["lr"]))
     generator = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds + 1):
         for name, (model, optimizer) in runs.items():
             model.train()
@@ -364,11 +367,30 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
+def select_methods(names: list[str] | None) -> list[str]:
+    """The methods to run, in `METHODS` order: those named plus the two every table needs."""
+    if names is None:
+        return list(METHODS)
+    wanted = set(names)
+    unknown = sorted(wanted - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
+    wanted |= {"plain fine-tuning", "FIP penalty"}
+    return [name for name in METHODS if name in wanted]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequence", choices=sorted(SEQUENCES), default="digits")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output", default=None, help="Write all results as JSON here.")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="Method names, each one argument (default: all); plain fine-tuning and FIP penalty always run, they "
+        "set the x plain column and the equal-time budgets.",
+    )
     parser.add_argument(
         "--ablation", action="store_true", help="Instead: how to use the natural direction, on digits A -> B."
     )
@@ -382,6 +404,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    methods = select_methods(args.methods)
     if args.ablation:
         ablation(seeds)
         return
@@ -389,18 +412,18 @@ def main() -> None:
         staleness(seeds)
         return
     if args.step_cost:
-        step_cost(args.sequence, rounds=15, block=10)
+        step_cost(args.sequence, rounds=15, block=10, methods=methods)
         return
     context = multiprocessing.get_context("spawn")
-    results: dict[str, list[dict]] = {name: [] for name in METHODS}
-    timed: dict[str, list[dict]] = {name: [] for name in METHODS}
+    results: dict[str, list[dict]] = {name: [] for name in methods}
+    timed: dict[str, list[dict]] = {name: [] for name in methods}
     for seed in seeds:
-        for name in METHODS:
+        for name in methods:
             with context.Pool(1) as pool:
                 results[name].append(pool.apply(_in_child, ((args.sequence, name, seed, None),)))
             print(f"seed {seed} {name}: {json.dumps(results[name][-1])}", flush=True)
         budgets = results["FIP penalty"][-1]["seconds_per_task"]
-        for name in METHODS:
+        for name in methods:
             with context.Pool(1) as pool:
                 timed[name].append(pool.apply(_in_child, ((args.sequence, name, seed, budgets),)))
             print(f"seed {seed} {name} (equal time): {json.dumps(timed[name][-1])}", flush=True)
@@ -408,7 +431,7 @@ def main() -> None:
     print(f"\nsequence {args.sequence}, seeds {seeds}")
     print("| method | ACC | BWT | s / step | x plain | peak RSS MiB | ACC at equal wall time | steps per task then |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in METHODS:
+    for name in methods:
         rows, equal = results[name], timed[name]
         step = statistics.mean(r["seconds_per_step"] for r in rows)
         steps = statistics.mean(statistics.mean(r["steps_per_task"]) for r in equal)
