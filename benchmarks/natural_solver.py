@@ -50,8 +50,6 @@ METHODS = {
         "metric_batch_size": 256,
         "metric_update_interval": 50,
     },
-    "FIP natural+quadratic": {"solver": "natural+quadratic"},
-    "FIP natural+quadratic, refresh in one pass": {"solver": "natural+quadratic", "metric_batch_size": 256},
 }
 SEQUENCES = {
     "digits": {"steps": 150, "lr": 3e-3, "batch": 32, "anchors": 100},

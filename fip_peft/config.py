@@ -13,7 +13,7 @@ from .sparsity import CRITERIA, SCHEDULES, SCOPES
 
 DISTANCES = ("logits", "bhattacharyya", "kl")
 OBJECTIVES = ("continual", "sparsify")
-SOLVERS = ("penalty", "natural", "natural+penalty", "natural+quadratic")
+SOLVERS = ("penalty", "natural", "natural+penalty")
 # Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
 # a low-rank displacement can move in few directions, so it needs a weaker hold on the old outputs to learn.
 DEFAULT_BETA_FULL_RANK = 0.4
@@ -168,7 +168,7 @@ class FIPConfig(PeftConfig):
         default=None,
         metadata={"help": "Submodule whose output is kept on anchors (e.g. 'bert.pooler'); None: the model output."},
     )
-    solver: Literal["penalty", "natural", "natural+penalty", "natural+quadratic"] = field(
+    solver: Literal["penalty", "natural", "natural+penalty"] = field(
         default="penalty", metadata={"help": "How the FIP step is solved: 'penalty', 'natural', 'natural+penalty'."}
     )
     epsilon: float | None = field(
@@ -250,7 +250,7 @@ class FIPConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.beta is None and self.solver in ("natural+penalty", "natural+quadratic"):
+        if self.beta is None and self.solver == "natural+penalty":
             self.beta = DEFAULT_BETA_NATURAL
         elif self.beta is None and isinstance(self.rank, int) and not isinstance(self.rank, bool):
             self.beta = DEFAULT_BETA_LOW_RANK

@@ -56,12 +56,6 @@ def functional_distance(
     return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-# kappa of each distance's second-order model for a small change dz of one position's outputs: D ~ (kappa / 2)
-# dz^T M dz, M = I for `logits` (before the division by `distance_scale`), the softmax Fisher diag(p) - p p^T for the
-# others (Bhattacharyya: chi^2 / 8; KL(p_ref || p): the Fisher form / 2). The metric g uses the same M.
-CURVATURE: dict[str, float] = {"logits": 2.0, "bhattacharyya": 0.25, "kl": 1.0}
-
-
 def distance_scale(reference: torch.Tensor, kind: str) -> float:
     """The typical size of the outputs, by which D is divided so that `beta` means the same on any model.
 

@@ -326,29 +326,23 @@ class LayerMetric:
     a: Eigen
     g: Eigen
     damping: float
-    products: torch.Tensor | None = field(init=False, default=None, repr=False)
     shrink: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.a.values) and len(self.g.values):
-            self.products = self.g.values[:, None] * self.a.values[None, :]
-            self.shrink = self.products / (self.products + self.damping)
+            products = self.g.values[:, None] * self.a.values[None, :]
+            self.shrink = products / (products + self.damping)
 
     def kronecker(self) -> torch.Tensor:
         """The dense metric block of the layer, over vec(W) of the (out, in) matrix in row-major order: G (x) A."""
         return torch.kron(self.g.matrix(), self.a.matrix())
 
-    def project(self, u: torch.Tensor, drift: torch.Tensor | None = None, drift_weight: float = 0.0) -> torch.Tensor:
-        """P u = lambda (A (x) G + lambda I)^-1 u for an (out, in) matrix u; with `drift` (the displacement since
-        the reference, shaped like u) also + `drift_weight` (A (x) G) drift, the gradient of the quadratic model
-        of D, in the same pass back out of the eigenbasis."""
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """P u = lambda (A (x) G + lambda I)^-1 u for an (out, in) matrix u."""
         if self.shrink is None:
             return u
         u = u.to(self.a.values.dtype)
         core = self.a.rotate_in(self.g.vectors.t() @ u).mul_(self.shrink)
-        if drift is not None and drift_weight:
-            pulled = self.a.rotate_in(self.g.vectors.t() @ drift.to(u.dtype)).mul_(self.products)
-            core.sub_(pulled, alpha=drift_weight)
         if self.a.vectors is not None:
             return torch.addmm(u, self.g.vectors @ core, self.a.vectors.t(), alpha=-1.0)
         return u - self.a.rotate_out(self.g.vectors @ core)
@@ -477,7 +471,6 @@ class KroneckerFactors:
         self.shares_input: dict[str, str] = {}
         self.eigen: dict[str, Eigen] = {}
         self.num_anchors = 0
-        self.num_outputs = 0.0
 
     def add(
         self,
@@ -522,8 +515,6 @@ class KroneckerFactors:
             for handle in handles:
                 handle.remove()
         self.num_anchors += model_output.shape[0]
-        masked = mask is not None and mask.shape == model_output.shape[:-1]
-        self.num_outputs += float(mask.sum()) if masked else model_output[..., 0].numel()
         names = [name for name in self.layers if outputs[name] and outputs[name][0].requires_grad]
         flat = [tensor for name in names for tensor in outputs[name]]
         for name in names:
@@ -544,12 +535,6 @@ class KroneckerFactors:
                         )
                         self.grads[name].add(rows.float() * weight**0.5 if weight != 1.0 else rows.float())
                     position += 1
-
-    @property
-    def outputs_per_anchor(self) -> float:
-        """Output positions per anchor that the factors sum over (1 for one output per anchor, the unpadded tokens
-        of a sequence output): D averages over them, G sums over them."""
-        return self.num_outputs / self.num_anchors if self.num_anchors else 1.0
 
     def diagonals(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """diag(A) and diag(G) of every layer with factors (the diagonal of the metric A (x) G is their outer

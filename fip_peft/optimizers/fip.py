@@ -56,7 +56,7 @@ class FIPStepMixin:
         device), or None when nothing is remembered or the solver is `"natural"` (no D in its step)."""
         fip_model = self._fip_model
         config = fip_model.peft_config[fip_model.active_adapters[0]]
-        if config.solver in ("natural", "natural+quadratic"):
+        if config.solver == "natural":
             return None
         with torch.enable_grad():
             distance = fip_model.anchor_distance(forward=self._fip_anchor_forward)

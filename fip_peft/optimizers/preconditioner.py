@@ -11,7 +11,6 @@ from torch import nn
 from transformers.utils import logging
 
 from .. import layer as fip_layers
-from ..distances import CURVATURE
 from ..model import FIPModel
 from ..natural import CoveredLayer, Eigen, KroneckerFactors, LayerMetric, check_conv
 
@@ -114,9 +113,6 @@ class MetricPreconditioner:
         self.layers = covered_layers(fip_model, adapter)
         self.metric: dict[str, LayerMetric] | None = None
         self.basis: dict[str, Eigen] = {}
-        self.outputs_per_anchor = 1.0
-        self.reference: dict[str, list[torch.Tensor]] = {}
-        self.reference_tasks: int | None = None
         self.steps = 0
         self.refreshes = 0
         self._layers: dict[str, CoveredLayer] = {}
@@ -148,44 +144,26 @@ class MetricPreconditioner:
             logger.warning("The FIP metric on this anchor batch is NaN or infinite; the previous one is kept.")
             return
         self.metric, self.basis = metric, factors.eigen
-        self.outputs_per_anchor = factors.outputs_per_anchor
         self.refreshes += 1
 
     def precondition(self, optimizer: torch.optim.Optimizer) -> None:
         """Refresh the metric when due, then replace each covered layer's gradient by P grad. Called before the
         anchor gradient of `"natural+penalty"` is added, so that grad D / beta stays unpreconditioned."""
-        memory = self.fip_model.memory(self.adapter)
-        if len(memory) == 0:
+        if len(self.fip_model.memory(self.adapter)) == 0:
             self.metric, self._layers = None, {}
             return
-        quadratic = self.config.solver == "natural+quadratic"
-        if quadratic and self.reference_tasks != memory.num_tasks:
-            self.reference = {name: [p.detach().clone() for p in layer.params] for name, layer in self.layers.items()}
-            self.reference_tasks = memory.num_tasks
         if self.metric is None or self.steps % self.config.metric_update_interval == 0:
             self.refresh()
             self._layers = self._preconditioned(optimizer)
         self.steps += 1
-        weight = self._drift_weight(float(memory.scale)) if quadratic else 0.0
         with torch.no_grad():
             for name, layer in self._layers.items():
-                if all(p.grad is None for p in layer.params) and not weight:
+                if all(p.grad is None for p in layer.params):
                     continue
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params]
-                drift = None
-                if weight:
-                    drift = layer.as_matrix(*[p - r for p, r in zip(layer.params, self.reference[name], strict=True)])
-                projected = layer.from_matrix(self.metric[name].project(layer.as_matrix(*grads), drift, weight))
+                projected = layer.from_matrix(self.metric[name].project(layer.as_matrix(*grads)))
                 for p, new in zip(layer.params, projected, strict=True):
                     p.grad = new.to(p.dtype).contiguous()
-
-    def _drift_weight(self, scale: float) -> float:
-        """kappa / (scale x outputs per anchor x beta): grad D / beta ~ this x g (w - w_ref) under the second-order
-        model of D (`fip_peft.distances.CURVATURE`); g averages over anchors and sums over output positions, D
-        averages over both."""
-        config = self.config
-        kappa = CURVATURE[config.distance] / (scale if config.distance == "logits" else 1.0)
-        return kappa / (self.outputs_per_anchor * config.beta)
 
     def _preconditioned(self, optimizer: torch.optim.Optimizer) -> dict[str, CoveredLayer]:
         """The covered layers the metric has and `optimizer` steps: set at each refresh and read by every step, so a
