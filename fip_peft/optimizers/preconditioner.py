@@ -11,6 +11,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .. import layer as fip_layers
+from ..distributed import process_share, sum_factors_across_processes
 from ..model import FIPModel
 from ..natural import CoveredLayer, Eigen, KroneckerFactors, LayerMetric, check_conv
 
@@ -18,6 +19,8 @@ logger = logging.get_logger(__name__)
 
 # Offset between the seeds of anchor sampling and of the metric's output directions.
 DIRECTION_SEED_OFFSET = 7919
+# A refresh seeded s seeds anchor i's output directions with s x this + i, chunk c's positions with s x this - 1 - c.
+SEED_STRIDE = 1_000_003
 
 
 def covered_layers(fip_model: FIPModel, adapter: str) -> dict[str, CoveredLayer]:
@@ -53,25 +56,39 @@ def gather_factors(
     index: torch.Tensor,
     seed: int,
     diagonal_only: bool = False,
+    across_processes: bool = False,
 ) -> KroneckerFactors:
-    """The Kronecker factors of `layers` on the anchors at `index` (eval mode, output directions and sampled
-    positions seeded by `seed`), gathered in chunks of `metric_batch_size` anchors (default `anchor_batch_size`: a
-    refresh holds no more activations than a step). `diagonal_only`: only their diagonals (no outer products)."""
+    """The Kronecker factors of `layers` on the anchors at `index` (eval mode), gathered in chunks of
+    `metric_batch_size` anchors (default `anchor_batch_size`: a refresh holds no more activations than a step).
+    The i-th anchor of `index` draws its output directions from seed `seed` x `SEED_STRIDE` + i and chunk c its
+    sampled positions from `seed` x `SEED_STRIDE` - 1 - c, so neither depends on the chunk size or on which process
+    gathers the chunk. `diagonal_only`: only their diagonals (no outer products). `across_processes` (every
+    process must call it at the same time, as an optimizer step does): in a multi-process run each process
+    gathers a contiguous share of the chunks and the shares are summed, so a refresh costs each of N processes
+    1 / N of the passes (`fip_peft.distributed.process_share`)."""
     config = fip_model.peft_config[adapter]
     memory = fip_model.memory(adapter)
     factors = KroneckerFactors(layers, diagonal_only)
-    generator = torch.Generator().manual_seed(seed)
+    chunks = index.split(config.metric_batch_size or config.anchor_batch_size)
+    share = process_share(len(chunks)) if across_processes else range(len(chunks))
+    starts = [0, *torch.tensor([len(chunk) for chunk in chunks]).cumsum(0).tolist()]
     with fip_model._evaluating():
-        for chunk in index.split(config.metric_batch_size or config.anchor_batch_size):
-            inputs, _ = memory.batch(chunk)
+        for number in share:
+            inputs, _ = memory.batch(chunks[number])
             factors.add(
                 lambda inputs=inputs: fip_model._run(inputs, adapter_name=adapter),
                 config.distance,
                 config.metric_samples,
-                generator,
+                torch.Generator().manual_seed(seed * SEED_STRIDE - 1 - number),
                 inputs.get("attention_mask"),
                 config.metric_positions,
+                [
+                    torch.Generator().manual_seed(seed * SEED_STRIDE + i)
+                    for i in range(starts[number], starts[number + 1])
+                ],
             )
+    if len(share) < len(chunks):
+        sum_factors_across_processes(factors, next(iter(layers.values())).weight.device)
     return factors
 
 
@@ -103,8 +120,9 @@ class MetricPreconditioner:
     - `epsilon=e`: the paper's fixed-length step: the covered parameters move by -e P grad / |P grad| (e times
       lr / initial_lr under a schedule), the others take the wrapped optimizer's step.
 
-    Anchors and output directions come from seeded counters, so every process of a distributed run computes the
-    same metric from the same anchors with no communication.
+    Anchors and output directions come from seeded counters, the same on every process of a distributed run. Each
+    process gathers the factors on its share of a refresh's anchor chunks and the shares are summed (one all-reduce
+    per factor), so all processes hold the same metric and a refresh costs each of N processes 1 / N of its passes.
     """
 
     def __init__(self, fip_model: FIPModel, adapter: str) -> None:
@@ -131,7 +149,7 @@ class MetricPreconditioner:
         seed = config.anchor_seed * 1_000_003 + int(memory.sample_step) + DIRECTION_SEED_OFFSET
         basis = self.basis if self.refreshes % config.metric_basis_interval else None
         try:
-            factors = gather_factors(self.fip_model, self.adapter, self.layers, index, seed)
+            factors = gather_factors(self.fip_model, self.adapter, self.layers, index, seed, across_processes=True)
             metric = factors.metric(config.damping, basis)
         except torch.linalg.LinAlgError as error:
             logger.warning(f"The FIP metric could not be refreshed ({error}); the previous one is kept.")
