@@ -79,17 +79,19 @@ def gather_factors(
                 lambda inputs=inputs: fip_model._run(inputs, adapter_name=adapter),
                 config.distance,
                 config.metric_samples,
-                torch.Generator().manual_seed(seed * SEED_STRIDE - 1 - number),
+                _generator(seed * SEED_STRIDE - 1 - number),
                 inputs.get("attention_mask"),
                 config.metric_positions,
-                [
-                    torch.Generator().manual_seed(seed * SEED_STRIDE + i)
-                    for i in range(starts[number], starts[number + 1])
-                ],
+                [_generator(seed * SEED_STRIDE + i) for i in range(starts[number], starts[number + 1])],
             )
     if len(share) < len(chunks):
         sum_factors_across_processes(factors, next(iter(layers.values())).weight.device)
     return factors
+
+
+def _generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded by `seed` taken modulo 2^64 (any int, negative or large, is a valid seed)."""
+    return torch.Generator().manual_seed(seed % 2**64)
 
 
 def metric_spectrum(fip_model: FIPModel, adapter: str, k: int) -> dict[str, torch.Tensor]:
