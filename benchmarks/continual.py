@@ -87,6 +87,7 @@ class Sizes:
     train_size: int
     eval_size: int | None
     max_length: int = 64
+    adam_eps: float = 1e-8
 
 
 FULL_SIZES = {
@@ -260,7 +261,8 @@ class Learner:
     def begin_task(self, task: int) -> None:
         """Called before training ``task``; the default builds a fresh AdamW over the trainable parameters."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.suite.sizes.lr * self.lr_scale)
+        sizes = self.suite.sizes
+        self.optimizer = torch.optim.AdamW(params, lr=sizes.lr * self.lr_scale, eps=sizes.adam_eps)
 
     def extra_loss(self) -> torch.Tensor | None:
         return None
@@ -293,7 +295,8 @@ class AdapterLearner(Learner):
             return
         import fip_peft
 
-        self.optimizer = fip_peft.create_fip_optimizer(self.model, torch.optim.AdamW, lr=self.suite.sizes.lr)
+        sizes = self.suite.sizes
+        self.optimizer = fip_peft.create_fip_optimizer(self.model, torch.optim.AdamW, lr=sizes.lr, eps=sizes.adam_eps)
 
     def end_task(self, task: int) -> None:
         if self.fip is not None:
@@ -487,6 +490,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
         "seed": seed,
         "fip_options": suite.fip_options,
         "lr": suite.sizes.lr,
+        "adam_eps": suite.sizes.adam_eps,
         "scored_on": "validation" if suite.validation else "test",
         "R": [[None if value != value else float(value) for value in row] for row in R] if sequential else [final],
         "acc": statistics.fmean(final),
@@ -509,20 +513,23 @@ def build_suite(
     seed: int,
     validation: int | None = None,
     fip_options: dict[str, Any] | None = None,
-    steps: int | None = None,
-    lr: float | None = None,
+    **overrides: Any,
 ) -> Suite:
-    sizes = suite_sizes(name, quick, steps, lr)
+    sizes = suite_sizes(name, quick, **overrides)
     suite = vision_suite(sizes, seed) if name == "vision" else text_suite(sizes, seed, validation)
     suite.fip_options = dict(fip_options or {})
     return suite
 
 
-def suite_sizes(name: str, quick: bool, steps: int | None = None, lr: float | None = None) -> Sizes:
-    """The suite's sizes, with `--steps` and `--lr` in place of its own where given."""
+def suite_sizes(name: str, quick: bool, **overrides: Any) -> Sizes:
+    """The suite's sizes, with the given ones (`--steps`, `--lr`, `--adam-eps`; None: the suite's) in its place."""
     sizes = (QUICK_SIZES if quick else FULL_SIZES)[name]
-    sizes = sizes if steps is None else replace(sizes, steps=steps)
-    return sizes if lr is None else replace(sizes, lr=lr)
+    return replace(sizes, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def size_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's replacements of the suite's sizes."""
+    return {"steps": args.steps, "lr": args.lr, "adam_eps": args.adam_eps}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -659,6 +666,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Learning rate instead of the suite's (LoRA keeps its multiple of it); recorded with each result.",
     )
     parser.add_argument(
+        "--adam-eps",
+        type=float,
+        help="AdamW's eps (default 1e-8) for every method; recorded with each result.",
+    )
+    parser.add_argument(
         "--validation",
         type=int,
         metavar="N",
@@ -691,6 +703,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--steps: takes a positive number of optimizer steps per task, got {args.steps}.")
     if args.lr is not None and not args.lr > 0:
         raise SystemExit(f"--lr: takes a positive learning rate such as 2e-4, got {args.lr}.")
+    if args.adam_eps is not None and not args.adam_eps > 0:
+        raise SystemExit(f"--adam-eps: takes a positive number such as 1e-3, got {args.adam_eps}.")
     args.fip_options = parse_fip_options(args.fip_option)
     return args
 
@@ -702,6 +716,7 @@ def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Names
     command += ["--validation", str(args.validation)] if args.validation else []
     command += ["--steps", str(args.steps)] if args.steps else []
     command += ["--lr", repr(args.lr)] if args.lr else []
+    command += ["--adam-eps", repr(args.adam_eps)] if args.adam_eps else []
     # One thread per run unless OMP_NUM_THREADS says otherwise: on a shared CPU, OpenMP threads that spin while
     # waiting for each other distort the times far more than the lost parallelism.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -718,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one:
         suite_name, seed = args.one[0], int(args.one[1])
-        suite = build_suite(suite_name, False, seed, args.validation, args.fip_options, args.steps, args.lr)
+        suite = build_suite(suite_name, False, seed, args.validation, args.fip_options, **size_overrides(args))
         run_method(suite, "naive", seed, steps=2)  # warm-up: one-time allocations are nobody's cost
         for method in args.method_list:
             print(json.dumps(run_method(suite, method, seed)), flush=True)
@@ -734,12 +749,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     for suite_name in args.suites:
-        print(f"{suite_name}: {suite_sizes(suite_name, args.quick, args.steps, args.lr)}", flush=True)
+        print(f"{suite_name}: {suite_sizes(suite_name, args.quick, **size_overrides(args))}", flush=True)
     results = []
     for suite_name in args.suites:
         for seed in args.seed_list:
             if args.quick:
-                suite = build_suite(suite_name, True, seed, args.validation, args.fip_options, args.steps, args.lr)
+                suite = build_suite(suite_name, True, seed, args.validation, args.fip_options, **size_overrides(args))
                 runs = (run_method(suite, method, seed) for method in args.method_list)
             elif args.process_per_method:
                 runs = (r for method in args.method_list for r in run_isolated(suite_name, [method], seed, args))

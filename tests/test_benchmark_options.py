@@ -1,5 +1,5 @@
-"""The benchmarks' sweep options: FIPConfig overrides (shared); held-out scoring, steps per task and learning rate
-(continual); and the sparsify example's refusal of a criterion its scope cannot take."""
+"""The benchmarks' sweep options: FIPConfig overrides (shared); held-out scoring, steps per task, learning rate
+and AdamW's eps (continual); and the sparsify example's refusal of a criterion its scope cannot take."""
 
 import sys
 from pathlib import Path
@@ -72,6 +72,19 @@ def test_lr_replaces_the_suite_s_learning_rate_and_keeps_its_other_sizes():
 
     assert (sizes.lr, sizes.steps) == (3e-4, 18)
     assert sizes.batch_size == suite_sizes("text", quick=False).batch_size
+
+
+@pytest.mark.parametrize("eps", ["0", "-1e-8"])
+def test_adam_eps_must_be_positive(eps):
+    with pytest.raises(SystemExit, match="--adam-eps: takes a positive number"):
+        parse_args(["--suite", "vision", f"--adam-eps={eps}"])
+
+
+def test_adam_eps_replaces_adamw_s_default_and_keeps_the_suite_s_learning_rate():
+    sizes = suite_sizes("vision", quick=False, adam_eps=1e-3)
+
+    assert (sizes.adam_eps, sizes.lr) == (1e-3, suite_sizes("vision", quick=False).lr)
+    assert suite_sizes("vision", quick=False).adam_eps == 1e-8
 
 
 def test_sparsify_example_refuses_obs_with_a_global_threshold_before_any_work():
