@@ -714,9 +714,8 @@ def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Names
     command = [sys.executable, __file__, "--one", suite, str(seed), "--suite", suite, "--methods", ",".join(methods)]
     command += [part for option in args.fip_option for part in ("--fip-option", option)]
     command += ["--validation", str(args.validation)] if args.validation else []
-    command += ["--steps", str(args.steps)] if args.steps else []
-    command += ["--lr", repr(args.lr)] if args.lr else []
-    command += ["--adam-eps", repr(args.adam_eps)] if args.adam_eps else []
+    for key, value in size_overrides(args).items():
+        command += [f"--{key.replace('_', '-')}", repr(value)] if value is not None else []
     # One thread per run unless OMP_NUM_THREADS says otherwise: on a shared CPU, OpenMP threads that spin while
     # waiting for each other distort the times far more than the lost parallelism.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
