@@ -70,10 +70,18 @@ from fip_peft.evaluation import AccuracyMatrix  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 SUITES = ("vision", "text")
-EWC_LAMBDA = 5000.0
+# The baselines' key hyperparameters (``--baseline-option NAME=VALUE`` replaces one; recorded with each result).
+# Defaults: EWC's lambda of earlier runs, LoRA's usual 10x learning rate, mammoth's DER/DER++ settings for
+# Seq-CIFAR-10; docs/benchmarks.md says which values validation chose.
+BASELINE_OPTIONS: dict[str, float] = {
+    "ewc_lambda": 5000.0,
+    "lora_lr_scale": 10.0,
+    "der_alpha": 0.3,
+    "derpp_alpha": 0.1,
+    "derpp_beta": 0.5,
+}
 EWC_SAMPLES = 100
 LORA_RANK = 8
-LOW_RANK_LR_SCALE = 10.0
 
 
 @dataclass
@@ -124,16 +132,28 @@ class Suite:
     osf_targets: list[str]
     head: str
     sizes: Sizes
+    remember_labels: Callable[[int], torch.Tensor] | None = None
     fip_options: dict[str, Any] = field(default_factory=dict)
     validation: int | None = None
 
 
-def vision_suite(sizes: Sizes, seed: int) -> Suite:
-    """Split Fashion-MNIST with the small CNN of ``examples/continual_vision.py``."""
+def vision_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suite:
+    """Split Fashion-MNIST with the small CNN of ``examples/continual_vision.py``.
+
+    ``validation=N`` scores on N further training images per task instead of the test split (the training images
+    are the same as without it: the first of the same seeded draw).
+    """
     import continual_vision as cv
 
-    args = cv.parse_args(["--seed", str(seed), "--train-size", str(sizes.train_size)])
+    train_size = sizes.train_size + (validation or 0)
+    args = cv.parse_args(["--seed", str(seed), "--train-size", str(train_size)])
     tasks = cv.build_tasks(args)
+    if validation:
+        for task in tasks:
+            keep = slice(sizes.train_size, sizes.train_size + validation)
+            task.test_images, task.test_labels = task.train_images[keep], task.train_labels[keep]
+            task.train_images = task.train_images[: sizes.train_size]
+            task.train_labels = task.train_labels[: sizes.train_size]
     eval_size = sizes.eval_size
 
     def collate(rows: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -159,6 +179,8 @@ def vision_suite(sizes: Sizes, seed: int) -> Suite:
         osf_targets=["fc1"],
         head="head",
         sizes=sizes,
+        remember_labels=lambda t: tasks[t].train_labels,
+        validation=validation,
     )
 
 
@@ -216,6 +238,7 @@ def text_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suite:
         test_batches=test_batches,
         build_model=lambda: ct.MeanPoolingClassifier(args.model, num_labels=num_labels).to(DEVICE),
         remember_data=lambda t: tasks[t].train,
+        remember_labels=lambda t: torch.tensor(tasks[t].train["labels"]),
         fip_targets={"target_modules": linear, "modules_to_save": ["classifier"]},
         lora_targets=linear,
         osf_targets=linear,
@@ -267,16 +290,34 @@ class Learner:
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The new task's loss on its batch: cross-entropy over every class of the shared head."""
+        return nn.functional.cross_entropy(logits, labels)
+
     def end_task(self, task: int) -> None:
         """Called after ``task`` was trained and evaluated."""
 
 
 class AdapterLearner(Learner):
-    """Sequential fine-tuning of a FIP adapter (``fip=None``: never remembers, i.e. plain fine-tuning)."""
+    """Sequential fine-tuning of a FIP adapter (``fip=None``: never remembers, i.e. plain fine-tuning).
 
-    def __init__(self, suite: Suite, seed: int, fip: dict[str, Any] | None = None) -> None:
+    ``labels``: ``remember`` gets the anchors' labels (the label term of the FIP step); ``mask_old_classes``: the
+    new task's loss leaves out the logits of the remembered classes absent from its batch
+    (``fip_peft.mask_absent_old_classes``, ER-ACE's asymmetric loss).
+    """
+
+    def __init__(
+        self,
+        suite: Suite,
+        seed: int,
+        fip: dict[str, Any] | None = None,
+        labels: bool = False,
+        mask_old_classes: bool = False,
+    ) -> None:
         super().__init__(suite, seed)
         self.fip = fip
+        self.labels = labels
+        self.mask_old_classes = mask_old_classes
 
     def start(self, base: nn.Module) -> None:
         from peft import get_peft_model
@@ -298,15 +339,26 @@ class AdapterLearner(Learner):
         sizes = self.suite.sizes
         self.optimizer = fip_peft.create_fip_optimizer(self.model, torch.optim.AdamW, lr=sizes.lr, eps=sizes.adam_eps)
 
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.mask_old_classes:
+            import fip_peft
+
+            logits = fip_peft.mask_absent_old_classes(self.model, logits, labels)
+        return super().task_loss(logits, labels)
+
     def end_task(self, task: int) -> None:
         if self.fip is not None:
-            self.model.remember(self.suite.remember_data(task))
+            labels = self.suite.remember_labels(task) if self.labels else None
+            data = self.suite.remember_data(task)
+            if not self.labels and self.suite.name == "text":  # the dataset's own label column would be read
+                data = data.remove_columns("labels")
+            self.model.remember(data, labels=labels)
 
 
 class EWCLearner(AdapterLearner):
     def __init__(self, suite: Suite, seed: int) -> None:
         super().__init__(suite, seed)
-        self.ewc = OnlineEWC(lam=EWC_LAMBDA, samples=EWC_SAMPLES)
+        self.ewc = OnlineEWC(lam=BASELINE_OPTIONS["ewc_lambda"], samples=EWC_SAMPLES)
         self.generator = torch.Generator().manual_seed(seed + 1)
 
     def extra_loss(self) -> torch.Tensor | None:
@@ -343,8 +395,92 @@ class ReplayLearner(AdapterLearner):
         self.buffer.add_task(task, self.suite.train_sizes[task])
 
 
+class DERLearner(AdapterLearner):
+    """DER / DER++ (Buzzega et al. 2020, mammoth ``models/der.py``, ``derpp.py``) on the same adapter and memory:
+    a buffer of the anchor budget whose examples keep the logits the model gave them when stored (at the end of
+    their task); each step adds ``alpha`` x the mean squared error of the logits on a buffer batch and, for DER++,
+    ``beta`` x the cross-entropy of the labels on a second buffer batch (batches of FIP's anchor batch size)."""
+
+    def __init__(self, suite: Suite, seed: int, alpha: float, beta: float = 0.0) -> None:
+        super().__init__(suite, seed)
+        import fip_peft
+
+        self.alpha, self.beta = alpha, beta
+        self.replay_batch = fip_peft.FIPConfig.anchor_batch_size
+        self.buffer = ReplayBuffer(suite.sizes.anchors, torch.Generator().manual_seed(seed + 2))
+        self.logits: dict[Example, torch.Tensor] = {}
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if not len(self.buffer):
+            return None
+        rows = self.buffer.sample(self.replay_batch)
+        inputs, _ = self.suite.collate(rows)
+        stored = torch.stack([self.logits[row] for row in rows])
+        loss = self.alpha * nn.functional.mse_loss(logits_of(self.model(**inputs)), stored)
+        if self.beta:
+            inputs, labels = self.suite.collate(self.buffer.sample(self.replay_batch))
+            loss = loss + self.beta * nn.functional.cross_entropy(logits_of(self.model(**inputs)), labels)
+        return loss
+
+    @torch.no_grad()
+    def end_task(self, task: int) -> None:
+        self.buffer.add_task(task, self.suite.train_sizes[task])
+        new = [row for row in self.buffer.per_task[-1] if row not in self.logits]
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(new), 64):
+            chunk = new[start : start + 64]
+            inputs, _ = self.suite.collate(chunk)
+            for row, value in zip(chunk, logits_of(self.model(**inputs)), strict=True):
+                self.logits[row] = value.detach()
+        self.model.train(was_training)
+
+
+class ERACELearner(ReplayLearner):
+    """ER-ACE (Caccia et al. 2022, mammoth ``models/er_ace.py``): replay whose new-task loss leaves out the logits of
+    the classes seen in earlier tasks and absent from the batch (asymmetric cross-entropy).
+
+    ER-ACE fills its buffer by reservoir sampling while it trains, so its replay batches hold the current task's
+    examples beside the old ones: the replayed cross-entropy is what sets new classes against old. Here the buffer is
+    filled at the end of each task, as for every method, so during task t the replay batch is drawn from the buffer
+    plus the share of task t's examples that the buffer will keep (``budget // (t + 1)``).
+    """
+
+    def __init__(self, suite: Suite, seed: int) -> None:
+        super().__init__(suite, seed)
+        self.old_classes: set[int] = set()
+        self.current: list[Example] = []
+
+    def begin_task(self, task: int) -> None:
+        super().begin_task(task)
+        share = max(1, self.buffer.budget // (task + 1))
+        order = torch.randperm(self.suite.train_sizes[task], generator=self.buffer.generator)[:share].tolist()
+        self.current = [(task, row) for row in order]
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if not len(self.buffer):
+            return None
+        rows = [row for task_rows in self.buffer.per_task for row in task_rows] + self.current
+        picks = torch.randint(len(rows), (self.replay_batch,), generator=self.buffer.generator).tolist()
+        inputs, labels = self.suite.collate([rows[i] for i in picks])
+        return nn.functional.cross_entropy(logits_of(self.model(**inputs)), labels)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        absent = sorted(self.old_classes - set(labels.tolist()))
+        if absent:
+            logits = logits.index_fill(-1, torch.tensor(absent, device=logits.device), torch.finfo(logits.dtype).min)
+        return nn.functional.cross_entropy(logits, labels)
+
+    def end_task(self, task: int) -> None:
+        super().end_task(task)
+        inputs_labels = self.suite.remember_labels(task)
+        self.old_classes |= set(inputs_labels.tolist())
+
+
 class LoraLearner(Learner):
-    lr_scale = LOW_RANK_LR_SCALE
+    @property
+    def lr_scale(self) -> float:
+        return BASELINE_OPTIONS["lora_lr_scale"]
 
     def start(self, base: nn.Module) -> None:
         from peft import LoraConfig, get_peft_model
@@ -386,9 +522,24 @@ METHODS: dict[str, tuple[str, Callable[[Suite, int], Learner]]] = {
     "osf": ("OSF", OSFLearner),
     "fip_authors": (
         "FIP, authors' recipe",
-        lambda suite, seed: AdapterLearner(suite, seed, fip={"distance": "bhattacharyya", "beta": 1.0}),
+        lambda suite, seed: AdapterLearner(
+            suite, seed, fip={"distance": "bhattacharyya", "beta": 1.0, "label_weight": 0.0}
+        ),
     ),
-    "fip": ("FIP, defaults", lambda suite, seed: AdapterLearner(suite, seed, fip={})),
+    "der": ("DER", lambda suite, seed: DERLearner(suite, seed, alpha=BASELINE_OPTIONS["der_alpha"])),
+    "derpp": (
+        "DER++",
+        lambda suite, seed: DERLearner(
+            suite, seed, alpha=BASELINE_OPTIONS["derpp_alpha"], beta=BASELINE_OPTIONS["derpp_beta"]
+        ),
+    ),
+    "er_ace": ("ER-ACE", ERACELearner),
+    "fip": ("FIP, outputs only", lambda suite, seed: AdapterLearner(suite, seed, fip={"label_weight": 0.0})),
+    "fip_labels": ("FIP, labelled anchors", lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True)),
+    "fip_labels_ace": (
+        "FIP, labelled anchors, old classes masked",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True, mask_old_classes=True),
+    ),
     "joint": ("joint (upper bound)", lambda suite, seed: AdapterLearner(suite, seed)),
 }
 if "natural" in SOLVERS:  # the solved metric step, where this version of fip_peft has it
@@ -465,7 +616,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
             inputs, labels = suite.collate([rows[i] for i in picks])
             synchronize()
             tick = time.perf_counter()
-            loss = nn.functional.cross_entropy(logits_of(learner.model(**inputs)), labels)
+            loss = learner.task_loss(logits_of(learner.model(**inputs)), labels)
             extra = learner.extra_loss()
             if extra is not None:
                 loss = loss + extra
@@ -489,6 +640,7 @@ def run_method(suite: Suite, method: str, seed: int, steps: int | None = None) -
         "method": method,
         "seed": seed,
         "fip_options": suite.fip_options,
+        "baseline_options": dict(BASELINE_OPTIONS),
         "lr": suite.sizes.lr,
         "adam_eps": suite.sizes.adam_eps,
         "scored_on": "validation" if suite.validation else "test",
@@ -516,7 +668,7 @@ def build_suite(
     **overrides: Any,
 ) -> Suite:
     sizes = suite_sizes(name, quick, **overrides)
-    suite = vision_suite(sizes, seed) if name == "vision" else text_suite(sizes, seed, validation)
+    suite = vision_suite(sizes, seed, validation) if name == "vision" else text_suite(sizes, seed, validation)
     suite.fip_options = dict(fip_options or {})
     return suite
 
@@ -685,6 +837,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Set a FIPConfig field of every FIP method (repeatable; VALUE read as JSON when it parses, else as a "
         "string: --fip-option damping=1.0); recorded with each result.",
     )
+    parser.add_argument(
+        "--baseline-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"Set a baseline's hyperparameter (repeatable), from: {', '.join(BASELINE_OPTIONS)}; recorded with each "
+        "result.",
+    )
     parser.add_argument("--one", nargs=2, metavar=("SUITE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.suites = list(SUITES) if args.suite == "all" else [args.suite]
@@ -695,9 +855,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--seeds: expected comma-separated integers such as 0,1,2, got {args.seeds!r}.") from None
     if args.quick:
         args.seed_list = args.seed_list[:1]
-    if args.validation is not None and (args.validation < 1 or args.suites != ["text"]):
+    if args.validation is not None and (args.validation < 1 or len(args.suites) != 1):
         raise SystemExit(
-            f"--validation: takes a positive count with --suite text, got {args.validation} (--suite {args.suite})."
+            f"--validation: takes a positive count with one --suite (text or vision), got {args.validation} "
+            f"(--suite {args.suite})."
         )
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps: takes a positive number of optimizer steps per task, got {args.steps}.")
@@ -706,13 +867,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.adam_eps is not None and not args.adam_eps > 0:
         raise SystemExit(f"--adam-eps: takes a positive number such as 1e-3, got {args.adam_eps}.")
     args.fip_options = parse_fip_options(args.fip_option)
+    args.baseline_options = parse_baseline_options(args.baseline_option)
     return args
+
+
+def parse_baseline_options(options: list[str]) -> dict[str, float]:
+    """``NAME=VALUE`` pairs of ``--baseline-option``, checked against ``BASELINE_OPTIONS`` before any work."""
+    parsed = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if name not in BASELINE_OPTIONS or not number >= 0:
+            raise SystemExit(
+                f"--baseline-option: {option!r} is not NAME=VALUE with NAME one of {', '.join(BASELINE_OPTIONS)} and "
+                "VALUE a number >= 0."
+            )
+        parsed[name] = number
+    return parsed
 
 
 def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The methods of one (suite, seed) in a fresh process, one after the other; yields each method's results."""
     command = [sys.executable, __file__, "--one", suite, str(seed), "--suite", suite, "--methods", ",".join(methods)]
     command += [part for option in args.fip_option for part in ("--fip-option", option)]
+    command += [part for option in args.baseline_option for part in ("--baseline-option", option)]
     command += ["--validation", str(args.validation)] if args.validation else []
     for key, value in size_overrides(args).items():
         command += [f"--{key.replace('_', '-')}", repr(value)] if value is not None else []
@@ -730,6 +911,7 @@ def run_isolated(suite: str, methods: list[str], seed: int, args: argparse.Names
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    BASELINE_OPTIONS.update(args.baseline_options)
     if args.one:
         suite_name, seed = args.one[0], int(args.one[1])
         suite = build_suite(suite_name, False, seed, args.validation, args.fip_options, **size_overrides(args))

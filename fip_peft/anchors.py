@@ -103,6 +103,19 @@ def collect_inputs(
     data: object, model: nn.Module, num_anchors: int, generator: torch.Generator | None = None
 ) -> AnchorInputs:
     """Read up to `num_anchors` anchor inputs from `data`, drawn at random when there are more."""
+    return collect_anchors(data, model, num_anchors, generator)[0]
+
+
+def collect_anchors(
+    data: object,
+    model: nn.Module,
+    num_anchors: int,
+    generator: torch.Generator | None = None,
+    labels: object = None,
+) -> tuple[AnchorInputs, torch.Tensor | None]:
+    """Up to `num_anchors` anchor inputs from `data`, drawn at random when there are more, and their labels: those
+    given as `labels` (one per example of `data`), else the data's own label field or column (`LABEL_KEYS`, the
+    second element of `(inputs, labels)` batches), else None."""
     model_inputs = forward_input_names(model)
     if _is_hf_dataset(data):
         columns = [c for c in data.column_names if c not in LABEL_KEYS and c in model_inputs]
@@ -113,28 +126,89 @@ def collect_inputs(
             )
         if len(data) == 0:
             raise ValueError("`remember` got an empty dataset; pass at least one example.")
+        given = _given_labels(labels, len(data))
+        label_column = next((c for c in LABEL_KEYS if c in data.column_names), None)
         if len(data) > num_anchors:
-            data = data.select(torch.randperm(len(data), generator=generator)[:num_anchors].tolist())
-        return _from_mapping(data.select_columns(columns)[:], None)
+            keep = torch.randperm(len(data), generator=generator)[:num_anchors]
+            data = data.select(keep.tolist())
+            given = given[keep] if given is not None else None
+        if given is None and label_column is not None:
+            given = _labels_tensor(data[label_column])
+        return _from_mapping(data.select_columns(columns)[:], None), given
     if isinstance(data, DataLoader):
-        parts, rows = [], 0
+        parts, label_parts, rows = [], [], 0
         for batch in data:
             part = _from_batch(batch, model_inputs)
             parts.append(part)
+            label_parts.append(_batch_labels(batch))
             rows += num_rows(part)
             if rows >= MAX_LOADER_OVERSAMPLING * num_anchors:
                 break
         if not parts:
             raise ValueError("`remember` got an empty DataLoader; pass at least one batch.")
         inputs = concat_inputs(parts)
+        found = None if any(p is None for p in label_parts) else pad_labels(label_parts)
     else:
         inputs = _from_batch(data, model_inputs)
+        found = _batch_labels(data) if labels is None else None
     total = num_rows(inputs)
     if total == 0:
         raise ValueError("`remember` got empty data; pass at least one example.")
+    if labels is not None:
+        found = _given_labels(labels, total)
+    elif found is not None and (found.dim() == 0 or found.shape[0] != total):
+        found = None  # a label field that is not one label per example (e.g. read past the oversampling limit)
     if total > num_anchors:
-        inputs = select_rows(inputs, torch.randperm(total, generator=generator)[:num_anchors])
-    return inputs
+        keep = torch.randperm(total, generator=generator)[:num_anchors]
+        inputs = select_rows(inputs, keep)
+        found = found[keep] if found is not None else None
+    return inputs, found
+
+
+def _given_labels(labels: object, total: int) -> torch.Tensor | None:
+    """`remember(labels=...)` as a tensor of one label per example of the data (`total`), or None."""
+    if labels is None:
+        return None
+    tensor = _labels_tensor(labels)
+    if tensor.dim() == 0 or tensor.shape[0] != total:
+        raise ValueError(
+            f"`labels` must hold one label per example of `data` ({total}), got shape {tuple(tensor.shape)}."
+        )
+    return tensor
+
+
+def _labels_tensor(values: object) -> torch.Tensor:
+    """Labels as an integer tensor (class indices; -100 marks a position without a label, as in transformers)."""
+    try:
+        tensor = values.detach().cpu() if isinstance(values, torch.Tensor) else _as_tensor("labels", values)
+    except TypeError as error:
+        raise TypeError(f"`labels` must be class indices (integers), got {type(values).__name__}: {error}") from error
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(
+            f"`labels` must be integer class indices (-100 for none), got dtype {tensor.dtype}; FIP's label term is a "
+            "cross-entropy on the anchors' logits."
+        )
+    return tensor.long()
+
+
+def _batch_labels(batch: object) -> torch.Tensor | None:
+    """The labels a batch carries: a mapping's label field or the second element of an `(inputs, labels)` pair."""
+    if isinstance(batch, Mapping):
+        key = next((k for k in LABEL_KEYS if k in batch), None)
+        return _labels_tensor(batch[key]) if key is not None else None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return _labels_tensor(batch[1])
+    return None
+
+
+def pad_labels(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate label tensors along dim 0, right-padding token labels with -100 (no label)."""
+    if len({t.dim() for t in parts}) != 1:
+        raise ValueError(f"Labels of different ranks cannot be combined: {[tuple(t.shape) for t in parts]}.")
+    if parts[0].dim() == 1:
+        return torch.cat(parts)
+    length = max(t.shape[1] for t in parts)
+    return torch.cat([torch.nn.functional.pad(t, (0, length - t.shape[1]), value=-100) for t in parts])
 
 
 def _is_hf_dataset(data: object) -> bool:

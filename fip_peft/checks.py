@@ -294,3 +294,23 @@ def nonfinite_names(tensors: Mapping[str, object]) -> list[str]:
         return []
     finite = torch.stack([torch.isfinite(tensors[k]).all().cpu() for k in names]).tolist()
     return [name for name, ok in zip(names, finite, strict=True) if not ok]
+
+
+def check_anchor_labels(labels: torch.Tensor, output_shape: torch.Size, task_type: object = None) -> None:
+    """Refuse labels the label term cannot use: per example for per-example outputs (N, C), per token for token
+    outputs (N, T, C), class indices in [0, C) or -100 (no label)."""
+    classes = output_shape[-1]
+    per_token = len(output_shape) == 3
+    wanted = "one label per token" if per_token else "one class index per example"
+    if labels.dim() != (2 if per_token else 1):
+        raise ValueError(
+            f"`labels` of shape {tuple(labels.shape)} do not fit the model's outputs of shape (N, "
+            f"{', '.join(str(d) for d in output_shape[1:])}): give {wanted} (-100 for none), or leave them out to "
+            "keep the outputs alone."
+        )
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
+    if bad.numel():
+        raise ValueError(
+            f"`labels` must be class indices in [0, {classes}) or -100 (no label), got {bad[:3].tolist()}: the model "
+            f"outputs {classes} logits (is its head built for every class?)."
+        )

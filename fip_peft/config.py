@@ -20,6 +20,8 @@ DEFAULT_BETA_FULL_RANK = 0.4
 DEFAULT_BETA_LOW_RANK = 0.7
 # With solver="natural+penalty" the metric already keeps the outputs; the penalty only corrects drift (same evidence).
 DEFAULT_BETA_NATURAL = 5.0
+# Weight of the cross-entropy on labelled anchors, chosen on validation (docs/benchmarks.md, "Labelled anchors").
+DEFAULT_LABEL_WEIGHT = 1.0
 
 
 @dataclass
@@ -64,6 +66,12 @@ class FIPConfig(PeftConfig):
             sparsifying MiniLM, keeping its pooled features tied keeping its logits with 5,000 anchors and lost 3.7
             points with 512 (docs/benchmarks.md, "Run 9"). The reference is recorded from this module, so set it
             before `remember`.
+        label_weight: Weight of the label term: where anchors carry labels (`remember(data, labels=...)` or the
+            data's own label column), each FIP step adds `label_weight` times the cross-entropy of their logits to
+            `D / beta` (DER++'s label term beside its logit matching). Matching old outputs keeps what the model
+            did; the labels add what it should do, which separates old classes from new ones in class-incremental
+            learning, where the outputs alone give no such signal. Unlabelled anchors are kept by their outputs
+            alone. The default was chosen on validation data (docs/benchmarks.md, "Labelled anchors").
         solver: How the FIP step is solved. `"penalty"`: first-order step on L + D / beta. `"natural"`: the
             metric-preconditioned step: the gradient of L on each covered layer (full-rank displacements and trained
             `nn.Linear` heads) becomes P grad L, P = lambda (g + lambda I)^-1 with g the Kronecker-factored metric
@@ -167,6 +175,10 @@ class FIPConfig(PeftConfig):
     anchor_output_module: str | None = field(
         default=None,
         metadata={"help": "Submodule whose output is kept on anchors (e.g. 'bert.pooler'); None: the model output."},
+    )
+    label_weight: float = field(
+        default=DEFAULT_LABEL_WEIGHT,
+        metadata={"help": "Weight of the cross-entropy on labelled anchors in each FIP step (0: outputs only)."},
     )
     solver: Literal["penalty", "natural", "natural+penalty"] = field(
         default="penalty", metadata={"help": "How the FIP step is solved: 'penalty', 'natural', 'natural+penalty'."}
@@ -273,6 +285,12 @@ class FIPConfig(PeftConfig):
             raise ValueError(f"FIPConfig.solver must be one of {SOLVERS}, got {self.solver!r}.")
         self._validate_natural()
         _check_number("beta", self.beta, positive=True)
+        _check_number("label_weight", self.label_weight, positive=False)
+        if not 0 <= self.label_weight < float("inf"):
+            raise ValueError(
+                f"FIPConfig.label_weight must be a finite number >= 0 (0 keeps the outputs alone), got "
+                f"{self.label_weight}."
+            )
         if self.rank is not None:
             _check_int("rank", self.rank, minimum=1, hint="or None for a full-rank displacement")
         _check_int("anchor_budget", self.anchor_budget, minimum=1)

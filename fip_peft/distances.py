@@ -1,7 +1,8 @@
 """Output distances d(f(x; w), f(x; w_ref)) on anchors: the math of the functional distance D.
 
 Each function maps outputs and reference outputs of shape (N, ..., C) to per-position distances of shape (N, ...);
-`functional_distance` averages them over anchors (and over valid tokens when a mask is given).
+`functional_distance` averages them over anchors (and over valid tokens when a mask is given). `anchor_label_loss` is
+the label term that joins D when anchors carry labels: the cross-entropy of their logits (DER++'s second term).
 Their second-order terms define the metric g = E[J^T M J]: M = I for `logits`, the output Fisher
 (diag p - p p^T) / 8 for `bhattacharyya` and (diag p - p p^T) / 2 for `kl`.
 """
@@ -66,3 +67,20 @@ def distance_scale(reference: torch.Tensor, kind: str) -> float:
         return 1.0
     centred = reference.float() - reference.float().mean(dim=-1, keepdim=True)
     return max(float(centred.pow(2).sum(dim=-1).mean()), 1e-8)
+
+
+def anchor_label_loss(
+    outputs: torch.Tensor, labels: torch.Tensor, task_type: str | None = None
+) -> torch.Tensor | None:
+    """Mean cross-entropy of the anchors' logits `outputs` (N, C) or (N, T, C) against their class labels (N,) or
+    (N, T), -100 marking none; for a causal LM (`task_type="CAUSAL_LM"`) position t predicts label t + 1, as in
+    transformers' own loss. None when no anchor of the batch has a label."""
+    if outputs.dim() == 3 and labels.dim() == 2:
+        length = min(outputs.shape[1], labels.shape[1])
+        outputs, labels = outputs[:, :length], labels[:, :length]
+        if task_type == "CAUSAL_LM":
+            outputs, labels = outputs[:, :-1], labels[:, 1:]
+    labels = labels.reshape(-1)
+    if not (labels != -100).any():
+        return None
+    return F.cross_entropy(outputs.reshape(labels.shape[0], -1).float(), labels, ignore_index=-100)

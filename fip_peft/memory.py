@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .anchors import AnchorInputs, concat_inputs, num_rows, select_rows
+from .anchors import AnchorInputs, concat_inputs, num_rows, pad_labels, select_rows
 
 ANCHOR_PREFIX = "anchor__"
+NO_LABEL = -100  # as transformers' ignore_index: an anchor (or a token of one) without a label
 MAX_REFERENCE_BYTES = 2 * 1024**3
 
 
 class AnchorMemory(nn.Module):
-    """Anchors grouped by task (`task_ids`), their reference outputs, and the sampling step counter.
+    """Anchors grouped by task (`task_ids`), their reference outputs, their labels where `remember` was given them
+    (`NO_LABEL` elsewhere), and the sampling step counter.
 
     With `persistent=False` (config `save_anchors=False`) none of it enters `state_dict`, so nothing is saved.
     """
@@ -26,6 +28,7 @@ class AnchorMemory(nn.Module):
         self.persistent = persistent
         self.register_buffer("task_ids", torch.zeros(0, dtype=torch.long), persistent=persistent)
         self.register_buffer("reference", torch.zeros(0), persistent=persistent)
+        self.register_buffer("labels", torch.zeros(0, dtype=torch.long), persistent=persistent)
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.long), persistent=persistent)
         self.register_buffer("scale", torch.ones(()), persistent=persistent)
 
@@ -44,11 +47,19 @@ class AnchorMemory(nn.Module):
     def __len__(self) -> int:
         return int(self.task_ids.shape[0])
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether any anchor has a label (the FIP step's label term needs one)."""
+        return bool((self.labels != NO_LABEL).any()) if self.labels.numel() else False
+
     def anchors_per_task(self) -> list[int]:
         return torch.bincount(self.task_ids, minlength=self.num_tasks).tolist() if len(self) else []
 
-    def with_new_task(self, new_inputs: AnchorInputs, budget: int) -> tuple[AnchorInputs, torch.Tensor]:
-        """Anchors and task ids after adding `new_inputs` as a new task, old tasks sharing the rest of `budget`.
+    def with_new_task(
+        self, new_inputs: AnchorInputs, budget: int, new_labels: torch.Tensor | None = None
+    ) -> tuple[AnchorInputs, torch.Tensor, torch.Tensor]:
+        """Anchors, task ids and labels after adding `new_inputs` (labelled by `new_labels`, or not) as a new task,
+        old tasks sharing the rest of `budget`.
 
         Anchors within a task are stored in random order, so keeping each old task's first rows keeps a random
         subset of it. Nothing is changed here; `replace` commits the result.
@@ -65,12 +76,29 @@ class AnchorMemory(nn.Module):
             parts.append({k: v.cpu() for k, v in select_rows(self.inputs, keep).items()})
         parts.append(new_inputs)
         task_ids = torch.cat([self.task_ids[keep].cpu(), torch.full((num_new,), old_tasks, dtype=torch.long)])
-        return concat_inputs(parts), task_ids
+        old_labels = self.labels[keep].cpu() if self.labels.shape[0] == len(self) else unlabelled(len(keep))
+        new_labels = unlabelled(num_new) if new_labels is None else new_labels.cpu().long()
+        if old_labels.dim() != new_labels.dim() and not (old_labels != NO_LABEL).any():
+            old_labels = torch.full((len(keep), *new_labels.shape[1:]), NO_LABEL, dtype=torch.long)
+        elif old_labels.dim() != new_labels.dim() and not (new_labels != NO_LABEL).any():
+            new_labels = torch.full((num_new, *old_labels.shape[1:]), NO_LABEL, dtype=torch.long)
+        if old_labels.dim() != new_labels.dim():  # token labels beside example labels: neither can be used as such
+            raise ValueError(
+                f"`remember` got labels of shape {tuple(new_labels.shape)} (per "
+                f"{'example' if new_labels.dim() == 1 else 'token'}) but earlier anchors have labels per "
+                f"{'example' if old_labels.dim() == 1 else 'token'}; pass the same kind of labels to every call."
+            )
+        return concat_inputs(parts), task_ids, pad_labels([old_labels, new_labels])
 
     def replace(
-        self, inputs: AnchorInputs, task_ids: torch.Tensor, reference: torch.Tensor, scale: float = 1.0
+        self,
+        inputs: AnchorInputs,
+        task_ids: torch.Tensor,
+        reference: torch.Tensor,
+        scale: float = 1.0,
+        labels: torch.Tensor | None = None,
     ) -> None:
-        """Commit a new set of anchors, reference outputs and the distance scale at once."""
+        """Commit a new set of anchors, reference outputs, labels (None: no label) and the distance scale at once."""
         device = self.task_ids.device
         for name in self.input_names:
             delattr(self, ANCHOR_PREFIX + name)
@@ -78,6 +106,7 @@ class AnchorMemory(nn.Module):
             self.register_buffer(ANCHOR_PREFIX + name, value.to(device), persistent=self.persistent)
         self.task_ids = task_ids.to(device)
         self.reference = reference.to(device)
+        self.labels = (unlabelled(task_ids.shape[0]) if labels is None else labels.long()).to(device)
         self.scale.fill_(scale)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -91,7 +120,12 @@ class AnchorMemory(nn.Module):
             raise ValueError(f"The saved FIP anchor memory is incomplete: missing {sorted(missing) or 'anchors'}.")
         if num_rows(inputs) != tensors["task_ids"].shape[0] or tensors["reference"].shape[0] != num_rows(inputs):
             raise ValueError("The saved FIP anchor memory is inconsistent: anchors and references differ in count.")
-        self.replace(inputs, tensors["task_ids"].long(), tensors["reference"], float(tensors.get("scale", 1.0)))
+        labels = tensors.get("labels")  # adapters saved before labels travelled with anchors have none
+        if labels is not None and labels.shape[:1] != tensors["task_ids"].shape[:1]:
+            raise ValueError("The saved FIP anchor memory is inconsistent: anchors and labels differ in count.")
+        self.replace(
+            inputs, tensors["task_ids"].long(), tensors["reference"], float(tensors.get("scale", 1.0)), labels
+        )
         if "sample_step" in tensors:
             self.sample_step.fill_(int(tensors["sample_step"]))
 
@@ -125,6 +159,11 @@ class AnchorMemory(nn.Module):
                 if reference.dim() >= 3 and reference.shape[1] == full:
                     reference = reference[:, :length]
         return inputs, reference
+
+
+def unlabelled(rows: int) -> torch.Tensor:
+    """Labels of `rows` anchors that have none."""
+    return torch.full((rows,), NO_LABEL, dtype=torch.long)
 
 
 def check_reference_size(num_anchors: int, output_shape: torch.Size) -> None:

@@ -11,10 +11,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .anchors import POSITIONAL, AnchorInputs, collect_inputs, num_rows
+from .anchors import POSITIONAL, AnchorInputs, collect_anchors, num_rows
 from .checks import (
     check_adaptable_targets,
     check_anchor_inputs,
+    check_anchor_labels,
     check_anchor_output_module,
     check_anchors_match,
     check_finite_reference,
@@ -22,7 +23,7 @@ from .checks import (
     check_remember_budget,
 )
 from .config import FIPConfig
-from .distances import distance_scale, functional_distance
+from .distances import anchor_label_loss, distance_scale, functional_distance
 from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory, check_reference_size
@@ -192,7 +193,12 @@ class FIPModel(BaseTuner):
         return torch.cat(chunks)
 
     def remember(
-        self, data, num_anchors: int | None = None, adapter_name: str | None = None, task_name: str | None = None
+        self,
+        data,
+        num_anchors: int | None = None,
+        adapter_name: str | None = None,
+        task_name: str | None = None,
+        labels=None,
     ) -> dict[str, object]:
         """Add anchors from `data` and record the current outputs on every anchor kept so far.
 
@@ -200,7 +206,13 @@ class FIPModel(BaseTuner):
         `nn.Module`), a dict of batched tensors, a `datasets.Dataset` with the model's input columns, or a
         `DataLoader`. By default the new task gets an equal share of `anchor_budget`; older tasks shrink to share the
         rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown in the model card).
-        Returns a summary: anchors per task and total.
+
+        Labels travel with the anchors: `labels` (class indices, one per example of `data`; per token for token
+        outputs, -100 for none), or else the data's own `labels`/`label` field or column, or the second element of
+        `(inputs, labels)` batches. The FIP step then adds `FIPConfig.label_weight` times their cross-entropy on the
+        anchors' logits (DER++'s label term) to the output-keeping term. Anchors without labels are kept by their
+        outputs alone. They are saved with the adapter like the anchors (`save_anchors`).
+        Returns a summary: anchors per task, total and how many are labelled.
         """
         check_remember_adapter(self, adapter_name)
         if task_name is not None and not isinstance(task_name, str):
@@ -224,7 +236,15 @@ class FIPModel(BaseTuner):
                 f"{tasks}."
             )
         generator = torch.Generator().manual_seed(config.anchor_seed + memory.num_tasks)
-        new_inputs = collect_inputs(data, self.model, wanted, generator)
+        new_inputs, new_labels = collect_anchors(data, self.model, wanted, generator, labels)
+        if config.anchor_output_module is not None and new_labels is not None:
+            if labels is not None:
+                raise ValueError(
+                    f"`labels` need the model's logits, but FIPConfig.anchor_output_module="
+                    f"{config.anchor_output_module!r} keeps a hidden output: leave `labels` out, or set "
+                    "anchor_output_module=None."
+                )
+            new_labels = None  # the data's own label column is not used: the kept output is not logits
         if memory.input_names and set(memory.input_names) != set(new_inputs):
             raise ValueError(
                 f"`remember` got inputs {sorted(new_inputs)} but earlier anchors have {sorted(memory.input_names)}; "
@@ -239,13 +259,16 @@ class FIPModel(BaseTuner):
                 f"The model cannot run on the anchors given to `remember` (inputs {sorted(new_inputs)}): {error}"
             ) from error
         check_anchors_match(new_inputs, memory.inputs)
-        inputs, task_ids = memory.with_new_task(new_inputs, config.anchor_budget)
+        if new_labels is not None:
+            check_anchor_labels(new_labels, probe.shape, config.task_type)
+        inputs, task_ids, all_labels = memory.with_new_task(new_inputs, config.anchor_budget, new_labels)
         check_reference_size(num_rows(inputs), probe.shape)
         reference = self._outputs_on(inputs, name)
         check_finite_reference(reference)
-        memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance))
+        memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance), all_labels)
         config.task_names = [*config.task_names, task_name or f"task {len(config.task_names)}"]
-        summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory)}
+        labelled = int((all_labels != -100).reshape(len(all_labels), -1).any(dim=1).sum())
+        summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory), "labelled": labelled}
         logger.info(f"FIP adapter {name!r} remembers {summary['total']} anchors: {summary['anchors_per_task']}.")
         return summary
 
@@ -264,17 +287,31 @@ class FIPModel(BaseTuner):
         Run in eval mode so that dropout does not blur how far the function moved. `forward`: the module to run the
         anchors through instead of the base model (the FSDP2-sharded root, see `fip_peft.distributed`).
         """
+        terms = self.anchor_terms(adapter_name, forward, with_labels=False)
+        return None if terms is None else terms[0]
+
+    def anchor_terms(
+        self, adapter_name: str | None = None, forward: nn.Module | None = None, with_labels: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """On the next batch of anchors, from one forward pass (with grad): D(w, w_ref) / scale and the
+        cross-entropy of the anchors' logits against their labels (None when the batch has no labelled anchor, the
+        adapter's `label_weight` is 0 or `with_labels` is False); None when nothing is remembered."""
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
         memory = self.fip_memory[name]
         if len(memory) == 0:
             return None
-        inputs, reference = memory.batch(memory.next_batch_index(config.anchor_batch_size, config.anchor_seed))
+        index = memory.next_batch_index(config.anchor_batch_size, config.anchor_seed)
+        inputs, reference = memory.batch(index)
         with self._evaluating():
             outputs = self._run(inputs, forward, name)
         mask = inputs.get("attention_mask")
         distance = functional_distance(outputs, reference.to(outputs.device), config.distance, mask)
-        return distance / memory.scale
+        label_loss = None
+        if with_labels and config.label_weight > 0 and config.anchor_output_module is None and memory.has_labels:
+            labels = memory.labels[index.to(memory.labels.device)]
+            label_loss = anchor_label_loss(outputs, labels.to(outputs.device), config.task_type)
+        return distance / memory.scale, label_loss
 
     def metric_spectrum(self, k: int = 10, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The k largest eigenvalues of the metric g = E[J^T M J] of each layer the natural solver covers (full-rank

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -50,9 +51,24 @@ def test_continual_fip_options_reach_the_parsed_arguments():
     assert parsed.fip_options == {"damping": 0.3, "metric_anchors": 64}
 
 
-def test_validation_is_refused_for_the_vision_suite():
-    with pytest.raises(SystemExit, match="--validation: takes a positive count with --suite text"):
-        parse_args(["--suite", "vision", "--validation", "10"])
+def test_validation_is_refused_for_both_suites_at_once():
+    with pytest.raises(SystemExit, match="--validation: takes a positive count with one --suite"):
+        parse_args(["--suite", "all", "--validation", "10"])
+
+
+def test_vision_validation_scores_on_training_images_the_methods_never_train_on():
+    from continual import build_suite
+
+    plain = build_suite("vision", True, 0)
+    held_out = build_suite("vision", True, 0, validation=20)
+    # the same training rows as without validation, and 20 further ones per task to score on
+    for task in range(len(plain.task_names)):
+        rows = [(task, i) for i in range(plain.train_sizes[task])]
+        assert torch.equal(plain.collate(rows)[0]["x"], held_out.collate(rows)[0]["x"])
+        scored = held_out.test_batches[task][0][0]["x"]
+        assert scored.shape[0] == 20
+        trained = held_out.collate(rows)[0]["x"]
+        assert not (scored[:, None] == trained[None]).flatten(2).all(-1).any()
 
 
 @pytest.mark.parametrize("count", ["0", "-3"])

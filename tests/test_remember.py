@@ -11,7 +11,7 @@ from tests._tasks import as_tokens, bert_model, mlp_model
 def test_tensor_data_is_stored_as_positional_anchors(digits):
     model = mlp_model(anchor_budget=50)
     summary = model.remember(digits["x_a_train"])
-    assert summary == {"anchors_per_task": [50], "total": 50}
+    assert summary == {"anchors_per_task": [50], "total": 50, "labelled": 0}
     assert model.base_model.memory().input_names == ["_positional"]
 
 

@@ -52,17 +52,22 @@ class FIPStepMixin:
         fip_model._register_fip_optimizer(self)
 
     def add_anchor_gradient(self) -> torch.Tensor | None:
-        """Accumulate (1 / beta) * grad D into `.grad`; return D (a tensor, so that no step waits on the
-        device), or None when nothing is remembered or the solver is `"natural"` (no D in its step)."""
+        """Accumulate (1 / beta) * grad D, plus `label_weight` times the gradient of the labelled anchors'
+        cross-entropy, into `.grad`; return D (a tensor, so that no step waits on the device), or None when nothing
+        is remembered or the solver is `"natural"` (no D in its step)."""
         fip_model = self._fip_model
         config = fip_model.peft_config[fip_model.active_adapters[0]]
         if config.solver == "natural":
             return None
         with torch.enable_grad():
-            distance = fip_model.anchor_distance(forward=self._fip_anchor_forward)
-            if distance is None:
+            terms = fip_model.anchor_terms(forward=self._fip_anchor_forward)
+            if terms is None:
                 return None
-            (distance / config.beta).backward()
+            distance, label_loss = terms
+            objective = distance / config.beta
+            if label_loss is not None:
+                objective = objective + config.label_weight * label_loss
+            objective.backward()
         value = distance.detach()
         self.fip_distance_sum = self.fip_distance_sum + value
         self.fip_distance_count += 1
