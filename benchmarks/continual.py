@@ -133,6 +133,7 @@ class Suite:
     head: str
     sizes: Sizes
     remember_labels: Callable[[int], torch.Tensor] | None = None
+    anchor_transform: Callable[[Any], Any] | None = None
     fip_options: dict[str, Any] = field(default_factory=dict)
     validation: int | None = None
 
@@ -180,8 +181,20 @@ def vision_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suit
         head="head",
         sizes=sizes,
         remember_labels=lambda t: tasks[t].train_labels,
+        anchor_transform=shift_and_flip,
         validation=validation,
     )
+
+
+def shift_and_flip(images: torch.Tensor) -> torch.Tensor:
+    """A fresh augmentation of each image: a random shift of up to 2 pixels (zero padding) and a random horizontal
+    flip (Fashion-MNIST's garments are left-right symmetric), drawn from torch's global generator."""
+    n, _, height, width = images.shape
+    padded = nn.functional.pad(images, (2, 2, 2, 2))
+    dy, dx = torch.randint(0, 5, (n,)).tolist(), torch.randint(0, 5, (n,)).tolist()
+    shifted = torch.stack([padded[i, :, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)])
+    flip = torch.rand(n, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
 
 
 def text_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suite:
@@ -313,11 +326,16 @@ class AdapterLearner(Learner):
         fip: dict[str, Any] | None = None,
         labels: bool = False,
         mask_old_classes: bool = False,
+        augment: bool = False,
+        align_head: bool = False,
     ) -> None:
         super().__init__(suite, seed)
         self.fip = fip
         self.labels = labels
         self.mask_old_classes = mask_old_classes
+        self.augment = augment
+        self.align_head = align_head
+        self.seen_classes: list[int] = []
 
     def start(self, base: nn.Module) -> None:
         from peft import get_peft_model
@@ -337,7 +355,10 @@ class AdapterLearner(Learner):
         import fip_peft
 
         sizes = self.suite.sizes
-        self.optimizer = fip_peft.create_fip_optimizer(self.model, torch.optim.AdamW, lr=sizes.lr, eps=sizes.adam_eps)
+        transform = self.suite.anchor_transform if self.augment else None
+        self.optimizer = fip_peft.create_fip_optimizer(
+            self.model, torch.optim.AdamW, lr=sizes.lr, eps=sizes.adam_eps, anchor_transform=transform
+        )
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.mask_old_classes:
@@ -346,7 +367,21 @@ class AdapterLearner(Learner):
             logits = fip_peft.mask_absent_old_classes(self.model, logits, labels)
         return super().task_loss(logits, labels)
 
+    @torch.no_grad()
+    def weight_align(self, task: int) -> None:
+        """WA (Zhao et al. 2020): scale the head rows of the classes just learned so that their mean norm is that of
+        the earlier classes' rows."""
+        new = sorted(set(self.suite.remember_labels(task).tolist()) - set(self.seen_classes))
+        old, self.seen_classes = list(self.seen_classes), self.seen_classes + new
+        if not old or not new:
+            return
+        head = self.model.base_model.model.get_submodule(self.suite.head).modules_to_save.default
+        norms = head.weight.norm(dim=1)
+        head.weight[new] *= norms[old].mean() / norms[new].mean()
+
     def end_task(self, task: int) -> None:
+        if self.align_head:
+            self.weight_align(task)
         if self.fip is not None:
             labels = self.suite.remember_labels(task) if self.labels else None
             data = self.suite.remember_data(task)
@@ -539,6 +574,14 @@ METHODS: dict[str, tuple[str, Callable[[Suite, int], Learner]]] = {
     "fip_labels_ace": (
         "FIP, labelled anchors, old classes masked",
         lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True, mask_old_classes=True),
+    ),
+    "fip_labels_aug": (
+        "FIP, labelled anchors, augmented",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True, augment=True),
+    ),
+    "fip_labels_wa": (
+        "FIP, labelled anchors, head weights aligned",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True, align_head=True),
     ),
     "joint": ("joint (upper bound)", lambda suite, seed: AdapterLearner(suite, seed)),
 }

@@ -217,3 +217,23 @@ def _is_hf_dataset(data: object) -> bool:
     except ImportError:
         return False
     return isinstance(data, Dataset)
+
+
+def transform_anchors(transform, inputs: AnchorInputs) -> AnchorInputs:
+    """`transform` applied to a batch of anchors as `remember` was given them: the tensor of a custom module's
+    anchors, else the dict of the model's input tensors (e.g. `{"pixel_values": ...}`). It must return the same kind,
+    with as many rows (a fresh augmentation of each anchor, as DER augments its buffer at every step)."""
+    positional = set(inputs) == {POSITIONAL}
+    rows = num_rows(inputs)
+    out = transform(inputs[POSITIONAL] if positional else dict(inputs))
+    if positional and isinstance(out, torch.Tensor):
+        out = {POSITIONAL: out}
+    if not isinstance(out, Mapping) or not all(isinstance(v, torch.Tensor) for v in out.values()):
+        wanted = "a tensor" if positional else "a dict of tensors"
+        raise TypeError(f"`anchor_transform` must return {wanted}, as it was given, got {type(out).__name__}.")
+    if set(out) != set(inputs) or num_rows(dict(out)) != rows:
+        raise ValueError(
+            f"`anchor_transform` must return the anchors' inputs {sorted(inputs)} with {rows} rows, got "
+            f"{ {k: tuple(v.shape) for k, v in out.items()} }."
+        )
+    return dict(out)

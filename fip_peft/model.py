@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .anchors import POSITIONAL, AnchorInputs, collect_anchors, num_rows
+from .anchors import POSITIONAL, AnchorInputs, collect_anchors, num_rows, transform_anchors
 from .checks import (
     check_adaptable_targets,
     check_anchor_inputs,
@@ -291,11 +291,17 @@ class FIPModel(BaseTuner):
         return None if terms is None else terms[0]
 
     def anchor_terms(
-        self, adapter_name: str | None = None, forward: nn.Module | None = None, with_labels: bool = True
+        self,
+        adapter_name: str | None = None,
+        forward: nn.Module | None = None,
+        with_labels: bool = True,
+        transform=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """On the next batch of anchors, from one forward pass (with grad): D(w, w_ref) / scale and the
         cross-entropy of the anchors' logits against their labels (None when the batch has no labelled anchor, the
-        adapter's `label_weight` is 0 or `with_labels` is False); None when nothing is remembered."""
+        adapter's `label_weight` is 0 or `with_labels` is False); None when nothing is remembered. `transform`
+        (`anchors.transform_anchors`) augments the anchors afresh; the outputs on them are compared with the
+        references recorded on the anchors themselves."""
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
         memory = self.fip_memory[name]
@@ -303,6 +309,8 @@ class FIPModel(BaseTuner):
             return None
         index = memory.next_batch_index(config.anchor_batch_size, config.anchor_seed)
         inputs, reference = memory.batch(index)
+        if transform is not None:
+            inputs = transform_anchors(transform, inputs)
         with self._evaluating():
             outputs = self._run(inputs, forward, name)
         mask = inputs.get("attention_mask")

@@ -13,7 +13,7 @@ from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
 from .distributed import check_supported_engine
-from .optimizers.fip import attach_fip_step, find_fip_model
+from .optimizers.fip import _check_anchor_transform, attach_fip_step, find_fip_model
 
 logger = logging.get_logger(__name__)
 
@@ -58,11 +58,15 @@ class FIPTrainer(Trainer):
     `beta` weighs it against D the same way on any number of processes. Checkpoints also hold each adapter's
     anchor sampling position (`fip_trainer_state.json`), so that `train(resume_from_checkpoint=...)` continues the
     same sequence of anchor batches.
+
+    `anchor_transform`: augments the anchors afresh at every step (see `create_fip_optimizer`).
     """
 
-    def __init__(self, model=None, *args, **kwargs) -> None:
+    def __init__(self, model=None, *args, anchor_transform=None, **kwargs) -> None:
         if model is not None:
             find_fip_model(model)
+        _check_anchor_transform(anchor_transform)
+        self.anchor_transform = anchor_transform
         super().__init__(model, *args, **kwargs)
         check_supported_engine(self.accelerator.distributed_type)
         self.add_callback(_SkippedStepCallback(self))
@@ -92,7 +96,7 @@ class FIPTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        self._fip_optimizer = attach_fip_step(optimizer, self.model)
+        self._fip_optimizer = attach_fip_step(optimizer, self.model, self.anchor_transform)
         if self.args.max_grad_norm is not None and self.args.max_grad_norm > 0:
             self._fip_optimizer.fip_max_grad_norm = self.args.max_grad_norm
         return optimizer

@@ -8,6 +8,7 @@ no other call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -44,6 +45,7 @@ class FIPStepMixin:
         self._fip_model = fip_model
         self._fip_root = root
         self._fip_anchor_forward = None
+        self.fip_anchor_transform = getattr(self, "fip_anchor_transform", None)
         self.fip_distance_sum = 0.0
         self.fip_distance_count = 0
         self.fip_steps = 0
@@ -60,7 +62,7 @@ class FIPStepMixin:
         if config.solver == "natural":
             return None
         with torch.enable_grad():
-            terms = fip_model.anchor_terms(forward=self._fip_anchor_forward)
+            terms = fip_model.anchor_terms(forward=self._fip_anchor_forward, transform=self.fip_anchor_transform)
             if terms is None:
                 return None
             distance, label_loss = terms
@@ -195,10 +197,14 @@ def _fip_optimizer_class(optimizer_cls: type[torch.optim.Optimizer]) -> type[tor
     return type(f"FIP{optimizer_cls.__name__}", (FIPStepMixin, optimizer_cls), {"__module__": __name__})
 
 
-def attach_fip_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+def attach_fip_step(
+    optimizer: torch.optim.Optimizer, model: nn.Module, anchor_transform: Callable | None = None
+) -> torch.optim.Optimizer:
     """Make an existing optimizer (e.g. the one `Trainer` built) perform the FIP step on `model`, in place."""
+    _check_anchor_transform(anchor_transform)
     if not isinstance(optimizer, FIPStepMixin):
         optimizer.__class__ = _fip_optimizer_class(type(optimizer))
+    optimizer.fip_anchor_transform = anchor_transform
     optimizer._attach_fip(find_fip_model(model), model)
     return optimizer
 
@@ -208,12 +214,18 @@ def create_fip_optimizer(
     optimizer_cls: type[torch.optim.Optimizer],
     *,
     max_grad_norm: float | None = None,
+    anchor_transform: Callable | None = None,
     **optimizer_kwargs,
 ) -> torch.optim.Optimizer:
     """Create an `optimizer_cls` over the trainable parameters of `model` whose `step()` is the FIP step.
 
     `max_grad_norm` clips the combined gradient (task loss + D / beta) inside the step. Use it instead of calling
     `clip_grad_norm_` before `step()`, which would clip the task gradient alone.
+
+    `anchor_transform` augments the anchors afresh at every step (as DER augments its buffer): it gets the batch of
+    anchors as `remember` was given them (a tensor for a custom module, else a dict of the model's input tensors)
+    and returns the same kind with as many rows, e.g. a random crop and flip of images. The outputs on the
+    augmented anchors are kept at the references recorded on the anchors themselves.
 
     Same shape as `peft.optimizers.create_loraplus_optimizer`:
 
@@ -226,12 +238,14 @@ def create_fip_optimizer(
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
         raise TypeError(f"`optimizer_cls` must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}.")
     _check_max_grad_norm(max_grad_norm)
+    _check_anchor_transform(anchor_transform)
     fip_model = find_fip_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters; is the FIP adapter in inference mode?")
     optimizer = _fip_optimizer_class(optimizer_cls)(params, **optimizer_kwargs)
     optimizer.fip_max_grad_norm = max_grad_norm
+    optimizer.fip_anchor_transform = anchor_transform
     optimizer._attach_fip(fip_model, model)
     return optimizer
 
@@ -241,3 +255,11 @@ def _check_max_grad_norm(max_grad_norm: object) -> None:
         return
     if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
         raise ValueError(f"`max_grad_norm` must be a number > 0 or None (no clipping), got {max_grad_norm!r}.")
+
+
+def _check_anchor_transform(anchor_transform: object) -> None:
+    if anchor_transform is not None and not callable(anchor_transform):
+        raise TypeError(
+            f"`anchor_transform` must be a callable (anchors -> augmented anchors) or None, got "
+            f"{type(anchor_transform).__name__}."
+        )
