@@ -231,9 +231,8 @@ def transform_anchors(transform, inputs: AnchorInputs) -> AnchorInputs:
     if not isinstance(out, Mapping) or not all(isinstance(v, torch.Tensor) for v in out.values()):
         wanted = "a tensor" if positional else "a dict of tensors"
         raise TypeError(f"`anchor_transform` must return {wanted}, as it was given, got {type(out).__name__}.")
-    if set(out) != set(inputs) or num_rows(dict(out)) != rows:
-        raise ValueError(
-            f"`anchor_transform` must return the anchors' inputs {sorted(inputs)} with {rows} rows, got "
-            f"{ {k: tuple(v.shape) for k, v in out.items()} }."
-        )
+    if set(out) != set(inputs) or any(v.shape[:1] != (rows,) for v in out.values()):
+        given = tuple(out[POSITIONAL].shape) if positional else {k: tuple(v.shape) for k, v in out.items()}
+        wanted = "a tensor" if positional else f"the inputs {sorted(inputs)}"
+        raise ValueError(f"`anchor_transform` must return {wanted} with {rows} rows, as it was given; got {given}.")
     return dict(out)

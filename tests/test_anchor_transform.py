@@ -45,7 +45,7 @@ def test_a_dict_model_s_transform_gets_and_returns_the_dict_of_inputs(digits):
     ("transform", "error", "match"),
     [
         (lambda x: x.tolist(), TypeError, "must return a tensor"),
-        (lambda x: x[:3], ValueError, "with 16 rows"),
+        (lambda x: x[:3], ValueError, "must return a tensor with 16 rows"),
     ],
 )
 def test_a_transform_that_returns_something_else_is_named(digits, transform, error, match):
