@@ -71,7 +71,8 @@ class FIPConfig(PeftConfig):
             `D / beta` (DER++'s label term beside its logit matching). Matching old outputs keeps what the model
             did; the labels add what it should do, which separates old classes from new ones in class-incremental
             learning, where the outputs alone give no such signal. Unlabelled anchors are kept by their outputs
-            alone. The default was chosen on validation data (docs/benchmarks.md, "Labelled anchors").
+            alone. `None` resolves to the default chosen on validation data for `objective="continual"`
+            (docs/benchmarks.md, "Labelled anchors") and to 0 for `"sparsify"`, whose anchors keep the outputs.
         solver: How the FIP step is solved. `"penalty"`: first-order step on L + D / beta. `"natural"`: the
             metric-preconditioned step: the gradient of L on each covered layer (full-rank displacements and trained
             `nn.Linear` heads) becomes P grad L, P = lambda (g + lambda I)^-1 with g the Kronecker-factored metric
@@ -176,9 +177,12 @@ class FIPConfig(PeftConfig):
         default=None,
         metadata={"help": "Submodule whose output is kept on anchors (e.g. 'bert.pooler'); None: the model output."},
     )
-    label_weight: float = field(
-        default=DEFAULT_LABEL_WEIGHT,
-        metadata={"help": "Weight of the cross-entropy on labelled anchors in each FIP step (0: outputs only)."},
+    label_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the cross-entropy on labelled anchors in each FIP step (0: outputs only). None: "
+            f"{DEFAULT_LABEL_WEIGHT} for objective='continual', 0 for 'sparsify'."
+        },
     )
     solver: Literal["penalty", "natural", "natural+penalty"] = field(
         default="penalty", metadata={"help": "How the FIP step is solved: 'penalty', 'natural', 'natural+penalty'."}
@@ -268,6 +272,8 @@ class FIPConfig(PeftConfig):
             self.beta = DEFAULT_BETA_LOW_RANK
         elif self.beta is None:
             self.beta = DEFAULT_BETA_FULL_RANK
+        if self.label_weight is None:
+            self.label_weight = DEFAULT_LABEL_WEIGHT if self.objective == "continual" else 0.0
         self._validate()
 
     @classmethod

@@ -169,3 +169,9 @@ def test_mask_absent_old_classes_leaves_out_remembered_classes_missing_from_the_
     assert old == [0, 1, 2, 3, 4]
     low = torch.finfo(logits.dtype).min
     assert (masked[:, [1, 2, 3, 4]] == low).all() and (masked[:, [0, 5, 6, 7, 8, 9]] == 0).all()
+
+
+def test_label_weight_defaults_to_the_label_term_for_continual_learning_and_off_for_sparsifying():
+    assert fip_peft.FIPConfig(target_modules=["fc1"]).label_weight == fip_peft.config.DEFAULT_LABEL_WEIGHT > 0
+    sparsify = fip_peft.FIPConfig(target_modules=["fc1"], objective="sparsify", target_sparsity=0.5)
+    assert sparsify.label_weight == 0.0
