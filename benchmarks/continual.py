@@ -314,9 +314,9 @@ class Learner:
 class AdapterLearner(Learner):
     """Sequential fine-tuning of a FIP adapter (``fip=None``: never remembers, i.e. plain fine-tuning).
 
-    ``labels``: ``remember`` gets the anchors' labels (the label term of the FIP step); ``mask_old_classes``: the
-    new task's loss leaves out the logits of the remembered classes absent from its batch
-    (``fip_peft.mask_absent_old_classes``, ER-ACE's asymmetric loss).
+    ``labels``: ``remember`` gets the anchors' labels (the label term of the FIP step); ``augment``: the anchors are
+    augmented afresh at every step (``anchor_transform``); ``align_head``: WA's rescaling of the new classes' head
+    rows at the end of each task.
     """
 
     def __init__(
@@ -325,14 +325,12 @@ class AdapterLearner(Learner):
         seed: int,
         fip: dict[str, Any] | None = None,
         labels: bool = False,
-        mask_old_classes: bool = False,
         augment: bool = False,
         align_head: bool = False,
     ) -> None:
         super().__init__(suite, seed)
         self.fip = fip
         self.labels = labels
-        self.mask_old_classes = mask_old_classes
         self.augment = augment
         self.align_head = align_head
         self.seen_classes: list[int] = []
@@ -359,13 +357,6 @@ class AdapterLearner(Learner):
         self.optimizer = fip_peft.create_fip_optimizer(
             self.model, torch.optim.AdamW, lr=sizes.lr, eps=sizes.adam_eps, anchor_transform=transform
         )
-
-    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.mask_old_classes:
-            import fip_peft
-
-            logits = fip_peft.mask_absent_old_classes(self.model, logits, labels)
-        return super().task_loss(logits, labels)
 
     @torch.no_grad()
     def weight_align(self, task: int) -> None:
@@ -571,10 +562,6 @@ METHODS: dict[str, tuple[str, Callable[[Suite, int], Learner]]] = {
     "er_ace": ("ER-ACE", ERACELearner),
     "fip": ("FIP, outputs only", lambda suite, seed: AdapterLearner(suite, seed, fip={"label_weight": 0.0})),
     "fip_labels": ("FIP, labelled anchors", lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True)),
-    "fip_labels_ace": (
-        "FIP, labelled anchors, old classes masked",
-        lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True, mask_old_classes=True),
-    ),
     "fip_labels_aug": (
         "FIP, labelled anchors, augmented",
         lambda suite, seed: AdapterLearner(suite, seed, fip={}, labels=True, augment=True),

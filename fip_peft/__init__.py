@@ -7,7 +7,6 @@ Importing this package registers the PEFT type `FIP`, so that `get_peft_model`, 
 from ._registration import register
 from .config import FIPConfig
 from .layer import FIPLayer
-from .losses import mask_absent_old_classes, remembered_classes
 from .model import FIPModel
 from .optimizers import create_fip_optimizer
 from .trainer import FIPTrainer
@@ -22,7 +21,5 @@ __all__ = [
     "FIPModel",
     "FIPTrainer",
     "create_fip_optimizer",
-    "mask_absent_old_classes",
-    "remembered_classes",
     "__version__",
 ]

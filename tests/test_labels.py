@@ -161,16 +161,6 @@ def test_label_weight_must_be_finite_and_not_negative(value):
         fip_peft.FIPConfig(target_modules=["fc1"], label_weight=value)
 
 
-def test_mask_absent_old_classes_leaves_out_remembered_classes_missing_from_the_batch(digits):
-    model = _labelled_mlp(digits)
-    logits = torch.zeros(4, 10)
-    masked = fip_peft.mask_absent_old_classes(model, logits, torch.tensor([0, 5, 6, 6]))
-    old = fip_peft.remembered_classes(model).tolist()
-    assert old == [0, 1, 2, 3, 4]
-    low = torch.finfo(logits.dtype).min
-    assert (masked[:, [1, 2, 3, 4]] == low).all() and (masked[:, [0, 5, 6, 7, 8, 9]] == 0).all()
-
-
 def test_label_weight_defaults_to_the_label_term_for_continual_learning_and_off_for_sparsifying():
     assert fip_peft.FIPConfig(target_modules=["fc1"]).label_weight == fip_peft.config.DEFAULT_LABEL_WEIGHT > 0
     sparsify = fip_peft.FIPConfig(target_modules=["fc1"], objective="sparsify", target_sparsity=0.5)
