@@ -317,13 +317,11 @@ def test_missing_reuters_error_gives_the_install_command(tmp_path):
 
 
 def test_mnist_subset_splits_into_stratified_test_and_disjoint_train_images():
-    from data import load_mnist_subset
-
-    split = load_mnist_subset(seed=0)
+    split = data.load_mnist_subset(seed=0)
     train_x, train_y = split["train"]
     test_x, test_y = split["test"]
     assert train_x.shape == (4000, 1, 28, 28) and test_x.shape == (1000, 1, 28, 28)
     assert 0.0 <= float(train_x.min()) and float(train_x.max()) <= 1.0
     assert torch.bincount(test_y).tolist() == [100] * 10
     assert not (test_x.flatten(1)[:, None] == train_x.flatten(1)[None]).all(-1).any()
-    assert torch.equal(load_mnist_subset(seed=0)["test"][1], test_y)
+    assert torch.equal(data.load_mnist_subset(seed=0)["test"][1], test_y)
