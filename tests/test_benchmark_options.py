@@ -68,7 +68,7 @@ def test_vision_validation_scores_on_training_images_the_methods_never_train_on(
         scored = held_out.test_batches[task][0][0]["x"]
         assert scored.shape[0] == 20
         trained = held_out.collate(rows)[0]["x"]
-        assert not (scored[:, None] == trained[None]).flatten(2).all(-1).any()
+        assert not {r.numpy().tobytes() for r in scored.flatten(1)} & {r.numpy().tobytes() for r in trained.flatten(1)}
 
 
 @pytest.mark.parametrize("count", ["0", "-3"])

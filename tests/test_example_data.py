@@ -325,4 +325,3 @@ def test_mnist_subset_splits_into_stratified_test_and_disjoint_train_images():
     assert torch.bincount(test_y).tolist() == [100] * 10
     trained = {row.numpy().tobytes() for row in train_x.flatten(1)}
     assert not any(row.numpy().tobytes() in trained for row in test_x.flatten(1))
-    assert torch.equal(data.load_mnist_subset(seed=0)["test"][1], test_y)
