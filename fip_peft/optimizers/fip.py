@@ -152,15 +152,24 @@ class FIPStepMixin:
             self._fip_engine_checked = True
 
     def step(self, closure=None):
+        """One FIP step. A `closure` (which zeroes the gradients and runs the task loss's backward) is evaluated first,
+        under `torch.enable_grad()` as torch's own optimizers do, so that the anchor gradient is added to the task
+        gradient it leaves (passing it on to the wrapped step would evaluate it after the anchor gradient and wipe
+        it). The wrapped optimizer then steps without it; its loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         self.check_engine()
         self.precondition_gradient()
         self.add_anchor_gradient()
         self.fip_step_was_skipped = self.skip_nonfinite_step()
         if self.fip_step_was_skipped:
-            return None
+            return loss
         self.clip_combined_gradient()
         self.add_sparsity_gradient()
-        return self.solver_step(closure)
+        self.solver_step()
+        return loss
 
     def _preconditioner(self) -> MetricPreconditioner | None:
         fip_model = self._fip_model
