@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
@@ -42,6 +43,30 @@ def _ramp_end(config: FIPConfig) -> int:
 
 MEMORY_ATTR = "fip_memory"
 REFERENCE_BATCH_SIZE = 64
+
+# Every live FIPModel, for the optimizer step guard below.
+_GUARDED_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _guard_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A global optimizer step pre-hook (`torch.optim.optimizer.register_optimizer_step_pre_hook`): torch calls it
+    before the `step()` of every optimizer, whatever its class and whoever built it (a `Trainer`'s own AdamW, a
+    hand-written loop's), in train or eval mode. A step of an optimizer that is not a FIP optimizer and would move a
+    parameter (one with a gradient) of a FIP model whose active adapter has remembered anchors is refused with a
+    `RuntimeError` before anything moves: it would be plain fine-tuning. FIP optimizers (`_fip_model` set) pass; so
+    do all steps while no FIP model has anchors. Cost: one pass over the model's parameter list per step of a
+    non-FIP optimizer, only while some FIP model is alive."""
+    if getattr(optimizer, "_fip_model", None) is not None:
+        return
+    models = [model for model in list(_GUARDED_MODELS) if model._remembering_adapters()]
+    if not models:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+    for model in models:
+        model._refuse_plain_step(optimizer, stepped)
+
+
+register_optimizer_step_pre_hook(_guard_optimizer_step)
 
 
 class FIPModel(BaseTuner):
@@ -558,9 +583,33 @@ class FIPModel(BaseTuner):
                 owner._check_fip_step()
 
         self._guard_handle = self.model.register_forward_pre_hook(guard, with_kwargs=True)
+        _GUARDED_MODELS.add(self)
+
+    def _remembering_adapters(self) -> list[str]:
+        """The active adapters that have remembered anchors."""
+        return [n for n in self.active_adapters if n in self.fip_memory and len(self.fip_memory[n])]
+
+    def _refuse_plain_step(self, optimizer: torch.optim.Optimizer, stepped: set[int]) -> None:
+        """Refuse a step of `optimizer` (not a FIP optimizer) that would move a parameter of this model (ids in
+        `stepped`: those with a gradient) while an active adapter has remembered anchors."""
+        remembering = self._remembering_adapters()
+        if not remembering:
+            return
+        moved = [name for name, p in self.model.named_parameters() if id(p) in stepped]
+        if not moved:
+            return
+        raise RuntimeError(
+            f"A {type(optimizer).__name__} that is not a FIP optimizer is about to step {len(moved)} parameters of a "
+            f"model whose FIP adapter {remembering[0]!r} has remembered anchors (e.g. {moved[0]}): that step would be "
+            "plain fine-tuning, which forgets what was remembered; nothing was changed. Use `fip_peft.FIPTrainer` "
+            "instead of `Trainer`, or pass `optimizers=(fip_peft.create_fip_optimizer(model, torch.optim.AdamW, "
+            "lr=...), None)` to `Trainer` (a FIP optimizer that is created but not passed is not used), or build "
+            "your loop's optimizer with `fip_peft.create_fip_optimizer`."
+        )
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self._guard_handle.remove()
+        _GUARDED_MODELS.discard(self)
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # ---- saving and loading the memory ------------------------------------------------------------------------------

@@ -3,10 +3,42 @@ stops, and loaded state is checked before the model changes."""
 
 import pytest
 import torch
+from datasets import Dataset
+from peft import get_peft_model
 from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fip_peft
-from tests._tasks import mlp_model
+from tests._tasks import MLP, mlp_model
+
+
+class LossMLP(MLP):
+    """The test MLP returning a loss, as `Trainer` expects."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        logits = super().forward(x)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def mlp_dataset(digits, rows=64):
+    x, y = digits["x_b_train"][:rows], digits["y_b_train"][:rows]
+    return Dataset.from_dict({"x": x.tolist(), "labels": y.tolist()}).with_format("torch")
+
+
+def trainer_args(tmp_path, steps=4, **kwargs):
+    settings = {
+        "output_dir": str(tmp_path),
+        "max_steps": steps,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-2,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    return TrainingArguments(**(settings | kwargs))
 
 
 def adapter_state(model):
@@ -50,3 +82,70 @@ def test_a_step_with_a_closure_is_the_fip_step_not_plain_sgd(digits):
         torch.testing.assert_close(b, a, msg=name)
     torch.testing.assert_close(torch.stack(losses), torch.stack(reference_losses))
     assert all(isinstance(loss, torch.Tensor) for loss in losses)
+
+
+# ---- 1. the FIP step guard cannot be bypassed -----------------------------------------------------------------------
+
+
+def test_a_plain_optimizer_in_eval_mode_is_refused_before_anything_moves(digits):
+    model = mlp_model(anchor_budget=16)
+    model.remember(digits["x_a_train"])
+    model.eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = adapter_state(model)
+    nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
+    with pytest.raises(RuntimeError, match=r"AdamW that is not a FIP optimizer.*'default'.*create_fip_optimizer"):
+        optimizer.step()
+    assert_unchanged(model, before)
+    assert not optimizer.state
+
+
+def test_trainer_with_its_own_optimizer_is_refused_even_when_a_fip_optimizer_exists(digits, tmp_path):
+    model = get_peft_model(LossMLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], anchor_budget=16))
+    model.remember(digits["x_a_train"])
+    unused = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-2)  # created, not given to Trainer
+    before = adapter_state(model)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path), train_dataset=mlp_dataset(digits))
+    with pytest.raises(RuntimeError, match=r"not a FIP optimizer.*created but not passed is not used"):
+        trainer.train()
+    assert_unchanged(model, before)
+    assert int(model.base_model.memory().sample_step) == 0
+    assert unused.fip_steps == 0
+
+
+def test_plain_optimizers_still_train_models_without_anchors_and_fip_optimizers_still_step(digits):
+    model = mlp_model(anchor_budget=16)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
+    optimizer.step()  # nothing remembered: plain training is what FIP does
+    model.remember(digits["x_a_train"])
+    fip = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+    model.eval()
+    before = adapter_state(model)
+    nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
+    fip.step()
+    assert any(not torch.equal(v, before[k]) for k, v in adapter_state(model).items())
+
+
+# ---- 2. switching the active adapter under a FIP optimizer ----------------------------------------------------------
+
+
+def test_a_fip_optimizer_of_another_adapter_refuses_to_step_instead_of_training_nothing(digits):
+    model = mlp_model(anchor_budget=16)
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+    model.train()
+    x, y = digits["x_b_train"][:16], digits["y_b_train"][:16]
+    for _ in range(2):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.add_adapter("second", fip_peft.FIPConfig(target_modules=["fc1", "fc2"], anchor_budget=16))
+    model.set_adapter("second")
+    model.remember(digits["x_a_train"])
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"active adapter 'second'.*create_fip_optimizer"):
+        optimizer.step()
+    model.delete_adapter("default")
+    with pytest.raises(RuntimeError, match="set_adapter` or `delete_adapter"):
+        optimizer.step()

@@ -143,6 +143,21 @@ class FIPStepMixin:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, self.fip_max_grad_norm)
 
+    def check_active_adapter(self) -> None:
+        """Refuse a step when none of this optimizer's parameters is a trainable parameter of the model now: after
+        `set_adapter` (the old adapter's parameters are frozen, the new one's are not in this optimizer) or
+        `delete_adapter`, the step would move nothing, silently. One pass over the parameter lists per step."""
+        fip_model = self._fip_model
+        trainable = {id(p) for p in fip_model.model.parameters() if p.requires_grad}
+        if any(id(p) in trainable for group in self.param_groups for p in group["params"]):
+            return
+        raise RuntimeError(
+            f"None of the parameters of this FIP optimizer ({type(self).__name__}) is a trainable parameter of the "
+            f"model's active adapter {fip_model.active_adapters[0]!r}: it was built for another adapter (before "
+            "`set_adapter` or `delete_adapter`), so its step would train nothing. Create a new optimizer after "
+            "switching adapters: `fip_peft.create_fip_optimizer(model, ...)` (or a new `FIPTrainer`)."
+        )
+
     def check_engine(self) -> None:
         """Before the first step: refuse engines under which the anchor pass would be wrong (FSDP1, DeepSpeed), and
         route it through the FSDP2 root when the parameters are `fully_shard`-ed."""
@@ -156,6 +171,7 @@ class FIPStepMixin:
         under `torch.enable_grad()` as torch's own optimizers do, so that the anchor gradient is added to the task
         gradient it leaves (passing it on to the wrapped step would evaluate it after the anchor gradient and wipe
         it). The wrapped optimizer then steps without it; its loss is returned."""
+        self.check_active_adapter()
         loss = None
         if closure is not None:
             with torch.enable_grad():
