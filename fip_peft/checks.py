@@ -50,6 +50,11 @@ def check_config_consistency(config: FIPConfig) -> None:
     """Types of the fields `_validate` does not cover, and checks that involve several fields."""
     if config.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"FIPConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}.")
+    skips = config.max_consecutive_skips
+    if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
+        raise (ValueError if isinstance(skips, int) and not isinstance(skips, bool) else TypeError)(
+            f"FIPConfig.max_consecutive_skips must be an int >= 1 or None (never stop), got {skips!r}."
+        )
     if not math.isfinite(config.beta):
         raise ValueError(
             f"FIPConfig.beta must be finite, got {config.beta}: beta=inf would ignore the remembered outputs (plain "

@@ -22,13 +22,17 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
+import torch
 from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
 from .checks import nonfinite_names
+from .distributed import DTensor
 
 MODEL_CARD_NAME = "README.md"
+# Remembered anchors whose outputs `save_pretrained` checks before writing.
+ANCHOR_CHECK_ROWS = 8
 _INSTALLED = "_fip_saving_installed"
 
 
@@ -50,6 +54,32 @@ def check_finite_adapters(model: PeftModel, adapter_names: list[str], state_dict
                 f"Refusing to save FIP adapter {name!r}: {len(bad)} tensors hold NaN or infinite values (e.g. "
                 f"{', '.join(bad[:3])}). Nothing was written. Reload the last good adapter and train again with a "
                 "lower learning rate; FIPConfig(on_nonfinite='skip') keeps NaN steps out of training."
+            )
+
+
+def check_anchor_outputs(model: PeftModel, adapter_names: list[str]) -> None:
+    """Refuse to save an active adapter whose outputs on its first `ANCHOR_CHECK_ROWS` remembered anchors are NaN or
+    infinite (`ValueError`): weights can be finite and still have diverged (say up to 1e12), and such an adapter is
+    useless on the very inputs it was meant to keep. Adapters that are not active (the model does not compute them
+    now) and FSDP2-sharded models (a forward pass on the saving process alone would wait for the others) are not
+    checked."""
+    tuner = model.base_model
+    names = [n for n in adapter_names if n in tuner.active_adapters and n in tuner.fip_memory]
+    if not names or any(isinstance(p, DTensor) for p in tuner.parameters()):
+        return
+    for name in names:
+        memory = tuner.fip_memory[name]
+        if not len(memory):
+            continue
+        inputs, _ = memory.batch(torch.arange(min(len(memory), ANCHOR_CHECK_ROWS)))
+        outputs = tuner._outputs_on(inputs, name)
+        finite = torch.isfinite(outputs.flatten(1) if outputs.dim() > 1 else outputs.unsqueeze(1)).all(dim=1)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"Refusing to save FIP adapter {name!r}: its outputs on {int((~finite).sum())} of the first "
+                f"{len(finite)} remembered anchors are NaN or infinite, so the training has diverged (its weights are "
+                "finite but too large). Nothing was written. Reload the last good adapter and train again with a "
+                "lower learning rate."
             )
 
 
@@ -145,7 +175,10 @@ def _wrap_save(original: Callable) -> Callable:
         names = list(self.peft_config) if selected is None else [n for n in selected if n in self.peft_config]
         if not _argument(signature, (self, *args), kwargs, "is_main_process") or os.path.isfile(os.fspath(directory)):
             return original(self, *args, **kwargs)
-        check_finite_adapters(self, names, _argument(signature, (self, *args), kwargs, "state_dict"))
+        state_dict = _argument(signature, (self, *args), kwargs, "state_dict")
+        check_finite_adapters(self, names, state_dict)
+        if state_dict is None:  # a given state dict need not be what the model computes now
+            check_anchor_outputs(self, names)
         bound = signature.bind(self, *args, **kwargs)
         bound.arguments["save_directory"] = None
 

@@ -10,6 +10,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fip_peft
+from fip_peft.checks import NonFiniteStepError
 from tests._tasks import MLP, mlp_model
 
 
@@ -149,3 +150,47 @@ def test_a_fip_optimizer_of_another_adapter_refuses_to_step_instead_of_training_
     model.delete_adapter("default")
     with pytest.raises(RuntimeError, match="set_adapter` or `delete_adapter"):
         optimizer.step()
+
+
+# ---- 3. a diverged run stops and is not saved -----------------------------------------------------------------------
+
+
+def test_consecutive_skipped_steps_stop_the_run_with_advice(digits, caplog):
+    model = mlp_model(anchor_budget=16, max_consecutive_skips=3)
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+    model.train()
+    bad = digits["x_b_train"][:16].clone()
+    bad[0, 0] = float("nan")
+    y = digits["y_b_train"][:16]
+
+    def step(x):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(bad)
+    step(bad)
+    step(digits["x_b_train"][:16])  # a good step resets the count
+    step(bad)
+    step(bad)
+    with pytest.raises(NonFiniteStepError, match=r"step 6.*last 3 steps were all skipped.*max_consecutive_skips=3"):
+        step(bad)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_max_consecutive_skips_must_be_a_positive_int_or_none(value):
+    with pytest.raises((ValueError, TypeError), match="max_consecutive_skips"):
+        fip_peft.FIPConfig(max_consecutive_skips=value)
+    assert fip_peft.FIPConfig(max_consecutive_skips=None).max_consecutive_skips is None
+
+
+def test_an_adapter_whose_outputs_on_its_anchors_are_infinite_is_not_saved(digits, tmp_path):
+    model = mlp_model(anchor_budget=16)
+    model.remember(digits["x_a_train"])
+    with torch.no_grad():
+        for layer in (model.base_model.model.fc1, model.base_model.model.fc2):
+            layer.fip_delta["default"].fill_(1e20)  # finite weights, infinite outputs
+    with pytest.raises(ValueError, match=r"Refusing to save FIP adapter 'default'.*anchors are NaN or infinite"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

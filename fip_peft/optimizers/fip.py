@@ -48,6 +48,7 @@ class FIPStepMixin:
         self.fip_distance_count = 0
         self.fip_steps = 0
         self.fip_step_was_skipped = False
+        self.fip_consecutive_skips = 0
         self.fip_max_grad_norm = getattr(self, "fip_max_grad_norm", None)
         fip_model._register_fip_optimizer(self)
 
@@ -107,6 +108,7 @@ class FIPStepMixin:
         if self._fip_anchor_forward is not None:  # FSDP2: each process checked its shards; all must agree
             finite = all_processes(finite)
         if bool(finite):
+            self.fip_consecutive_skips = 0
             return False
         names = {id(p): name for name, p in self._fip_model.named_parameters()}
         bad = [
@@ -126,6 +128,16 @@ class FIPStepMixin:
             raise NonFiniteStepError(
                 f"{where}. Check the batch for NaN/inf inputs or labels and lower the learning rate; "
                 "FIPConfig(on_nonfinite='skip') skips such steps instead."
+            )
+        self.fip_consecutive_skips = getattr(self, "fip_consecutive_skips", 0) + 1
+        limit = config.max_consecutive_skips
+        if limit is not None and self.fip_consecutive_skips >= limit:
+            raise NonFiniteStepError(
+                f"{where}, and the last {self.fip_consecutive_skips} steps were all skipped "
+                f"(FIPConfig.max_consecutive_skips={limit}): the run has diverged and would skip every step from now "
+                "on. Reload the last good checkpoint or adapter and train again with a lower learning rate (or "
+                "gradient clipping: `create_fip_optimizer(..., max_grad_norm=1.0)`); raise max_consecutive_skips, or "
+                "set it to None, to go on skipping."
             )
         for p in params:
             p.grad = None
