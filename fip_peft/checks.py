@@ -287,6 +287,41 @@ def check_finite_reference(reference: torch.Tensor) -> None:
         )
 
 
+def check_saved_memory(
+    adapter_name: str, tensors: Mapping[str, torch.Tensor], inputs: dict[str, torch.Tensor], model: nn.Module
+) -> None:
+    """Refuse a saved anchor memory (`tensors`, its anchor `inputs`) that this model cannot use, before it is loaded:
+    task ids that are not integers >= 0, a distance scale that is not a finite number > 0 (0 would make every D
+    infinite, a negative one would push training away from the reference outputs), NaN/inf reference outputs, and
+    anchors `remember` would refuse (ids beyond this model's embeddings, NaN/inf floats, ids that are floats)."""
+    where = f"The saved anchor memory of FIP adapter {adapter_name!r}"
+    advice = "the adapter file was altered or saved by a broken run; save the adapter again from a good model."
+    task_ids = tensors.get("task_ids")
+    if isinstance(task_ids, torch.Tensor) and task_ids.numel():
+        integral = not (task_ids.is_complex() or task_ids.dtype == torch.bool) and (
+            not task_ids.is_floating_point() or bool((torch.isfinite(task_ids) & (task_ids == task_ids.round())).all())
+        )
+        if not integral or float(task_ids.min()) < 0:
+            raise ValueError(f"{where} has task ids that are not integers >= 0 ({task_ids.dtype}); {advice}")
+    scale = tensors.get("scale")
+    if isinstance(scale, torch.Tensor):
+        value = float(scale.reshape(-1)[0]) if scale.numel() == 1 else math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{where} has scale={value}; it must be a finite number > 0 (D is divided by it: 0 would make every "
+                f"step's D infinite, a negative scale would push training away from the remembered outputs); {advice}"
+            )
+    reference = tensors.get("reference")
+    if isinstance(reference, torch.Tensor) and reference.numel() and not torch.isfinite(reference).all():
+        raise ValueError(f"{where} holds NaN or infinite reference outputs; {advice}")
+    try:
+        check_anchor_inputs(inputs, model)
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"{where} does not fit this model: {error} Load the adapter onto the base model it was trained on."
+        ) from None
+
+
 # ---- NaN/inf values -------------------------------------------------------------------------------------------------
 
 

@@ -21,12 +21,13 @@ from .checks import (
     check_finite_reference,
     check_remember_adapter,
     check_remember_budget,
+    check_saved_memory,
 )
 from .config import FIPConfig
 from .distances import distance_scale, functional_distance
 from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
-from .memory import AnchorMemory, check_reference_size
+from .memory import ANCHOR_PREFIX, AnchorMemory, check_reference_size
 from .model_io import model_output
 from .natural import CoveredLayer, metric_saliency, obs_input_weights, obs_inverse_factor, obs_prune
 from .sparsity import count_zeros, mean_pruned_magnitude, scheduled_sparsity, score_masks
@@ -612,6 +613,32 @@ class FIPModel(BaseTuner):
         _GUARDED_MODELS.discard(self)
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
+    def _check_saved_memory(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse a saved anchor memory this model cannot use (`checks.check_saved_memory`, then a forward pass on two
+        of its anchors whose outputs must have the saved references' shape), before it is loaded. A failed load
+        leaves the model as it was (`fip_peft.saving`)."""
+        inputs = {k.removeprefix(ANCHOR_PREFIX): v for k, v in tensors.items() if k.startswith(ANCHOR_PREFIX)}
+        if not inputs or "reference" not in tensors:
+            return  # empty, or incomplete: `load_tensors` says which
+        check_saved_memory(name, tensors, inputs, self.model)
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            return  # weights not materialized yet (low_cpu_mem_usage): nothing can run
+        try:
+            probe = self._outputs_on({k: v[:2] for k, v in inputs.items()}, name)
+        except Exception as error:  # the model's own error says what does not fit
+            raise ValueError(
+                f"The saved anchors of FIP adapter {name!r} (inputs {sorted(inputs)}, shapes "
+                f"{[tuple(v.shape[1:]) for v in inputs.values()]} per example) do not fit this model, which cannot "
+                f"run on them ({error}). Load the adapter onto the base model it was trained on."
+            ) from None
+        expected = tuple(tensors["reference"].shape[1:])
+        if tuple(probe.shape[1:]) != expected:
+            raise ValueError(
+                f"The saved reference outputs of FIP adapter {name!r} have shape {expected} per anchor, but this "
+                f"model outputs {tuple(probe.shape[1:])} on the saved anchors. Load the adapter onto the base model "
+                "it was trained on."
+            )
+
     # ---- saving and loading the memory ------------------------------------------------------------------------------
 
     @classmethod
@@ -625,5 +652,6 @@ class FIPModel(BaseTuner):
                 logger.warning("The FIP adapter's saved anchors are ignored: the model has no FIPModel to hold them.")
                 state_dict = {k: v for k, v in state_dict.items() if marker not in k}
             else:
+                tuner._check_saved_memory(adapter_name, saved)
                 tuner.fip_memory[adapter_name].load_tensors(saved)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

@@ -26,6 +26,7 @@ import torch
 from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from .checks import nonfinite_names
 from .distributed import DTensor
@@ -191,16 +192,97 @@ def _wrap_save(original: Callable) -> Callable:
     return save_pretrained
 
 
-def _wrap_load(original: Callable, model_id_name: str) -> Callable:
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs")
+
+
+def _undo_injection(model: nn.Module) -> Callable[[], None]:
+    """What puts `model` back as it is now after `PeftModel.from_pretrained` injected an adapter into it and failed
+    (a size mismatch, saved anchors that do not fit): every submodule back in its place (the FIP layers and
+    `modules_to_save` wrappers dropped), every parameter's `requires_grad` and every module's mode as now, and the
+    attributes and forward hooks peft and FIP added to the model removed."""
+    children = [(module, dict(module._modules)) for module in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(module, module.training) for module in model.modules()]
+    attributes = set(model.__dict__)
+    hooks = {name: dict(getattr(model, name, {})) for name in _HOOK_DICTS}
+
+    def undo() -> None:
+        from .model import _GUARDED_MODELS
+
+        for module, modules in children:
+            module._modules.clear()
+            module._modules.update(modules)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for module, training in modes:
+            object.__setattr__(module, "training", training)
+        for name in set(model.__dict__) - attributes:
+            del model.__dict__[name]
+        for name, kept in hooks.items():
+            current = getattr(model, name, None)
+            if current is not None:
+                for key in set(current) - set(kept):
+                    del current[key]
+        for tuner in list(_GUARDED_MODELS):
+            if tuner.model is model:
+                _GUARDED_MODELS.discard(tuner)
+
+    return undo
+
+
+def _undo_new_adapter(model: PeftModel, adapter_name: object) -> Callable[[], None] | None:
+    """What removes `adapter_name` again after `load_adapter` added it and failed, and puts back every parameter's
+    `requires_grad`; None when the adapter existed before (peft then refuses before adding anything)."""
+    if not isinstance(adapter_name, str) or adapter_name in getattr(model, "peft_config", {}):
+        return None
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def undo() -> None:
+        if adapter_name in model.peft_config:
+            model.delete_adapter(adapter_name)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return undo
+
+
+def _wrap_load(original: Callable, model_id_name: str, target_name: str) -> Callable:
+    """`original` (peft's `from_pretrained` or `load_adapter`) with the adapter file checked first, and the model
+    (`target_name`: the base model given to `from_pretrained`, or the `PeftModel` whose `load_adapter` runs) put back
+    as it was when loading a FIP adapter fails after it began changing it."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def load(*args, **kwargs):
         model_id = _argument(signature, args, kwargs, model_id_name)
-        check_saved_adapter(model_id, _argument(signature, args, kwargs, "subfolder"))
-        return original(*args, **kwargs)
+        subfolder = _argument(signature, args, kwargs, "subfolder")
+        check_saved_adapter(model_id, subfolder)
+        target = _argument(signature, args, kwargs, target_name)
+        undo = None
+        if _is_local_fip_adapter(model_id, subfolder) and isinstance(target, nn.Module):
+            if target_name == "self":
+                undo = _undo_new_adapter(target, _argument(signature, args, kwargs, "adapter_name"))
+            else:
+                undo = _undo_injection(target)
+        try:
+            return original(*args, **kwargs)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
 
     return load
+
+
+def _is_local_fip_adapter(model_id: object, subfolder: object) -> bool:
+    if not isinstance(model_id, (str, os.PathLike)):
+        return False
+    folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+    try:
+        with open(os.path.join(folder, CONFIG_NAME)) as handle:
+            return json.load(handle).get("peft_type") == "FIP"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def install() -> None:
@@ -208,7 +290,7 @@ def install() -> None:
     if getattr(PeftModel, _INSTALLED, False):
         return
     PeftModel.save_pretrained = _wrap_save(PeftModel.save_pretrained)
-    PeftModel.load_adapter = _wrap_load(PeftModel.load_adapter, "model_id")
+    PeftModel.load_adapter = _wrap_load(PeftModel.load_adapter, "model_id", "self")
     from_pretrained = PeftModel.__dict__["from_pretrained"].__func__
-    PeftModel.from_pretrained = classmethod(_wrap_load(from_pretrained, "model_id"))
+    PeftModel.from_pretrained = classmethod(_wrap_load(from_pretrained, "model_id", "model"))
     setattr(PeftModel, _INSTALLED, True)

@@ -4,14 +4,15 @@ stops, and loaded state is checked before the model changes."""
 import pytest
 import torch
 from datasets import Dataset
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fip_peft
 from fip_peft.checks import NonFiniteStepError
-from tests._tasks import MLP, mlp_model
+from tests._tasks import MLP, as_tokens, mlp_model, tiny_bert
 
 
 class LossMLP(MLP):
@@ -194,3 +195,104 @@ def test_an_adapter_whose_outputs_on_its_anchors_are_infinite_is_not_saved(digit
     with pytest.raises(ValueError, match=r"Refusing to save FIP adapter 'default'.*anchors are NaN or infinite"):
         model.save_pretrained(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+# ---- 5. loaded anchor memory is checked; 13. a failed load changes nothing ------------------------------------------
+
+
+def saved_adapter(path, digits, model=None):
+    model = model if model is not None else mlp_model(anchor_budget=8, init_weights=False)
+    model.remember(digits["x_a_train"])
+    model.save_pretrained(path)
+    return model
+
+
+def damage_memory(path, **changes):
+    tensors = load_file(path / "adapter_model.safetensors")
+    for key, change in changes.items():
+        name = f"base_model.fip_memory.{key}"
+        tensors[name] = change(tensors[name])
+    save_file(tensors, path / "adapter_model.safetensors")
+
+
+def base_state(model):
+    return (
+        [(name, type(module)) for name, module in model.named_modules()],
+        {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()},
+    )
+
+
+def assert_base_untouched(model, before):
+    modules, params = base_state(model)
+    assert modules == before[0]
+    assert params.keys() == before[1].keys()
+    for name, (value, flag) in params.items():
+        assert torch.equal(value, before[1][name][0]) and flag == before[1][name][1], name
+    assert not hasattr(model, "peft_config")
+    assert not model._forward_pre_hooks
+
+
+def nan_first(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "error", "match"),
+    [
+        ("anchor___positional", nan_first, ValueError, "NaN or infinite"),
+        ("anchor___positional", lambda t: t[:, :32].contiguous(), ValueError, r"do not fit this model.*mat1"),
+        ("reference", lambda t: torch.full_like(t, float("inf")), ValueError, "NaN or infinite reference"),
+        ("reference", lambda t: t[:, :4].contiguous(), ValueError, r"shape \(4,\) per anchor.*outputs \(10,\)"),
+        ("scale", lambda t: torch.zeros_like(t), ValueError, r"scale=0\.0.*finite number > 0"),
+        ("scale", lambda t: -torch.ones_like(t), ValueError, r"scale=-1\.0.*away from the remembered"),
+        ("task_ids", lambda t: t - 5, ValueError, "task ids that are not integers >= 0"),
+    ],
+)
+def test_a_saved_anchor_memory_the_model_cannot_use_is_refused_and_the_base_is_untouched(
+    digits, tmp_path, key, change, error, match
+):
+    saved_adapter(tmp_path, digits)
+    damage_memory(tmp_path, **{key: change})
+    base = MLP()
+    before = base_state(base)
+    with pytest.raises(error, match=match):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_base_untouched(base, before)
+
+
+def test_anchor_ids_beyond_the_vocabulary_of_the_model_loading_them_are_refused(digits, tmp_path):
+    model = get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=8))
+    model.remember(as_tokens(digits["x_a_train"][:8]))
+    model.save_pretrained(tmp_path)
+    small = tiny_bert()
+    small.resize_token_embeddings(50)
+    before = base_state(small)
+    with pytest.raises(ValueError, match=r"adapter 'default' does not fit this model.*input_ids.*0\.\.49"):
+        PeftModel.from_pretrained(small, tmp_path)
+    assert_base_untouched(small, before)
+
+
+def test_an_adapter_of_another_width_leaves_the_base_model_as_it_was(digits, tmp_path):
+    saved_adapter(tmp_path, digits, get_peft_model(MLP(hidden=32), fip_peft.FIPConfig(target_modules=["fc1", "fc2"])))
+    base = MLP(hidden=48)
+    before = base_state(base)
+    with pytest.raises((RuntimeError, ValueError), match="size mismatch|do not fit"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_base_untouched(base, before)
+    optimizer = torch.optim.SGD(base.parameters(), lr=0.1)  # the plain model trains as before
+    nn.functional.cross_entropy(base(digits["x_b_train"][:8]), digits["y_b_train"][:8]).backward()
+    optimizer.step()
+
+
+def test_load_adapter_that_fails_removes_the_new_adapter_again(digits, tmp_path):
+    saved_adapter(tmp_path, digits)
+    damage_memory(tmp_path, scale=lambda t: torch.zeros_like(t))
+    model = mlp_model(anchor_budget=8)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="scale=0"):
+        model.load_adapter(tmp_path, adapter_name="second")
+    assert set(model.peft_config) == {"default"}
+    assert set(model.base_model.fip_memory) == {"default"}
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
