@@ -99,6 +99,21 @@ def _from_batch(batch: object, model_inputs: set[str] | None) -> AnchorInputs:
     )
 
 
+def _several_batches(data: object) -> list | None:
+    """`data` as a list of batches when it is a list or tuple of several of them: dicts, or tensors that all have the
+    same dtype and per-example shape (`[b1, b2, b3]`). None when it reads as one `(inputs, labels, ...)` batch
+    (tensors of different dtypes or shapes, as inputs and their labels are), which `_from_batch` takes."""
+    if not isinstance(data, (list, tuple)) or len(data) < 2:
+        return None
+    if all(isinstance(batch, Mapping) for batch in data):
+        return list(data)
+    if all(isinstance(batch, torch.Tensor) for batch in data):
+        first = data[0]
+        if all(b.dtype == first.dtype and b.dim() == first.dim() > 0 and b.shape[1:] == first.shape[1:] for b in data):
+            return list(data)
+    return None
+
+
 def collect_inputs(
     data: object, model: nn.Module, num_anchors: int, generator: torch.Generator | None = None
 ) -> AnchorInputs:
@@ -127,6 +142,8 @@ def collect_inputs(
         if not parts:
             raise ValueError("`remember` got an empty DataLoader; pass at least one batch.")
         inputs = concat_inputs(parts)
+    elif (batches := _several_batches(data)) is not None:
+        inputs = concat_inputs([_from_batch(batch, model_inputs) for batch in batches])
     else:
         inputs = _from_batch(data, model_inputs)
     total = num_rows(inputs)

@@ -223,10 +223,11 @@ class FIPModel(BaseTuner):
         """Add anchors from `data` and record the current outputs on every anchor kept so far.
 
         Training after this call keeps the function on all remembered anchors. `data` is a tensor of inputs (custom
-        `nn.Module`), a dict of batched tensors, a `datasets.Dataset` with the model's input columns, or a
-        `DataLoader`. By default the new task gets an equal share of `anchor_budget`; older tasks shrink to share the
-        rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown in the model card).
-        Returns a summary: anchors per task and total.
+        `nn.Module`), a dict of batched tensors, a list of such batches, a `datasets.Dataset` with the model's input
+        columns, or a `DataLoader`. A tuple or list of tensors of different dtypes or shapes reads as one
+        `(inputs, labels, ...)` batch. By default the new task gets an equal share of `anchor_budget`; older tasks
+        shrink to share the rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown
+        in the model card). Returns a summary: anchors per task and total.
         """
         check_remember_adapter(self, adapter_name)
         if task_name is not None and not isinstance(task_name, str):

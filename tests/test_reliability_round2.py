@@ -296,3 +296,22 @@ def test_load_adapter_that_fails_removes_the_new_adapter_again(digits, tmp_path)
     assert set(model.peft_config) == {"default"}
     assert set(model.base_model.fip_memory) == {"default"}
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+# ---- 8. a list of batches ----------------------------------------------------------------------------------------
+
+
+def test_a_list_of_batches_is_remembered_whole_and_an_inputs_labels_pair_still_reads_as_one_batch(digits):
+    x = digits["x_a_train"][:30]
+    model = mlp_model(anchor_budget=64)
+    model.remember([x[:10], x[10:20], x[20:30]])
+    stored = model.base_model.memory().inputs["_positional"]
+    assert stored.shape[0] == 30
+    assert sorted(stored.sum(1).tolist()) == sorted(x.sum(1).tolist())
+    pair = mlp_model(anchor_budget=64)
+    pair.remember((x, digits["y_a_train"][:30]))
+    assert torch.equal(pair.base_model.memory().inputs["_positional"].sum(), x.sum())
+    tokens = [as_tokens(digits["x_a_train"][:5]), as_tokens(digits["x_a_train"][5:12])]
+    bert = get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=64))
+    bert.remember(tokens)
+    assert len(bert.base_model.memory()) == 12
