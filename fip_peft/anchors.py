@@ -48,7 +48,25 @@ def concat_inputs(parts: list[AnchorInputs]) -> AnchorInputs:
                 f"Anchors must always have the same input names; got {sorted(keys)} and {sorted(part)}. Pass the "
                 "same kind of data (tensor or the same dict keys) to every `remember` call."
             )
+    for key in keys:
+        check_unmasked_lengths(key, [part[key] for part in parts], "attention_mask" in keys)
     return {key: pad_and_stack([part[key] for part in parts]) for key in parts[0]}
+
+
+def check_unmasked_lengths(name: str, tensors: list[torch.Tensor], masked: bool) -> None:
+    """Refuse integer sequences (token ids) of different lengths without an `attention_mask`: right-padding them with
+    zeros would feed the model pad tokens it attends to, and change the outputs recorded for the earlier anchors."""
+    if masked:
+        return
+    lengths = sorted({t.shape[1] for t in tensors if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex())})
+    if len(lengths) > 1:
+        label = "The positional anchor input" if name == POSITIONAL else f"Anchor input {name!r}"
+        raise ValueError(
+            f"{label} holds integer sequences of different lengths ({lengths[:4]}) and there is no `attention_mask`: "
+            "padding them with zeros would feed the model pad tokens it attends to, and change the outputs recorded "
+            "for earlier anchors. Pass the tokenizer's `attention_mask` with the ids (in every `remember` call), or "
+            "pad all anchors to one length yourself."
+        )
 
 
 def num_rows(inputs: AnchorInputs) -> int:
@@ -59,7 +77,7 @@ def select_rows(inputs: AnchorInputs, index: torch.Tensor) -> AnchorInputs:
     return {key: value[index] for key, value in inputs.items()}
 
 
-def _as_tensor(name: str, values: object) -> torch.Tensor:
+def _as_tensor(name: str, values: object, masked: bool = True) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu()
     try:
@@ -68,7 +86,9 @@ def _as_tensor(name: str, values: object) -> torch.Tensor:
         raise TypeError(f"Anchor input {name!r} cannot be turned into a tensor: {error}") from error
     if not rows:
         return torch.empty(0)
-    return pad_and_stack([row.unsqueeze(0) for row in rows])
+    rows = [row.unsqueeze(0) for row in rows]
+    check_unmasked_lengths(name, rows, masked)
+    return pad_and_stack(rows)
 
 
 def _from_mapping(batch: Mapping, model_inputs: set[str] | None) -> AnchorInputs:
@@ -76,7 +96,7 @@ def _from_mapping(batch: Mapping, model_inputs: set[str] | None) -> AnchorInputs
     for key, value in batch.items():
         if key in LABEL_KEYS or (model_inputs is not None and key not in model_inputs):
             continue
-        inputs[key] = _as_tensor(key, value)
+        inputs[key] = _as_tensor(key, value, masked="attention_mask" in batch)
     if not inputs:
         wanted = f" The model takes {sorted(model_inputs)}." if model_inputs else ""
         raise ValueError(f"`remember` found no model inputs among the data's fields {sorted(batch)}.{wanted}")

@@ -315,3 +315,24 @@ def test_a_list_of_batches_is_remembered_whole_and_an_inputs_labels_pair_still_r
     bert = get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=64))
     bert.remember(tokens)
     assert len(bert.base_model.memory()) == 12
+
+
+# ---- 7. token ids without an attention mask are not zero-padded -----------------------------------------------------
+
+
+def test_token_ids_of_another_length_without_an_attention_mask_are_refused_not_zero_padded(digits):
+    model = get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=32))
+    short = {"input_ids": as_tokens(digits["x_a_train"][:8])["input_ids"][:, :40]}
+    model.remember(short)
+    reference = model.base_model.memory().reference.clone()
+    longer = {"input_ids": as_tokens(digits["x_b_train"][:8])["input_ids"]}
+    with pytest.raises(ValueError, match=r"'input_ids' holds integer sequences of different lengths.*attention_mask"):
+        model.remember(longer)
+    assert torch.equal(model.base_model.memory().reference, reference)
+    ragged = Dataset.from_dict({"input_ids": [[1, 5, 9], [1, 5, 9, 13, 17]]})
+    with pytest.raises(ValueError, match="different lengths"):
+        get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS")).remember(ragged)
+    masked = get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=32))
+    masked.remember(as_tokens(digits["x_a_train"][:8]))
+    tokens = as_tokens(digits["x_b_train"][:8])
+    masked.remember({k: v[:, :30] for k, v in tokens.items()})  # with a mask, padding is sound
