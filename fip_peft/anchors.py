@@ -77,9 +77,27 @@ def select_rows(inputs: AnchorInputs, index: torch.Tensor) -> AnchorInputs:
     return {key: value[index] for key, value in inputs.items()}
 
 
+def _batch_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` detached on the CPU, once it is a tensor `remember` can store: dense, with data, real, with a batch
+    dimension (`ValueError`/`TypeError` naming the input otherwise, rather than torch's own error from deep inside)."""
+    label = "The positional anchor input" if name == POSITIONAL else f"Anchor input {name!r}"
+    if value.layout != torch.strided:
+        raise TypeError(f"{label} is a {value.layout} tensor; pass a dense tensor (`.to_dense()`).")
+    if value.is_meta:
+        raise ValueError(f"{label} is on the meta device and holds no data; pass tensors with values.")
+    if value.is_complex():
+        raise TypeError(f"{label} has the complex dtype {value.dtype}; pass real-valued inputs.")
+    if value.dim() == 0:
+        raise ValueError(
+            f"{label} is a 0-dimensional tensor ({value.item()!r}); anchors are a batch: pass a tensor whose first "
+            "dimension indexes the examples (e.g. `x.unsqueeze(0)` for a single example)."
+        )
+    return value.detach().cpu()
+
+
 def _as_tensor(name: str, values: object, masked: bool = True) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
-        return values.detach().cpu()
+        return _batch_tensor(name, values)
     try:
         rows = [torch.as_tensor(v) for v in values]  # type: ignore[union-attr]
     except (TypeError, ValueError, RuntimeError) as error:
@@ -108,11 +126,11 @@ def _from_mapping(batch: Mapping, model_inputs: set[str] | None) -> AnchorInputs
 
 def _from_batch(batch: object, model_inputs: set[str] | None) -> AnchorInputs:
     if isinstance(batch, torch.Tensor):
-        return {POSITIONAL: batch.detach().cpu()}
+        return {POSITIONAL: _batch_tensor(POSITIONAL, batch)}
     if isinstance(batch, Mapping):
         return _from_mapping(batch, model_inputs)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return {POSITIONAL: batch[0].detach().cpu()}
+        return {POSITIONAL: _batch_tensor(POSITIONAL, batch[0])}
     raise TypeError(
         f"`remember` cannot use a batch of type {type(batch).__name__}; pass a tensor, a dict of batched tensors, a "
         "datasets.Dataset or a DataLoader yielding tensors, (inputs, labels) tuples or dicts."

@@ -336,3 +336,23 @@ def test_token_ids_of_another_length_without_an_attention_mask_are_refused_not_z
     masked.remember(as_tokens(digits["x_a_train"][:8]))
     tokens = as_tokens(digits["x_b_train"][:8])
     masked.remember({k: v[:, :30] for k, v in tokens.items()})  # with a mask, padding is sound
+
+
+# ---- 12. errors of the documented kinds -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        (torch.tensor(3.0), ValueError, "0-dimensional"),
+        ({"x": torch.tensor(1)}, ValueError, "'x' is a 0-dimensional"),
+        (torch.rand(8, 64, device="meta"), ValueError, "meta device"),
+        (torch.rand(8, 64).to_sparse(), TypeError, "dense"),
+        (torch.rand(8, 64, dtype=torch.complex64), TypeError, "complex"),
+    ],
+)
+def test_tensors_remember_cannot_store_give_a_value_or_type_error_naming_them(data, error, match):
+    model = mlp_model(anchor_budget=8)
+    with pytest.raises(error, match=match):
+        model.remember(data)
+    assert len(model.base_model.memory()) == 0
