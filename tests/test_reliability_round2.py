@@ -356,3 +356,23 @@ def test_tensors_remember_cannot_store_give_a_value_or_type_error_naming_them(da
     with pytest.raises(error, match=match):
         model.remember(data)
     assert len(model.base_model.memory()) == 0
+
+
+# ---- 6. the fixed-length natural step leaves a group with lr 0 where it is ------------------------------------------
+
+
+def test_the_epsilon_step_does_not_move_a_parameter_group_whose_learning_rate_is_zero(digits):
+    model = mlp_model(anchor_budget=16, solver="natural", epsilon=0.1)
+    model.remember(digits["x_a_train"])
+    fc1 = [p for n, p in model.named_parameters() if "fc1.fip_delta" in n]
+    fc2 = [p for n, p in model.named_parameters() if "fc2.fip_delta" in n]
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+    optimizer.param_groups.clear()
+    optimizer.add_param_group({"params": fc1, "lr": 0.0})
+    optimizer.add_param_group({"params": fc2, "lr": 0.1})
+    frozen, moving = fc1[0].detach().clone(), fc2[0].detach().clone()
+    model.train()
+    nn.functional.cross_entropy(model(digits["x_b_train"][:16]), digits["y_b_train"][:16]).backward()
+    optimizer.step()
+    assert torch.equal(fc1[0], frozen)
+    assert not torch.equal(fc2[0], moving)

@@ -224,6 +224,8 @@ class MetricPreconditioner:
                 for p, direction in zip(layers[name].params, tensors, strict=True):
                     group = groups[id(p)]
                     lr, initial = float(group["lr"]), float(group.get("initial_lr", group["lr"]))
+                    if lr == 0:  # a frozen group (or a schedule at 0) does not move, whatever its initial rate
+                        continue
                     scale = self.config.epsilon * (lr / initial if initial else 1.0)
                     p.add_(direction.to(p.dtype), alpha=-scale / norm)
         return result
