@@ -376,3 +376,34 @@ def test_the_epsilon_step_does_not_move_a_parameter_group_whose_learning_rate_is
     optimizer.step()
     assert torch.equal(fc1[0], frozen)
     assert not torch.equal(fc2[0], moving)
+
+
+# ---- 4. plain Trainer with gradient accumulation --------------------------------------------------------------------
+
+
+def token_dataset(digits, rows=64):
+    tokens = as_tokens(digits["x_b_train"][:rows])
+    return Dataset.from_dict(
+        {**{k: v.tolist() for k, v in tokens.items()}, "labels": digits["y_b_train"][:rows].tolist()}
+    )
+
+
+def test_plain_trainer_with_accumulation_that_would_change_beta_is_refused_pointing_to_fip_trainer(digits, tmp_path):
+    model = get_peft_model(tiny_bert(), fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=16))
+    model.remember(as_tokens(digits["x_a_train"][:16]))
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    before = adapter_state(model)
+    args = trainer_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(digits), optimizers=(optimizer, None))
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4.*4x too large.*FIPTrainer"):
+        trainer.train()
+    assert_unchanged(model, before)
+
+
+def test_plain_trainer_with_accumulation_on_a_model_it_averages_right_still_trains(digits, tmp_path):
+    model = get_peft_model(LossMLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], anchor_budget=16))
+    model.remember(digits["x_a_train"])
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-2)
+    args = trainer_args(tmp_path, steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    Trainer(model=model, args=args, train_dataset=mlp_dataset(digits), optimizers=(optimizer, None)).train()
+    assert optimizer.fip_steps == 2

@@ -8,6 +8,7 @@ no other call.
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 
 import torch
@@ -170,6 +171,34 @@ class FIPStepMixin:
             "switching adapters: `fip_peft.create_fip_optimizer(model, ...)` (or a new `FIPTrainer`)."
         )
 
+    def check_trainer(self) -> None:
+        """Once, at the first step: refuse a plain `transformers.Trainer` (found on the call stack) driving this
+        optimizer where it would scale the task loss against D / beta: with gradient accumulation or several processes,
+        a model whose `forward` takes `**kwargs` but whose loss ignores `num_items_in_batch` (a classification head
+        that builds `CrossEntropyLoss()` itself) gets its mean loss summed over the accumulation steps (and processes),
+        so beta would silently act N times larger. `FIPTrainer` corrects this; nothing has moved when this raises."""
+        if getattr(self, "_fip_trainer_checked", False):
+            return
+        self._fip_trainer_checked = True
+        trainer = _calling_trainer()
+        if trainer is None:
+            return
+        from ..trainer import FIPTrainer, loss_uses_num_items  # it imports this module
+
+        if isinstance(trainer, FIPTrainer) or trainer.compute_loss_func is not None:
+            return
+        args = trainer.args
+        factor = args.gradient_accumulation_steps * max(args.world_size, 1)
+        if factor > 1 and trainer.model_accepts_loss_kwargs and not loss_uses_num_items(trainer.model):
+            raise ValueError(
+                f"Plain `transformers.Trainer` with a FIP optimizer and gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps} on {max(args.world_size, 1)} processes would not average the "
+                "loss of this model over the accumulated batches (its forward takes **kwargs, so Trainer expects its "
+                "loss to use `num_items_in_batch`, which it does not): the task gradient would be "
+                f"{factor}x too large against D / beta, silently changing beta. Use `fip_peft.FIPTrainer` (same "
+                "arguments; it averages correctly), or gradient_accumulation_steps=1 on one process."
+            )
+
     def check_engine(self) -> None:
         """Before the first step: refuse engines under which the anchor pass would be wrong (FSDP1, DeepSpeed), and
         route it through the FSDP2 root when the parameters are `fully_shard`-ed."""
@@ -184,6 +213,7 @@ class FIPStepMixin:
         gradient it leaves (passing it on to the wrapped step would evaluate it after the anchor gradient and wipe
         it). The wrapped optimizer then steps without it; its loss is returned."""
         self.check_active_adapter()
+        self.check_trainer()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -220,6 +250,21 @@ class FIPStepMixin:
         if (preconditioner := self._preconditioner()) is None:
             return super().step(closure)
         return preconditioner.step(self, super().step, closure)
+
+
+def _calling_trainer() -> object | None:
+    """The `transformers.Trainer` whose method is on the call stack, if any."""
+    try:
+        from transformers import Trainer
+    except ImportError:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 @cache
