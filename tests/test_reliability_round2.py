@@ -407,3 +407,34 @@ def test_plain_trainer_with_accumulation_on_a_model_it_averages_right_still_trai
     args = trainer_args(tmp_path, steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4)
     Trainer(model=model, args=args, train_dataset=mlp_dataset(digits), optimizers=(optimizer, None)).train()
     assert optimizer.fip_steps == 2
+
+
+# ---- 11. a skipped step leaves the natural solver's state as it was -------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["natural", "natural+penalty", "penalty"])
+def test_a_skipped_step_changes_no_sampling_or_metric_state(digits, solver):
+    x, y = digits["x_b_train"], digits["y_b_train"]
+    bad = x[:16].clone()
+    bad[0, 0] = float("nan")
+    runs = []
+    for with_skip in (False, True):
+        torch.manual_seed(0)
+        model = mlp_model(anchor_budget=32, anchor_batch_size=8, solver=solver, metric_update_interval=2)
+        model.remember(digits["x_a_train"])
+        optimizer = fip_peft.create_fip_optimizer(model, torch.optim.SGD, lr=0.1)
+        model.train()
+        batches = [x[:16], x[16:32], x[32:48], x[48:64]]
+        if with_skip:
+            batches.insert(1, bad)
+        for batch in batches:
+            nn.functional.cross_entropy(model(batch), y[:16]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        preconditioner = getattr(optimizer, "_fip_preconditioner", None)
+        counters = (preconditioner.steps, preconditioner.refreshes) if preconditioner is not None else None
+        runs.append((adapter_state(model), int(model.base_model.memory().sample_step), counters))
+    (params, sample_step, counters), (skipped_params, skipped_sample_step, skipped_counters) = runs
+    assert skipped_sample_step == sample_step and skipped_counters == counters
+    for name, value in params.items():
+        torch.testing.assert_close(skipped_params[name], value, atol=0, rtol=0, msg=name)

@@ -179,13 +179,11 @@ class FIPStepMixin:
         so beta would silently act N times larger. `FIPTrainer` corrects this; nothing has moved when this raises."""
         if getattr(self, "_fip_trainer_checked", False):
             return
-        self._fip_trainer_checked = True
         trainer = _calling_trainer()
-        if trainer is None:
-            return
         from ..trainer import FIPTrainer, loss_uses_num_items  # it imports this module
 
-        if isinstance(trainer, FIPTrainer) or trainer.compute_loss_func is not None:
+        if trainer is None or isinstance(trainer, FIPTrainer) or trainer.compute_loss_func is not None:
+            self._fip_trainer_checked = True
             return
         args = trainer.args
         factor = args.gradient_accumulation_steps * max(args.world_size, 1)
@@ -198,6 +196,7 @@ class FIPStepMixin:
                 f"{factor}x too large against D / beta, silently changing beta. Use `fip_peft.FIPTrainer` (same "
                 "arguments; it averages correctly), or gradient_accumulation_steps=1 on one process."
             )
+        self._fip_trainer_checked = True
 
     def check_engine(self) -> None:
         """Before the first step: refuse engines under which the anchor pass would be wrong (FSDP1, DeepSpeed), and
@@ -219,15 +218,40 @@ class FIPStepMixin:
             with torch.enable_grad():
                 loss = closure()
         self.check_engine()
+        saved = self._sampling_state()
         self.precondition_gradient()
         self.add_anchor_gradient()
-        self.fip_step_was_skipped = self.skip_nonfinite_step()
+        try:
+            self.fip_step_was_skipped = self.skip_nonfinite_step()
+        except NonFiniteStepError:
+            self._restore_sampling_state(saved)
+            raise
         if self.fip_step_was_skipped:
+            self._restore_sampling_state(saved)
             return loss
         self.clip_combined_gradient()
         self.add_sparsity_gradient()
         self.solver_step()
         return loss
+
+    def _sampling_state(self) -> tuple:
+        """What the anchor and metric passes of a step change besides the gradients: every anchor memory's sampling
+        counter (copied on its device, no host sync) and the natural solver's preconditioner (its step and refresh
+        counters, metric and basis: `refresh` rebinds them, so a shallow copy keeps the old ones)."""
+        counters = [(memory.sample_step, memory.sample_step.clone()) for memory in self._fip_model.fip_memory.values()]
+        preconditioner = getattr(self, "_fip_preconditioner", None)
+        return counters, preconditioner, None if preconditioner is None else dict(vars(preconditioner))
+
+    def _restore_sampling_state(self, saved: tuple) -> None:
+        """Undo what a skipped (or refused) step's anchor and metric passes changed, so that the step changes nothing:
+        the next step draws the anchor batch and refreshes the metric as this one would have."""
+        counters, preconditioner, state = saved
+        for counter, value in counters:
+            counter.copy_(value)
+        self._fip_preconditioner = preconditioner
+        if preconditioner is not None:
+            vars(preconditioner).clear()
+            vars(preconditioner).update(state)
 
     def _preconditioner(self) -> MetricPreconditioner | None:
         fip_model = self._fip_model
