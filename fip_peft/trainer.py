@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import logging
 
-from .distributed import check_supported_engine
+from .distributed import check_same_anchors, check_supported_engine
 from .optimizers.fip import attach_fip_step, find_fip_model
 
 logger = logging.get_logger(__name__)
@@ -65,6 +65,7 @@ class FIPTrainer(Trainer):
             find_fip_model(model)
         super().__init__(model, *args, **kwargs)
         check_supported_engine(self.accelerator.distributed_type)
+        check_same_anchors(find_fip_model(self.model))  # before DDP broadcasts buffers of different sizes
         self.add_callback(_SkippedStepCallback(self))
         if self.model_accepts_loss_kwargs and self.compute_loss_func is None and not loss_uses_num_items(self.model):
             # Trainer would skip dividing this mean loss by the accumulation steps and multiply it by the number of

@@ -1,6 +1,11 @@
 """Reliability, second round (issue 23): the FIP step cannot be bypassed, a run that trains nothing or has diverged
 stops, and loaded state is checked before the model changes."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from datasets import Dataset
@@ -438,3 +443,30 @@ def test_a_skipped_step_changes_no_sampling_or_metric_state(digits, solver):
     assert skipped_sample_step == sample_step and skipped_counters == counters
     for name, value in params.items():
         torch.testing.assert_close(skipped_params[name], value, atol=0, rtol=0, msg=name)
+
+
+# ---- 9. anchors that differ between processes -----------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_anchor_memories_that_differ_between_processes_give_a_clear_error_on_every_process(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
+    result = subprocess.run(
+        [*command, "tests._anchor_count_worker", str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert results["trainer"]["error"] == "ValueError", results["trainer"]
+        assert "differ across the 2 processes (different anchor counts" in results["trainer"]["message"]
+        assert "{'default': [16, 8]}" in results["trainer"]["message"]
+        assert results["loop"]["error"] == "ValueError", results["loop"]
+        assert "the same counts but different anchors" in results["loop"]["message"]

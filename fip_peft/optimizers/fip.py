@@ -16,7 +16,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..checks import NonFiniteStepError
-from ..distributed import all_processes, anchor_forward, local_tensor
+from ..distributed import all_processes, anchor_forward, check_same_anchors, local_tensor
 from ..model import FIPModel
 from .preconditioner import MetricPreconditioner
 
@@ -204,6 +204,7 @@ class FIPStepMixin:
         if not getattr(self, "_fip_engine_checked", False):
             optimized = [p for group in self.param_groups for p in group["params"]]
             self._fip_anchor_forward = anchor_forward(self._fip_model, self._fip_root, optimized)
+            check_same_anchors(self._fip_model)
             self._fip_engine_checked = True
 
     def step(self, closure=None):
@@ -211,13 +212,13 @@ class FIPStepMixin:
         under `torch.enable_grad()` as torch's own optimizers do, so that the anchor gradient is added to the task
         gradient it leaves (passing it on to the wrapped step would evaluate it after the anchor gradient and wipe
         it). The wrapped optimizer then steps without it; its loss is returned."""
+        self.check_engine()
         self.check_active_adapter()
         self.check_trainer()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.check_engine()
         saved = self._sampling_state()
         self.precondition_gradient()
         self.add_anchor_gradient()
