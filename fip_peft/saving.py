@@ -19,7 +19,9 @@ import inspect
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 
 import torch
@@ -34,6 +36,8 @@ from .distributed import DTensor
 MODEL_CARD_NAME = "README.md"
 # Remembered anchors whose outputs `save_pretrained` checks before writing.
 ANCHOR_CHECK_ROWS = 8
+# A staging folder without an owner in its name (an older fip_peft's) untouched this long is from a killed save.
+STALE_STAGING_SECONDS = 3600
 _INSTALLED = "_fip_saving_installed"
 
 
@@ -105,15 +109,72 @@ def _move_into(source: str, target: str) -> None:
         os.replace(os.path.join(source, rel), destination)
 
 
+def _staging_owner(name: str, base: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that made the staging folder `name` of the adapter folder `base`; ("", 0) for a
+    staging folder of an older fip_peft (no owner in its name); None when `name` is not one of `base`'s."""
+    prefix = f".{base}."
+    if not (name.startswith(prefix) and name.endswith(".tmp")):
+        return None
+    middle = name[len(prefix) : -len(".tmp")]
+    owner, _, _ = middle.rpartition(".")
+    host, _, pid = owner.rpartition("-")
+    if owner and host and pid.isdigit():
+        return host, int(pid)
+    return ("", 0) if "." not in middle else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user (PermissionError), or no signals on this platform
+        return True
+    return True
+
+
+def clean_stale_staging(target: str) -> list[str]:
+    """Remove the staging folders that saves of `target` killed midway left beside it (a killed process never runs
+    its cleanup): those made on this host by a process that is no longer alive, and those of older fip_peft versions
+    (no owner in the name) untouched for `STALE_STAGING_SECONDS`. A staging folder of a live save, or of another
+    host (a shared filesystem), is left alone. Returns the removed paths."""
+    parent, base = os.path.dirname(target), os.path.basename(target)
+    host = socket.gethostname()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        owner = _staging_owner(name, base)
+        path = os.path.join(parent, name)
+        if owner is None or not os.path.isdir(path):
+            continue
+        if owner == ("", 0):
+            try:
+                stale = time.time() - os.stat(path).st_mtime > STALE_STAGING_SECONDS
+            except OSError:
+                continue
+        else:
+            stale = owner[0] == host and not _process_alive(owner[1])
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_save(save: Callable[[str], None], save_directory: str | os.PathLike) -> None:
     """Run `save(folder)` into a temporary sibling of `save_directory`, then move its files into `save_directory`.
 
-    A failure inside `save` leaves `save_directory` as it was; the temporary folder is removed either way.
+    A failure inside `save` leaves `save_directory` as it was; the temporary folder is removed either way. Staging
+    folders that earlier, killed saves of `save_directory` left are removed first (`clean_stale_staging`).
     """
     target = os.path.realpath(os.fspath(save_directory))  # the staging folder must be on the target's filesystem
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
+    clean_stale_staging(target)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.{owner}.", suffix=".tmp", dir=parent)
     try:
         card = os.path.join(target, MODEL_CARD_NAME)
         if os.path.isfile(card):  # peft updates an existing model card rather than replacing it
@@ -133,7 +194,8 @@ def check_saved_adapter(model_id: str | os.PathLike, subfolder: str | None = Non
         return
     try:
         with open(config_path) as handle:
-            peft_type = json.load(handle).get("peft_type")
+            config = json.load(handle)
+        peft_type = config.get("peft_type")
     except (OSError, ValueError, AttributeError):
         return  # peft reports an unreadable config itself
     weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
@@ -141,9 +203,31 @@ def check_saved_adapter(model_id: str | os.PathLike, subfolder: str | None = Non
         return
     try:
         with safe_open(weights, framework="pt") as handle:
-            handle.keys()
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise _corrupted(weights, error) from None
+    _check_weights_match_config(folder, config.get("rank"), shapes)
+
+
+def _check_weights_match_config(folder: str, rank: object, shapes: dict[str, list[int]]) -> None:
+    """Refuse an adapter folder whose weights do not have the layout its config describes (full-rank `fip_delta`
+    for `rank=None`, `fip_A`/`fip_B` of that rank otherwise): the weights and the config of two different saves, as a
+    save killed between moving the weights and the config would leave, or files mixed by hand. peft would load such
+    a pair with only a "missing keys" warning, leaving the adapter at its initial weights."""
+    full = [key for key in shapes if ".fip_delta" in key]
+    low = {key: shape for key, shape in shapes.items() if ".fip_A" in key or ".fip_B" in key}
+    if rank is None:
+        wrong = sorted(low)
+    else:
+        wrong = full + [key for key, shape in low.items() if ".fip_A" in key and shape and shape[0] != rank]
+    if wrong:
+        described = "full-rank (rank=None)" if rank is None else f"rank={rank}"
+        raise ValueError(
+            f"The FIP adapter in {folder} has weights that do not match its adapter_config.json ({described}), e.g. "
+            f"{wrong[0]} of shape {tuple(shapes[wrong[0]])}: the weights and the config come from two different "
+            "saves (a save killed between moving them, or files mixed by hand); the model was not changed. Save the "
+            "adapter again."
+        )
 
 
 def _corrupted(path: str, error: Exception) -> ValueError:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from transformers.utils import logging
 
 from .distributed import check_same_anchors, check_supported_engine
 from .optimizers.fip import attach_fip_step, find_fip_model
+from .saving import check_saved_adapter
 
 logger = logging.get_logger(__name__)
 
 FIP_STATE_NAME = "fip_trainer_state.json"
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 SPARSITY_METRIC_NAME = "fip_sparsity_metric.safetensors"
 
 
@@ -30,6 +34,42 @@ def loss_uses_num_items(model) -> bool:
     except (OSError, TypeError):
         return True
     return "loss_function" in source or "num_items_in_batch" in source
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete `Trainer` checkpoint of a FIP adapter, or None. `Trainer` writes the adapter, the
+    optimizer and scheduler, the RNG state, then `trainer_state.json` last, so that file being valid JSON means the
+    rest was written; the adapter files are checked as a load would check them."""
+    state = os.path.join(path, TRAINER_STATE_NAME)
+    try:
+        with open(state) as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE_NAME} is missing or unreadable ({error})"
+    try:
+        check_saved_adapter(path)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that is complete (`_checkpoint_problem`), with a warning
+    naming each newer incomplete one skipped; None when there is none."""
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.fullmatch(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning(
+            f"FIPTrainer: skipping the incomplete checkpoint {path} ({problem}); it was probably being written when "
+            "the process was killed. Resuming from an older one."
+        )
+    return None
 
 
 class _SkippedStepCallback(TrainerCallback):
@@ -74,6 +114,14 @@ class FIPTrainer(Trainer):
             self.model_accepts_loss_kwargs = False
 
     _fip_optimizer = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; with `resume_from_checkpoint=True`, from the newest *complete* checkpoint in
+        `args.output_dir` (`newest_complete_checkpoint`): a process killed while `Trainer` wrote a checkpoint leaves
+        `checkpoint-N/` empty or partial, from which `Trainer` would fail to resume."""
+        if resume_from_checkpoint is True and os.path.isdir(self.args.output_dir):
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir) or True
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss; zero, without a forward pass, for a batch without labels when the adapter sparsifies

@@ -2,9 +2,12 @@
 stops, and loaded state is checked before the model changes."""
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -470,3 +473,74 @@ def test_anchor_memories_that_differ_between_processes_give_a_clear_error_on_eve
         assert "{'default': [16, 8]}" in results["trainer"]["message"]
         assert results["loop"]["error"] == "ValueError", results["loop"]
         assert "the same counts but different anchors" in results["loop"]["message"]
+
+
+# ---- 10. checkpoints and staging folders ----------------------------------------------------------------------------
+
+
+def test_fip_trainer_resumes_from_the_newest_complete_checkpoint(digits, tmp_path, caplog):
+    def trainer():
+        torch.manual_seed(0)
+        model = get_peft_model(LossMLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], anchor_budget=16))
+        model.remember(digits["x_a_train"])
+        args = trainer_args(tmp_path, steps=4, save_strategy="steps", save_steps=2)
+        return fip_peft.FIPTrainer(model=model, args=args, train_dataset=mlp_dataset(digits))
+
+    trainer().train()
+    killed = tmp_path / "checkpoint-4"
+    (killed / "trainer_state.json").unlink()  # killed before Trainer wrote its last file
+    weights = killed / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (tmp_path / "checkpoint-6").mkdir()  # killed right after making the folder
+    resumed = trainer()
+    with caplog.at_level(logging.WARNING, logger="fip_peft"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "skipping the incomplete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+    assert resumed.state.global_step == 4
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_weights_and_config_of_two_different_saves_are_refused_at_load(digits, tmp_path, monkeypatch):
+    path = tmp_path / "adapter"
+    get_peft_model(MLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], rank=4)).save_pretrained(path)
+    full_rank = mlp_model(init_weights=False)
+    replace = os.replace
+
+    def killed_before_the_config(source, destination):
+        if str(destination).endswith("adapter_config.json"):
+            raise Killed
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_config)
+    with pytest.raises(Killed):
+        full_rank.save_pretrained(path)
+    monkeypatch.setattr(os, "replace", replace)
+    base = MLP()
+    before = base_state(base)
+    with pytest.raises(ValueError, match=r"do not match its adapter_config\.json \(rank=4\).*two different saves"):
+        PeftModel.from_pretrained(base, path)
+    assert_base_untouched(base, before)
+
+
+def test_saving_removes_the_staging_folders_of_killed_saves_of_that_adapter(tmp_path, digits):
+    path = tmp_path / "adapter"
+    model = mlp_model()
+    model.save_pretrained(path)
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [tmp_path / f".adapter.{host}-{int(dead.stdout)}.ab12cd34.tmp", tmp_path / ".adapter.old12345.tmp"]
+    kept = [
+        tmp_path / f".adapter.{host}-{os.getpid()}.ef56gh78.tmp",  # a save in progress
+        tmp_path / f".adapter.elsewhere-{int(dead.stdout)}.ij90kl12.tmp",  # another host's
+        tmp_path / f".other.{host}-{int(dead.stdout)}.mn34op56.tmp",  # another adapter's
+    ]
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"partial")
+    os.utime(stale[1], (time.time() - 7200, time.time() - 7200))
+    model.save_pretrained(path)
+    assert not any(folder.exists() for folder in stale)
+    assert all(folder.exists() for folder in kept)
