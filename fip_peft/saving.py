@@ -18,6 +18,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -109,20 +110,6 @@ def _move_into(source: str, target: str) -> None:
         os.replace(os.path.join(source, rel), destination)
 
 
-def _staging_owner(name: str, base: str) -> tuple[str, int] | None:
-    """(host, pid) of the process that made the staging folder `name` of the adapter folder `base`; ("", 0) for a
-    staging folder of an older fip_peft (no owner in its name); None when `name` is not one of `base`'s."""
-    prefix = f".{base}."
-    if not (name.startswith(prefix) and name.endswith(".tmp")):
-        return None
-    middle = name[len(prefix) : -len(".tmp")]
-    owner, _, _ = middle.rpartition(".")
-    host, _, pid = owner.rpartition("-")
-    if owner and host and pid.isdigit():
-        return host, int(pid)
-    return ("", 0) if "." not in middle else None
-
-
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -134,30 +121,32 @@ def _process_alive(pid: int) -> bool:
 
 
 def clean_stale_staging(target: str) -> list[str]:
-    """Remove the staging folders that saves of `target` killed midway left beside it (a killed process never runs
-    its cleanup): those made on this host by a process that is no longer alive, and those of older fip_peft versions
-    (no owner in the name) untouched for `STALE_STAGING_SECONDS`. A staging folder of a live save, or of another
-    host (a shared filesystem), is left alone. Returns the removed paths."""
+    """Remove the staging folders that killed saves left beside `target` (a killed process never runs its cleanup):
+    those made on this host by a process that no longer runs, whichever folder they were saving (a `Trainer`
+    checkpoint killed midway leaves one for a `checkpoint-N` that may never be saved again), and those of older
+    fip_peft versions (no owner in the name) for `target` itself, untouched for `STALE_STAGING_SECONDS`. A staging
+    folder of a live save, or one made on another host (a shared filesystem), is left alone. Returns the removed
+    paths."""
     parent, base = os.path.dirname(target), os.path.basename(target)
-    host = socket.gethostname()
+    owned = re.compile(rf"\.(.+)\.{re.escape(socket.gethostname())}-(\d+)\.[a-z0-9_]+\.tmp")
+    legacy = re.compile(rf"\.{re.escape(base)}\.[a-z0-9_]+\.tmp")
     removed = []
     try:
         names = os.listdir(parent)
     except OSError:
         return removed
     for name in names:
-        owner = _staging_owner(name, base)
         path = os.path.join(parent, name)
-        if owner is None or not os.path.isdir(path):
-            continue
-        if owner == ("", 0):
+        if (match := owned.fullmatch(name)) is not None:
+            stale = not _process_alive(int(match.group(2)))
+        elif legacy.fullmatch(name) is not None:
             try:
                 stale = time.time() - os.stat(path).st_mtime > STALE_STAGING_SECONDS
             except OSError:
                 continue
         else:
-            stale = owner[0] == host and not _process_alive(owner[1])
-        if stale:
+            continue
+        if stale and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

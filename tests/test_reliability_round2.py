@@ -531,16 +531,22 @@ def test_saving_removes_the_staging_folders_of_killed_saves_of_that_adapter(tmp_
     model.save_pretrained(path)
     host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = [tmp_path / f".adapter.{host}-{int(dead.stdout)}.ab12cd34.tmp", tmp_path / ".adapter.old12345.tmp"]
+    stale = [
+        tmp_path / f".adapter.{host}-{int(dead.stdout)}.ab12cd34.tmp",
+        tmp_path / f".checkpoint-3.{host}-{int(dead.stdout)}.mn34op56.tmp",  # a killed save of another folder
+        tmp_path / ".adapter.old12345.tmp",  # an older fip_peft's, untouched for 2 hours
+    ]
     kept = [
         tmp_path / f".adapter.{host}-{os.getpid()}.ef56gh78.tmp",  # a save in progress
         tmp_path / f".adapter.elsewhere-{int(dead.stdout)}.ij90kl12.tmp",  # another host's
-        tmp_path / f".other.{host}-{int(dead.stdout)}.mn34op56.tmp",  # another adapter's
+        tmp_path / ".adapter.new12345.tmp",  # an older fip_peft's, recent: maybe still saving
+        tmp_path / ".other.old12345.tmp",  # an older fip_peft's, of another folder
     ]
     for folder in stale + kept:
         folder.mkdir()
         (folder / "adapter_model.safetensors").write_bytes(b"partial")
-    os.utime(stale[1], (time.time() - 7200, time.time() - 7200))
+    for folder in (stale[2], kept[3]):
+        os.utime(folder, (time.time() - 7200, time.time() - 7200))
     model.save_pretrained(path)
     assert not any(folder.exists() for folder in stale)
     assert all(folder.exists() for folder in kept)
