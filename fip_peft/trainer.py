@@ -53,15 +53,20 @@ def _checkpoint_problem(path: str) -> str | None:
     return None
 
 
-def newest_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` folder in `output_dir` that is complete (`_checkpoint_problem`), with a warning
-    naming each newer incomplete one skipped; None when there is none."""
+def _checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-<step>` folder in `output_dir`."""
     found = []
     for name in os.listdir(output_dir):
         match = _CHECKPOINT.fullmatch(name)
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    for _, path in sorted(found, reverse=True):
+    return found
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that is complete (`_checkpoint_problem`), with a warning
+    naming each newer incomplete one skipped; None when there is none."""
+    for _, path in sorted(_checkpoint_folders(output_dir), reverse=True):
         problem = _checkpoint_problem(path)
         if problem is None:
             return path
@@ -120,7 +125,14 @@ class FIPTrainer(Trainer):
         `args.output_dir` (`newest_complete_checkpoint`): a process killed while `Trainer` wrote a checkpoint leaves
         `checkpoint-N/` empty or partial, from which `Trainer` would fail to resume."""
         if resume_from_checkpoint is True and os.path.isdir(self.args.output_dir):
-            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir) or True
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None and _checkpoint_folders(self.args.output_dir):
+                logger.warning(
+                    f"FIPTrainer: no complete checkpoint in {self.args.output_dir} (the run was killed while writing "
+                    "its first one); training starts from the beginning."
+                )
+            elif resume_from_checkpoint is None:
+                resume_from_checkpoint = True  # nothing at all: Trainer's own error
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -550,3 +550,15 @@ def test_saving_removes_the_staging_folders_of_killed_saves_of_that_adapter(tmp_
     model.save_pretrained(path)
     assert not any(folder.exists() for folder in stale)
     assert all(folder.exists() for folder in kept)
+
+
+def test_fip_trainer_starts_afresh_when_its_only_checkpoint_is_incomplete(digits, tmp_path, caplog):
+    model = get_peft_model(LossMLP(), fip_peft.FIPConfig(target_modules=["fc1", "fc2"], anchor_budget=16))
+    model.remember(digits["x_a_train"])
+    (tmp_path / "checkpoint-1").mkdir()  # killed while writing the first checkpoint
+    args = trainer_args(tmp_path, steps=2, save_strategy="steps", save_steps=1)
+    trainer = fip_peft.FIPTrainer(model=model, args=args, train_dataset=mlp_dataset(digits))
+    with caplog.at_level(logging.WARNING, logger="fip_peft"):
+        trainer.train(resume_from_checkpoint=True)
+    assert "no complete checkpoint" in caplog.text and trainer.state.global_step == 2
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
