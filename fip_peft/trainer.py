@@ -23,6 +23,7 @@ logger = logging.get_logger(__name__)
 FIP_STATE_NAME = "fip_trainer_state.json"
 _CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 SPARSITY_METRIC_NAME = "fip_sparsity_metric.safetensors"
+PRECONDITIONER_NAME = "fip_preconditioner"
 
 
 def loss_uses_num_items(model) -> bool:
@@ -192,6 +193,12 @@ class FIPTrainer(Trainer):
                     {key: t.contiguous().cpu() for key, t in metric.items()},
                     os.path.join(output_dir, SPARSITY_METRIC_NAME),
                 )
+            preconditioner = getattr(self._fip_optimizer, "_fip_preconditioner", None)
+            if preconditioner is not None:  # the natural solvers' metric and its refresh counters
+                info, tensors = preconditioner.state()
+                save_file(tensors, os.path.join(output_dir, PRECONDITIONER_NAME + ".safetensors"))
+                with open(os.path.join(output_dir, PRECONDITIONER_NAME + ".json"), "w") as handle:
+                    json.dump(info, handle)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -215,6 +222,7 @@ class FIPTrainer(Trainer):
             memory.sample_step.fill_(saved["sample_step"])
             if "sparsity_step" in saved:
                 fip_model.set_sparsity_step(saved["sparsity_step"], name)
+        self._load_preconditioner(checkpoint)
         metric_path = os.path.join(checkpoint, SPARSITY_METRIC_NAME)
         if os.path.isfile(metric_path):
             metric = load_file(metric_path)
@@ -223,3 +231,16 @@ class FIPTrainer(Trainer):
                 fip_model.set_sparsity_metric(
                     {key.removeprefix(prefix): t for key, t in metric.items() if key.startswith(prefix)}, name
                 )
+
+    def _load_preconditioner(self, checkpoint: str) -> None:
+        """Restore the natural solvers' metric and refresh counters from `checkpoint`, so that the resumed run
+        refreshes the metric at the same steps, on the same anchors, as the uninterrupted one."""
+        path = os.path.join(checkpoint, PRECONDITIONER_NAME)
+        if self._fip_optimizer is None or not os.path.isfile(path + ".json"):
+            return
+        with open(path + ".json") as handle:
+            info = json.load(handle)
+        preconditioner = self._fip_optimizer._preconditioner()
+        if preconditioner is None or preconditioner.adapter != info["adapter"]:
+            return
+        preconditioner.load_state(info, load_file(path + ".safetensors"), self._fip_optimizer)

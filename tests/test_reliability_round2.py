@@ -562,3 +562,25 @@ def test_fip_trainer_starts_afresh_when_its_only_checkpoint_is_incomplete(digits
         trainer.train(resume_from_checkpoint=True)
     assert "no complete checkpoint" in caplog.text and trainer.state.global_step == 2
     assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
+
+
+# ---- 11. resuming a natural-solver run ------------------------------------------------------------------------------
+
+
+def test_resuming_a_natural_penalty_run_lands_where_the_uninterrupted_run_does(tmp_path):
+    from tests import _ddp_worker as worker
+
+    def trainer(model, out, **overrides):
+        args = worker.training_args(str(out), 4, max_steps=6, **overrides)
+        return fip_peft.FIPTrainer(model=model, args=args, train_dataset=worker.task_b(24))
+
+    config = {"solver": "natural+penalty", "metric_update_interval": 4}
+    uninterrupted = worker.fip_bert(**config)
+    trainer(uninterrupted, tmp_path, save_strategy="steps", save_steps=3).train()
+    resumed = worker.fip_bert(remember=False, **config)
+    trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    memory, expected_memory = resumed.base_model.memory(), uninterrupted.base_model.memory()
+    assert int(memory.sample_step) == int(expected_memory.sample_step)
+    expected = worker.adapter_weights(uninterrupted)
+    for name, value in worker.adapter_weights(resumed).items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
