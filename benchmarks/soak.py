@@ -15,8 +15,8 @@ model and continues training the loaded model with a new FIP optimizer. It check
 Two fault cases follow (``--cases`` picks which of the three parts run):
 
 - ``checkpoint-kills``: a ``FIPTrainer`` run that checkpoints every step (task 1, anchors of task 0) is SIGKILLed
-  ``--checkpoint-kills`` times, each time at a random moment within ``--kill-window`` seconds after a save begins
-  (its staging folder or a new checkpoint folder appears), so that many kills land while a checkpoint is written;
+  ``--checkpoint-kills`` times, each time at a random moment within ``--kill-window`` seconds after the folder of a
+  checkpoint past the newest one so far appears, so that many kills land while a checkpoint is written;
   every restart resumes with ``resume_from_checkpoint=True``.
   Checks: every restart resumed (from the newest complete checkpoint, skipping a partial one), the last run reaches
   ``--kill-steps``, and no staging folder of a killed save is left once it has saved;
@@ -310,11 +310,11 @@ def run_checkpoint_kills(args: argparse.Namespace, output_dir: Path) -> dict:
     ]  # fmt: skip
     trials = []
     for _ in range(args.checkpoint_kills):
-        before = {p.name for p in checkpoints(out)}
+        reached = max((int(p.name.split("-")[-1]) for p in checkpoints(out)), default=0)
         child = subprocess.Popen(child_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
-        while child.poll() is None and time.monotonic() < deadline:  # a checkpoint being written
-            if {p.name for p in checkpoints(out)} - before or staging_folders(out):
+        while child.poll() is None and time.monotonic() < deadline:  # a checkpoint past the last one is being written
+            if any(int(p.name.split("-")[-1]) > reached for p in checkpoints(out)):
                 break
             time.sleep(0.002)
         delay = rng.uniform(0.0, args.kill_window)

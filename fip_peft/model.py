@@ -57,7 +57,10 @@ def _guard_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     `RuntimeError` before anything moves: it would be plain fine-tuning. FIP optimizers (`_fip_model` set) pass; so
     do all steps while no FIP model has anchors. Cost: one pass over the model's parameter list per step of a
     non-FIP optimizer, only while some FIP model is alive."""
-    if getattr(optimizer, "_fip_model", None) is not None:
+    inner = optimizer
+    while inner is not None and getattr(inner, "_fip_model", None) is None:
+        inner = getattr(inner, "optimizer", None)  # a wrapper (accelerate's AcceleratedOptimizer) of a FIP optimizer
+    if inner is not None:
         return
     models = [model for model in list(_GUARDED_MODELS) if model._remembering_adapters()]
     if not models:
