@@ -48,7 +48,25 @@ def concat_inputs(parts: list[AnchorInputs]) -> AnchorInputs:
                 f"Anchors must always have the same input names; got {sorted(keys)} and {sorted(part)}. Pass the "
                 "same kind of data (tensor or the same dict keys) to every `remember` call."
             )
+    for key in keys:
+        check_unmasked_lengths(key, [part[key] for part in parts], "attention_mask" in keys)
     return {key: pad_and_stack([part[key] for part in parts]) for key in parts[0]}
+
+
+def check_unmasked_lengths(name: str, tensors: list[torch.Tensor], masked: bool) -> None:
+    """Refuse integer sequences (token ids) of different lengths without an `attention_mask`: right-padding them with
+    zeros would feed the model pad tokens it attends to, and change the outputs recorded for the earlier anchors."""
+    if masked:
+        return
+    lengths = sorted({t.shape[1] for t in tensors if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex())})
+    if len(lengths) > 1:
+        label = "The positional anchor input" if name == POSITIONAL else f"Anchor input {name!r}"
+        raise ValueError(
+            f"{label} holds integer sequences of different lengths ({lengths[:4]}) and there is no `attention_mask`: "
+            "padding them with zeros would feed the model pad tokens it attends to, and change the outputs recorded "
+            "for earlier anchors. Pass the tokenizer's `attention_mask` with the ids (in every `remember` call), or "
+            "pad all anchors to one length yourself."
+        )
 
 
 def num_rows(inputs: AnchorInputs) -> int:
@@ -59,16 +77,36 @@ def select_rows(inputs: AnchorInputs, index: torch.Tensor) -> AnchorInputs:
     return {key: value[index] for key, value in inputs.items()}
 
 
-def _as_tensor(name: str, values: object) -> torch.Tensor:
+def _batch_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` detached on the CPU, once it is a tensor `remember` can store: dense, with data, real, with a batch
+    dimension (`ValueError`/`TypeError` naming the input otherwise, rather than torch's own error from deep inside)."""
+    label = "The positional anchor input" if name == POSITIONAL else f"Anchor input {name!r}"
+    if value.layout != torch.strided:
+        raise TypeError(f"{label} is a {value.layout} tensor; pass a dense tensor (`.to_dense()`).")
+    if value.is_meta:
+        raise ValueError(f"{label} is on the meta device and holds no data; pass tensors with values.")
+    if value.is_complex():
+        raise TypeError(f"{label} has the complex dtype {value.dtype}; pass real-valued inputs.")
+    if value.dim() == 0:
+        raise ValueError(
+            f"{label} is a 0-dimensional tensor ({value.item()!r}); anchors are a batch: pass a tensor whose first "
+            "dimension indexes the examples (e.g. `x.unsqueeze(0)` for a single example)."
+        )
+    return value.detach().cpu()
+
+
+def _as_tensor(name: str, values: object, masked: bool = True) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
-        return values.detach().cpu()
+        return _batch_tensor(name, values)
     try:
         rows = [torch.as_tensor(v) for v in values]  # type: ignore[union-attr]
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"Anchor input {name!r} cannot be turned into a tensor: {error}") from error
     if not rows:
         return torch.empty(0)
-    return pad_and_stack([row.unsqueeze(0) for row in rows])
+    rows = [row.unsqueeze(0) for row in rows]
+    check_unmasked_lengths(name, rows, masked)
+    return pad_and_stack(rows)
 
 
 def _from_mapping(batch: Mapping, model_inputs: set[str] | None) -> AnchorInputs:
@@ -76,7 +114,7 @@ def _from_mapping(batch: Mapping, model_inputs: set[str] | None) -> AnchorInputs
     for key, value in batch.items():
         if key in LABEL_KEYS or (model_inputs is not None and key not in model_inputs):
             continue
-        inputs[key] = _as_tensor(key, value)
+        inputs[key] = _as_tensor(key, value, masked="attention_mask" in batch)
     if not inputs:
         wanted = f" The model takes {sorted(model_inputs)}." if model_inputs else ""
         raise ValueError(f"`remember` found no model inputs among the data's fields {sorted(batch)}.{wanted}")
@@ -88,15 +126,30 @@ def _from_mapping(batch: Mapping, model_inputs: set[str] | None) -> AnchorInputs
 
 def _from_batch(batch: object, model_inputs: set[str] | None) -> AnchorInputs:
     if isinstance(batch, torch.Tensor):
-        return {POSITIONAL: batch.detach().cpu()}
+        return {POSITIONAL: _batch_tensor(POSITIONAL, batch)}
     if isinstance(batch, Mapping):
         return _from_mapping(batch, model_inputs)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return {POSITIONAL: batch[0].detach().cpu()}
+        return {POSITIONAL: _batch_tensor(POSITIONAL, batch[0])}
     raise TypeError(
         f"`remember` cannot use a batch of type {type(batch).__name__}; pass a tensor, a dict of batched tensors, a "
         "datasets.Dataset or a DataLoader yielding tensors, (inputs, labels) tuples or dicts."
     )
+
+
+def _several_batches(data: object) -> list | None:
+    """`data` as a list of batches when it is a list or tuple of several of them: dicts, or tensors that all have the
+    same dtype and per-example shape (`[b1, b2, b3]`). None when it reads as one `(inputs, labels, ...)` batch
+    (tensors of different dtypes or shapes, as inputs and their labels are), which `_from_batch` takes."""
+    if not isinstance(data, (list, tuple)) or len(data) < 2:
+        return None
+    if all(isinstance(batch, Mapping) for batch in data):
+        return list(data)
+    if all(isinstance(batch, torch.Tensor) for batch in data):
+        first = data[0]
+        if all(b.dtype == first.dtype and b.dim() == first.dim() > 0 and b.shape[1:] == first.shape[1:] for b in data):
+            return list(data)
+    return None
 
 
 def collect_inputs(
@@ -148,6 +201,10 @@ def collect_anchors(
             raise ValueError("`remember` got an empty DataLoader; pass at least one batch.")
         inputs = concat_inputs(parts)
         found = None if any(p is None for p in label_parts) else pad_labels(label_parts)
+    elif (batches := _several_batches(data)) is not None:
+        inputs = concat_inputs([_from_batch(batch, model_inputs) for batch in batches])
+        label_parts = [_batch_labels(batch) for batch in batches]
+        found = None if labels is not None or any(p is None for p in label_parts) else pad_labels(label_parts)
     else:
         inputs = _from_batch(data, model_inputs)
         found = _batch_labels(data) if labels is None else None

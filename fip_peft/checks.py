@@ -50,6 +50,11 @@ def check_config_consistency(config: FIPConfig) -> None:
     """Types of the fields `_validate` does not cover, and checks that involve several fields."""
     if config.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"FIPConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}.")
+    skips = config.max_consecutive_skips
+    if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
+        raise (ValueError if isinstance(skips, int) and not isinstance(skips, bool) else TypeError)(
+            f"FIPConfig.max_consecutive_skips must be an int >= 1 or None (never stop), got {skips!r}."
+        )
     if not math.isfinite(config.beta):
         raise ValueError(
             f"FIPConfig.beta must be finite, got {config.beta}: beta=inf would ignore the remembered outputs (plain "
@@ -280,6 +285,52 @@ def check_finite_reference(reference: torch.Tensor) -> None:
             f"The model's outputs on {bad} of {len(finite)} anchors are NaN or infinite, so there is nothing sound "
             "to remember; nothing was stored. Check the model's weights (e.g. reload the last good adapter)."
         )
+
+
+def check_saved_memory(
+    adapter_name: str, tensors: Mapping[str, torch.Tensor], inputs: dict[str, torch.Tensor], model: nn.Module
+) -> None:
+    """Refuse a saved anchor memory (`tensors`, its anchor `inputs`) that this model cannot use, before it is loaded:
+    task ids that are not integers >= 0, a distance scale that is not a finite number > 0 (0 would make every D
+    infinite, a negative one would push training away from the reference outputs), NaN/inf reference outputs, and
+    anchors `remember` would refuse (ids beyond this model's embeddings, NaN/inf floats, ids that are floats), and
+    labels that are not class indices of the reference outputs (or -100)."""
+    where = f"The saved anchor memory of FIP adapter {adapter_name!r}"
+    advice = "the adapter file was altered or saved by a broken run; save the adapter again from a good model."
+    task_ids = tensors.get("task_ids")
+    if isinstance(task_ids, torch.Tensor) and task_ids.numel():
+        integral = not (task_ids.is_complex() or task_ids.dtype == torch.bool) and (
+            not task_ids.is_floating_point() or bool((torch.isfinite(task_ids) & (task_ids == task_ids.round())).all())
+        )
+        if not integral or float(task_ids.min()) < 0:
+            raise ValueError(f"{where} has task ids that are not integers >= 0 ({task_ids.dtype}); {advice}")
+    scale = tensors.get("scale")
+    if isinstance(scale, torch.Tensor):
+        value = float(scale.reshape(-1)[0]) if scale.numel() == 1 else math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{where} has scale={value}; it must be a finite number > 0 (D is divided by it: 0 would make every "
+                f"step's D infinite, a negative scale would push training away from the remembered outputs); {advice}"
+            )
+    reference = tensors.get("reference")
+    if isinstance(reference, torch.Tensor) and reference.numel() and not torch.isfinite(reference).all():
+        raise ValueError(f"{where} holds NaN or infinite reference outputs; {advice}")
+    labels = tensors.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.numel() and isinstance(reference, torch.Tensor):
+        classes = reference.shape[-1] if reference.dim() >= 2 else 0
+        valid = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool) and bool(
+            ((labels == -100) | ((labels >= 0) & (labels < classes))).all()
+        )
+        if not valid:
+            raise ValueError(
+                f"{where} has labels that are not class indices in [0, {classes}) or -100 ({labels.dtype}); {advice}"
+            )
+    try:
+        check_anchor_inputs(inputs, model)
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"{where} does not fit this model: {error} Load the adapter onto the base model it was trained on."
+        ) from None
 
 
 # ---- NaN/inf values -------------------------------------------------------------------------------------------------

@@ -139,6 +139,8 @@ class FIPConfig(PeftConfig):
             `"task <i>"` when no name is given); shown in the model card and by `fip-peft info`.
         accuracy_matrix: The accuracy matrix R of the tasks, as `AccuracyMatrix.to_dict()` (set by
             `model.record_accuracy(R)`); shown in the model card.
+        max_consecutive_skips: With `on_nonfinite="skip"`, this many skipped steps in a row stop training with
+            `NonFiniteStepError` (a diverged run would otherwise skip every step forever); `None` never stops.
     """
 
     target_modules: list[str] | str | None = field(
@@ -257,6 +259,10 @@ class FIPConfig(PeftConfig):
     )
     accuracy_matrix: dict | None = field(
         default=None, metadata={"help": "Accuracy matrix of the tasks (AccuracyMatrix.to_dict()), for the card."}
+    )
+    max_consecutive_skips: int | None = field(
+        default=10,
+        metadata={"help": "on_nonfinite='skip': stop (NonFiniteStepError) after this many skipped steps in a row."},
     )
 
     def __post_init__(self) -> None:

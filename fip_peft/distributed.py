@@ -95,6 +95,59 @@ def anchor_forward(fip_model: nn.Module, root: nn.Module | None, optimized: list
     return root
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """An exact, order-sensitive checksum of `tensors` (float bits read as integers, so no rounding can differ
+    between processes); int64 arithmetic wraps the same way everywhere."""
+    total = torch.zeros((), dtype=torch.long)
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        if flat.is_floating_point():
+            flat = flat.contiguous().view(_BITS[flat.element_size()])
+        flat = flat.long()
+        positions = torch.arange(1, flat.numel() + 1, device=flat.device)
+        total = total + (flat * positions).sum().cpu()
+    return total
+
+
+def check_same_anchors(fip_model: nn.Module) -> None:
+    """In a multi-process run (a default process group with 2 or more processes; every process must call this at
+    the same time): refuse, with a `ValueError` on every process, anchor memories that differ between processes
+    (anchor counts, or the anchors themselves). The FIP step draws the same anchor batch on every process, so they
+    must all hold the same anchors; remembering each process's shard of the data is the usual mistake. Without this,
+    DDP's broadcast of buffers of different sizes aborts deep inside gloo ("Received data size doesn't match") or
+    hangs under NCCL, and same-sized shards would silently train on rank 0's anchors only. One `all_gather` of
+    2 integers per adapter."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    names = sorted(fip_model.fip_memory)
+    values = []
+    for name in names:
+        memory = fip_model.fip_memory[name]
+        values += [len(memory), int(_fingerprint([*memory.inputs.values(), memory.task_ids]))]
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    local = torch.tensor(values, dtype=torch.long, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    rows = [row.tolist() for row in gathered]
+    if all(row == rows[0] for row in rows):
+        return
+    counts = {name: [row[2 * i] for row in rows] for i, name in enumerate(names)}
+    same_counts = all(len(set(per_rank)) == 1 for per_rank in counts.values())
+    what = "the same counts but different anchors" if same_counts else "different anchor counts"
+    raise ValueError(
+        f"The FIP anchor memories differ across the {len(rows)} processes ({what}; anchors per adapter and rank: "
+        f"{counts}). The FIP step draws the same anchor batch on every process, so every process must remember the "
+        "same anchors: call `model.remember(data)` with the same, full data on every process (not each process's "
+        "shard of it, e.g. before the dataset is split across processes), or load the adapter with its saved "
+        "anchors."
+    )
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of `tensor` (its shard when it is a `DTensor`)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

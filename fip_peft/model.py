@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
@@ -21,12 +22,13 @@ from .checks import (
     check_finite_reference,
     check_remember_adapter,
     check_remember_budget,
+    check_saved_memory,
 )
 from .config import FIPConfig
 from .distances import anchor_label_loss, distance_scale, functional_distance
 from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
-from .memory import AnchorMemory, check_reference_size
+from .memory import ANCHOR_PREFIX, AnchorMemory, check_reference_size
 from .model_io import model_output
 from .natural import CoveredLayer, metric_saliency, obs_input_weights, obs_inverse_factor, obs_prune
 from .sparsity import count_zeros, mean_pruned_magnitude, scheduled_sparsity, score_masks
@@ -43,6 +45,33 @@ def _ramp_end(config: FIPConfig) -> int:
 
 MEMORY_ATTR = "fip_memory"
 REFERENCE_BATCH_SIZE = 64
+
+# Every live FIPModel, for the optimizer step guard below.
+_GUARDED_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _guard_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A global optimizer step pre-hook (`torch.optim.optimizer.register_optimizer_step_pre_hook`): torch calls it
+    before the `step()` of every optimizer, whatever its class and whoever built it (a `Trainer`'s own AdamW, a
+    hand-written loop's), in train or eval mode. A step of an optimizer that is not a FIP optimizer and would move a
+    parameter (one with a gradient) of a FIP model whose active adapter has remembered anchors is refused with a
+    `RuntimeError` before anything moves: it would be plain fine-tuning. FIP optimizers (`_fip_model` set) pass; so
+    do all steps while no FIP model has anchors. Cost: one pass over the model's parameter list per step of a
+    non-FIP optimizer, only while some FIP model is alive."""
+    inner = optimizer
+    while inner is not None and getattr(inner, "_fip_model", None) is None:
+        inner = getattr(inner, "optimizer", None)  # a wrapper (accelerate's AcceleratedOptimizer) of a FIP optimizer
+    if inner is not None:
+        return
+    models = [model for model in list(_GUARDED_MODELS) if model._remembering_adapters()]
+    if not models:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+    for model in models:
+        model._refuse_plain_step(optimizer, stepped)
+
+
+register_optimizer_step_pre_hook(_guard_optimizer_step)
 
 
 class FIPModel(BaseTuner):
@@ -203,9 +232,11 @@ class FIPModel(BaseTuner):
         """Add anchors from `data` and record the current outputs on every anchor kept so far.
 
         Training after this call keeps the function on all remembered anchors. `data` is a tensor of inputs (custom
-        `nn.Module`), a dict of batched tensors, a `datasets.Dataset` with the model's input columns, or a
-        `DataLoader`. By default the new task gets an equal share of `anchor_budget`; older tasks shrink to share the
-        rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown in the model card).
+        `nn.Module`), a dict of batched tensors, a list of such batches, a `datasets.Dataset` with the model's input
+        columns, or a `DataLoader`. A tuple or list of tensors of different dtypes or shapes reads as one
+        `(inputs, labels, ...)` batch. By default the new task gets an equal share of `anchor_budget`; older tasks
+        shrink to share the rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown
+        in the model card).
 
         Labels travel with the anchors: `labels` (class indices, one per example of `data`; per token for token
         outputs, -100 for none), or else the data's own `labels`/`label` field or column, or the second element of
@@ -603,10 +634,60 @@ class FIPModel(BaseTuner):
                 owner._check_fip_step()
 
         self._guard_handle = self.model.register_forward_pre_hook(guard, with_kwargs=True)
+        _GUARDED_MODELS.add(self)
+
+    def _remembering_adapters(self) -> list[str]:
+        """The active adapters that have remembered anchors."""
+        return [n for n in self.active_adapters if n in self.fip_memory and len(self.fip_memory[n])]
+
+    def _refuse_plain_step(self, optimizer: torch.optim.Optimizer, stepped: set[int]) -> None:
+        """Refuse a step of `optimizer` (not a FIP optimizer) that would move a parameter of this model (ids in
+        `stepped`: those with a gradient) while an active adapter has remembered anchors."""
+        remembering = self._remembering_adapters()
+        if not remembering:
+            return
+        moved = [name for name, p in self.model.named_parameters() if id(p) in stepped]
+        if not moved:
+            return
+        raise RuntimeError(
+            f"A {type(optimizer).__name__} that is not a FIP optimizer is about to step {len(moved)} parameters of a "
+            f"model whose FIP adapter {remembering[0]!r} has remembered anchors (e.g. {moved[0]}): that step would be "
+            "plain fine-tuning, which forgets what was remembered; nothing was changed. Use `fip_peft.FIPTrainer` "
+            "instead of `Trainer`, or pass `optimizers=(fip_peft.create_fip_optimizer(model, torch.optim.AdamW, "
+            "lr=...), None)` to `Trainer` (a FIP optimizer that is created but not passed is not used), or build "
+            "your loop's optimizer with `fip_peft.create_fip_optimizer`."
+        )
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         self._guard_handle.remove()
+        _GUARDED_MODELS.discard(self)
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _check_saved_memory(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse a saved anchor memory this model cannot use (`checks.check_saved_memory`, then a forward pass on two
+        of its anchors whose outputs must have the saved references' shape), before it is loaded. A failed load
+        leaves the model as it was (`fip_peft.saving`)."""
+        inputs = {k.removeprefix(ANCHOR_PREFIX): v for k, v in tensors.items() if k.startswith(ANCHOR_PREFIX)}
+        if not inputs or "reference" not in tensors:
+            return  # empty, or incomplete: `load_tensors` says which
+        check_saved_memory(name, tensors, inputs, self.model)
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            return  # weights not materialized yet (low_cpu_mem_usage): nothing can run
+        try:
+            probe = self._outputs_on({k: v[:2] for k, v in inputs.items()}, name)
+        except Exception as error:  # the model's own error says what does not fit
+            raise ValueError(
+                f"The saved anchors of FIP adapter {name!r} (inputs {sorted(inputs)}, shapes "
+                f"{[tuple(v.shape[1:]) for v in inputs.values()]} per example) do not fit this model, which cannot "
+                f"run on them ({error}). Load the adapter onto the base model it was trained on."
+            ) from None
+        expected = tuple(tensors["reference"].shape[1:])
+        if tuple(probe.shape[1:]) != expected:
+            raise ValueError(
+                f"The saved reference outputs of FIP adapter {name!r} have shape {expected} per anchor, but this "
+                f"model outputs {tuple(probe.shape[1:])} on the saved anchors. Load the adapter onto the base model "
+                "it was trained on."
+            )
 
     # ---- saving and loading the memory ------------------------------------------------------------------------------
 
@@ -621,5 +702,6 @@ class FIPModel(BaseTuner):
                 logger.warning("The FIP adapter's saved anchors are ignored: the model has no FIPModel to hold them.")
                 state_dict = {k: v for k, v in state_dict.items() if marker not in k}
             else:
+                tuner._check_saved_memory(adapter_name, saved)
                 tuner.fip_memory[adapter_name].load_tensors(saved)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

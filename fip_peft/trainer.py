@@ -5,20 +5,25 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from transformers.utils import logging
 
-from .distributed import check_supported_engine
+from .distributed import check_same_anchors, check_supported_engine
 from .optimizers.fip import _check_anchor_transform, attach_fip_step, find_fip_model
+from .saving import check_saved_adapter
 
 logger = logging.get_logger(__name__)
 
 FIP_STATE_NAME = "fip_trainer_state.json"
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 SPARSITY_METRIC_NAME = "fip_sparsity_metric.safetensors"
+PRECONDITIONER_NAME = "fip_preconditioner"
 
 
 def loss_uses_num_items(model) -> bool:
@@ -30,6 +35,47 @@ def loss_uses_num_items(model) -> bool:
     except (OSError, TypeError):
         return True
     return "loss_function" in source or "num_items_in_batch" in source
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete `Trainer` checkpoint of a FIP adapter, or None. `Trainer` writes the adapter, the
+    optimizer and scheduler, the RNG state, then `trainer_state.json` last, so that file being valid JSON means the
+    rest was written; the adapter files are checked as a load would check them."""
+    state = os.path.join(path, TRAINER_STATE_NAME)
+    try:
+        with open(state) as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE_NAME} is missing or unreadable ({error})"
+    try:
+        check_saved_adapter(path)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-<step>` folder in `output_dir`."""
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.fullmatch(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return found
+
+
+def newest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that is complete (`_checkpoint_problem`), with a warning
+    naming each newer incomplete one skipped; None when there is none."""
+    for _, path in sorted(_checkpoint_folders(output_dir), reverse=True):
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning(
+            f"FIPTrainer: skipping the incomplete checkpoint {path} ({problem}); it was probably being written when "
+            "the process was killed. Resuming from an older one."
+        )
+    return None
 
 
 class _SkippedStepCallback(TrainerCallback):
@@ -69,6 +115,7 @@ class FIPTrainer(Trainer):
         self.anchor_transform = anchor_transform
         super().__init__(model, *args, **kwargs)
         check_supported_engine(self.accelerator.distributed_type)
+        check_same_anchors(find_fip_model(self.model))  # before DDP broadcasts buffers of different sizes
         self.add_callback(_SkippedStepCallback(self))
         if self.model_accepts_loss_kwargs and self.compute_loss_func is None and not loss_uses_num_items(self.model):
             # Trainer would skip dividing this mean loss by the accumulation steps and multiply it by the number of
@@ -77,6 +124,21 @@ class FIPTrainer(Trainer):
             self.model_accepts_loss_kwargs = False
 
     _fip_optimizer = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; with `resume_from_checkpoint=True`, from the newest *complete* checkpoint in
+        `args.output_dir` (`newest_complete_checkpoint`): a process killed while `Trainer` wrote a checkpoint leaves
+        `checkpoint-N/` empty or partial, from which `Trainer` would fail to resume."""
+        if resume_from_checkpoint is True and os.path.isdir(self.args.output_dir):
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None and _checkpoint_folders(self.args.output_dir):
+                logger.warning(
+                    f"FIPTrainer: no complete checkpoint in {self.args.output_dir} (the run was killed while writing "
+                    "its first one); training starts from the beginning."
+                )
+            elif resume_from_checkpoint is None:
+                resume_from_checkpoint = True  # nothing at all: Trainer's own error
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss; zero, without a forward pass, for a batch without labels when the adapter sparsifies
@@ -135,6 +197,12 @@ class FIPTrainer(Trainer):
                     {key: t.contiguous().cpu() for key, t in metric.items()},
                     os.path.join(output_dir, SPARSITY_METRIC_NAME),
                 )
+            preconditioner = getattr(self._fip_optimizer, "_fip_preconditioner", None)
+            if preconditioner is not None:  # the natural solvers' metric and its refresh counters
+                info, tensors = preconditioner.state()
+                save_file(tensors, os.path.join(output_dir, PRECONDITIONER_NAME + ".safetensors"))
+                with open(os.path.join(output_dir, PRECONDITIONER_NAME + ".json"), "w") as handle:
+                    json.dump(info, handle)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -158,6 +226,7 @@ class FIPTrainer(Trainer):
             memory.sample_step.fill_(saved["sample_step"])
             if "sparsity_step" in saved:
                 fip_model.set_sparsity_step(saved["sparsity_step"], name)
+        self._load_preconditioner(checkpoint)
         metric_path = os.path.join(checkpoint, SPARSITY_METRIC_NAME)
         if os.path.isfile(metric_path):
             metric = load_file(metric_path)
@@ -166,3 +235,16 @@ class FIPTrainer(Trainer):
                 fip_model.set_sparsity_metric(
                     {key.removeprefix(prefix): t for key, t in metric.items() if key.startswith(prefix)}, name
                 )
+
+    def _load_preconditioner(self, checkpoint: str) -> None:
+        """Restore the natural solvers' metric and refresh counters from `checkpoint`, so that the resumed run
+        refreshes the metric at the same steps, on the same anchors, as the uninterrupted one."""
+        path = os.path.join(checkpoint, PRECONDITIONER_NAME)
+        if self._fip_optimizer is None or not os.path.isfile(path + ".json"):
+            return
+        with open(path + ".json") as handle:
+            info = json.load(handle)
+        preconditioner = self._fip_optimizer._preconditioner()
+        if preconditioner is None or preconditioner.adapter != info["adapter"]:
+            return
+        preconditioner.load_state(info, load_file(path + ".safetensors"), self._fip_optimizer)

@@ -34,6 +34,7 @@ FIELDS = {
     "save_anchors": [(True, True), (False, True), ("yes", False), (1, False)],
     "init_weights": [(True, True), (False, True), ("no", False), (None, False)],
     "on_nonfinite": [("skip", True), ("raise", True), ("ignore", False), (None, False)],
+    "max_consecutive_skips": [(None, True), (1, True), (50, True), (0, False), (2.5, False), (True, False)],
     "objective": [("continual", True), ("prune", False), (3, False)],
     "solver": [("penalty", True), ("magic", False)],
     "target_modules": [(["fc1"], True), (["fc1", "fc2"], True), ("fc.", True), ("all-linear", True),

@@ -165,3 +165,15 @@ def test_label_weight_defaults_to_the_label_term_for_continual_learning_and_off_
     assert fip_peft.FIPConfig(target_modules=["fc1"]).label_weight == fip_peft.config.DEFAULT_LABEL_WEIGHT > 0
     sparsify = fip_peft.FIPConfig(target_modules=["fc1"], objective="sparsify", target_sparsity=0.5)
     assert sparsify.label_weight == 0.0
+
+
+def test_saved_labels_outside_the_classes_are_refused_at_load(digits, tmp_path):
+    model = _labelled_mlp(digits)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("fip_memory.labels"))
+    tensors[key] = torch.full_like(tensors[key], 12)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"labels that are not class indices in \[0, 10\)"):
+        PeftModel.from_pretrained(MLP(), tmp_path, is_trainable=True)

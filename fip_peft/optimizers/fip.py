@@ -8,6 +8,7 @@ no other call.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import cache
 
@@ -16,7 +17,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..checks import NonFiniteStepError
-from ..distributed import all_processes, anchor_forward, local_tensor
+from ..distributed import all_processes, anchor_forward, check_same_anchors, local_tensor
 from ..model import FIPModel
 from .preconditioner import MetricPreconditioner
 
@@ -50,6 +51,7 @@ class FIPStepMixin:
         self.fip_distance_count = 0
         self.fip_steps = 0
         self.fip_step_was_skipped = False
+        self.fip_consecutive_skips = 0
         self.fip_max_grad_norm = getattr(self, "fip_max_grad_norm", None)
         fip_model._register_fip_optimizer(self)
 
@@ -114,6 +116,7 @@ class FIPStepMixin:
         if self._fip_anchor_forward is not None:  # FSDP2: each process checked its shards; all must agree
             finite = all_processes(finite)
         if bool(finite):
+            self.fip_consecutive_skips = 0
             return False
         names = {id(p): name for name, p in self._fip_model.named_parameters()}
         bad = [
@@ -134,6 +137,16 @@ class FIPStepMixin:
                 f"{where}. Check the batch for NaN/inf inputs or labels and lower the learning rate; "
                 "FIPConfig(on_nonfinite='skip') skips such steps instead."
             )
+        self.fip_consecutive_skips = getattr(self, "fip_consecutive_skips", 0) + 1
+        limit = config.max_consecutive_skips
+        if limit is not None and self.fip_consecutive_skips >= limit:
+            raise NonFiniteStepError(
+                f"{where}, and the last {self.fip_consecutive_skips} steps were all skipped "
+                f"(FIPConfig.max_consecutive_skips={limit}): the run has diverged and would skip every step from now "
+                "on. Reload the last good checkpoint or adapter and train again with a lower learning rate (or "
+                "gradient clipping: `create_fip_optimizer(..., max_grad_norm=1.0)`); raise max_consecutive_skips, or "
+                "set it to None, to go on skipping."
+            )
         for p in params:
             p.grad = None
         logger.warning(f"{where}; the step is skipped (parameters and optimizer state unchanged).")
@@ -150,24 +163,103 @@ class FIPStepMixin:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, self.fip_max_grad_norm)
 
+    def check_active_adapter(self) -> None:
+        """Refuse a step when none of this optimizer's parameters is a trainable parameter of the model now: after
+        `set_adapter` (the old adapter's parameters are frozen, the new one's are not in this optimizer) or
+        `delete_adapter`, the step would move nothing, silently. One pass over the parameter lists per step."""
+        fip_model = self._fip_model
+        trainable = {id(p) for p in fip_model.model.parameters() if p.requires_grad}
+        if any(id(p) in trainable for group in self.param_groups for p in group["params"]):
+            return
+        raise RuntimeError(
+            f"None of the parameters of this FIP optimizer ({type(self).__name__}) is a trainable parameter of the "
+            f"model's active adapter {fip_model.active_adapters[0]!r}: it was built for another adapter (before "
+            "`set_adapter` or `delete_adapter`), so its step would train nothing. Create a new optimizer after "
+            "switching adapters: `fip_peft.create_fip_optimizer(model, ...)` (or a new `FIPTrainer`)."
+        )
+
+    def check_trainer(self) -> None:
+        """Once, at the first step: refuse a plain `transformers.Trainer` (found on the call stack) driving this
+        optimizer where it would scale the task loss against D / beta: with gradient accumulation or several processes,
+        a model whose `forward` takes `**kwargs` but whose loss ignores `num_items_in_batch` (a classification head
+        that builds `CrossEntropyLoss()` itself) gets its mean loss summed over the accumulation steps (and processes),
+        so beta would silently act N times larger. `FIPTrainer` corrects this; nothing has moved when this raises."""
+        if getattr(self, "_fip_trainer_checked", False):
+            return
+        trainer = _calling_trainer()
+        from ..trainer import FIPTrainer, loss_uses_num_items  # it imports this module
+
+        if trainer is None or isinstance(trainer, FIPTrainer) or trainer.compute_loss_func is not None:
+            self._fip_trainer_checked = True
+            return
+        args = trainer.args
+        factor = args.gradient_accumulation_steps * max(args.world_size, 1)
+        if factor > 1 and trainer.model_accepts_loss_kwargs and not loss_uses_num_items(trainer.model):
+            raise ValueError(
+                f"Plain `transformers.Trainer` with a FIP optimizer and gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps} on {max(args.world_size, 1)} processes would not average the "
+                "loss of this model over the accumulated batches (its forward takes **kwargs, so Trainer expects its "
+                "loss to use `num_items_in_batch`, which it does not): the task gradient would be "
+                f"{factor}x too large against D / beta, silently changing beta. Use `fip_peft.FIPTrainer` (same "
+                "arguments; it averages correctly), or gradient_accumulation_steps=1 on one process."
+            )
+        self._fip_trainer_checked = True
+
     def check_engine(self) -> None:
         """Before the first step: refuse engines under which the anchor pass would be wrong (FSDP1, DeepSpeed), and
         route it through the FSDP2 root when the parameters are `fully_shard`-ed."""
         if not getattr(self, "_fip_engine_checked", False):
             optimized = [p for group in self.param_groups for p in group["params"]]
             self._fip_anchor_forward = anchor_forward(self._fip_model, self._fip_root, optimized)
+            check_same_anchors(self._fip_model)
             self._fip_engine_checked = True
 
     def step(self, closure=None):
+        """One FIP step. A `closure` (which zeroes the gradients and runs the task loss's backward) is evaluated first,
+        under `torch.enable_grad()` as torch's own optimizers do, so that the anchor gradient is added to the task
+        gradient it leaves (passing it on to the wrapped step would evaluate it after the anchor gradient and wipe
+        it). The wrapped optimizer then steps without it; its loss is returned."""
         self.check_engine()
+        self.check_active_adapter()
+        self.check_trainer()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        saved = self._sampling_state()
         self.precondition_gradient()
         self.add_anchor_gradient()
-        self.fip_step_was_skipped = self.skip_nonfinite_step()
+        try:
+            self.fip_step_was_skipped = self.skip_nonfinite_step()
+        except NonFiniteStepError:
+            self._restore_sampling_state(saved)
+            raise
         if self.fip_step_was_skipped:
-            return None
+            self._restore_sampling_state(saved)
+            return loss
         self.clip_combined_gradient()
         self.add_sparsity_gradient()
-        return self.solver_step(closure)
+        self.solver_step()
+        return loss
+
+    def _sampling_state(self) -> tuple:
+        """What the anchor and metric passes of a step change besides the gradients: every anchor memory's sampling
+        counter (copied on its device, no host sync) and the natural solver's preconditioner (its step and refresh
+        counters, metric and basis: `refresh` rebinds them, so a shallow copy keeps the old ones)."""
+        counters = [(memory.sample_step, memory.sample_step.clone()) for memory in self._fip_model.fip_memory.values()]
+        preconditioner = getattr(self, "_fip_preconditioner", None)
+        return counters, preconditioner, None if preconditioner is None else dict(vars(preconditioner))
+
+    def _restore_sampling_state(self, saved: tuple) -> None:
+        """Undo what a skipped (or refused) step's anchor and metric passes changed, so that the step changes nothing:
+        the next step draws the anchor batch and refreshes the metric as this one would have."""
+        counters, preconditioner, state = saved
+        for counter, value in counters:
+            counter.copy_(value)
+        self._fip_preconditioner = preconditioner
+        if preconditioner is not None:
+            vars(preconditioner).clear()
+            vars(preconditioner).update(state)
 
     def _preconditioner(self) -> MetricPreconditioner | None:
         fip_model = self._fip_model
@@ -190,6 +282,21 @@ class FIPStepMixin:
         if (preconditioner := self._preconditioner()) is None:
             return super().step(closure)
         return preconditioner.step(self, super().step, closure)
+
+
+def _calling_trainer() -> object | None:
+    """The `transformers.Trainer` whose method is on the call stack, if any."""
+    try:
+        from transformers import Trainer
+    except ImportError:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 @cache

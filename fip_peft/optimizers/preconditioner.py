@@ -166,6 +166,48 @@ class MetricPreconditioner:
         self.metric, self.basis = metric, factors.eigen
         self.refreshes += 1
 
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What a checkpoint keeps (`FIPTrainer`), so that a resumed run refreshes at the same steps with the same
+        metric as an uninterrupted one: the step and refresh counters and eigen forms (JSON), the metric and the
+        eigenbasis (tensors, each a copy: layers sharing an input share theirs, and safetensors refuses shared
+        memory)."""
+        tensors: dict[str, torch.Tensor] = {}
+
+        def put(prefix: str, eigen: Eigen) -> dict:
+            for part in ("values", "vectors", "index"):
+                if (tensor := getattr(eigen, part)) is not None:
+                    tensors[f"{prefix}/{part}"] = tensor.detach().contiguous().clone().cpu()
+            return {"dim": eigen.dim, "trace": eigen.trace}
+
+        metric = None
+        if self.metric is not None:
+            metric = {
+                name: {"damping": m.damping, "a": put(f"metric/{name}/a", m.a), "g": put(f"metric/{name}/g", m.g)}
+                for name, m in self.metric.items()
+            }
+        basis = {key: put(f"basis/{key}", eigen) for key, eigen in self.basis.items()}
+        info = {"adapter": self.adapter, "steps": self.steps, "refreshes": self.refreshes}
+        return info | {"metric": metric, "basis": basis}, tensors
+
+    def load_state(self, info: dict, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        """Restore what `state` returned (resuming from a checkpoint)."""
+        device = next(iter(self.layers.values())).weight.device if self.layers else torch.device("cpu")
+
+        def get(prefix: str, meta: dict) -> Eigen:
+            parts = {part: tensors.get(f"{prefix}/{part}") for part in ("values", "vectors", "index")}
+            parts = {part: t.to(device) if t is not None else None for part, t in parts.items()}
+            return Eigen(parts["values"], meta["dim"], meta["trace"], vectors=parts["vectors"], index=parts["index"])
+
+        self.steps, self.refreshes = int(info["steps"]), int(info["refreshes"])
+        self.metric = None
+        if info["metric"] is not None:
+            self.metric = {
+                name: LayerMetric(get(f"metric/{name}/a", m["a"]), get(f"metric/{name}/g", m["g"]), m["damping"])
+                for name, m in info["metric"].items()
+            }
+        self.basis = {key: get(f"basis/{key}", meta) for key, meta in info["basis"].items()}
+        self._layers = self._preconditioned(optimizer)
+
     def precondition(self, optimizer: torch.optim.Optimizer) -> None:
         """Refresh the metric when due, then replace each covered layer's gradient by P grad. Called before the
         anchor gradient of `"natural+penalty"` is added, so that grad D / beta stays unpreconditioned."""
@@ -224,6 +266,8 @@ class MetricPreconditioner:
                 for p, direction in zip(layers[name].params, tensors, strict=True):
                     group = groups[id(p)]
                     lr, initial = float(group["lr"]), float(group.get("initial_lr", group["lr"]))
+                    if lr == 0:  # a frozen group (or a schedule at 0) does not move, whatever its initial rate
+                        continue
                     scale = self.config.epsilon * (lr / initial if initial else 1.0)
                     p.add_(direction.to(p.dtype), alpha=-scale / norm)
         return result
