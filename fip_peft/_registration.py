@@ -27,12 +27,14 @@ def register() -> None:
     """Make `FIP` a PEFT method (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
+    from .labels import install as install_labels
     from .model_card import install as install_model_card
     from .saving import install as install_safe_saving
 
     _add_peft_type_member()
     install_safe_saving()
     install_model_card()
+    install_labels()
     if PeftType.FIP in PEFT_TYPE_TO_TUNER_MAPPING:
         return
     from .config import FIPConfig

@@ -25,6 +25,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from peft import PeftModel
 
+from .labels import model_labels
+
 CARD_NAME = "README.md"
 BEGIN = "<!-- fip-peft: begin (this section is rewritten by fip-peft on every save) -->"
 END = "<!-- fip-peft: end -->"
@@ -147,7 +149,20 @@ def _loading_section(model: PeftModel, configs: dict[str, Any], base_id: str | N
         "import fip_peft  # registers FIP with PEFT",
         "from peft import PeftModel",
     ]
-    if auto is not None:
+    labels = model_labels(base) if task_type == "SEQ_CLS" else None
+    if auto is not None and labels:  # the adapter brings a head for its own classes: build the base with them
+        lines += [
+            f"from transformers import {auto}",
+            "",
+            f"id2label = {dict(enumerate(labels))!r}",
+            f"base = {auto}.from_pretrained(",
+            f'    "{base_id or "<base model>"}",',
+            "    id2label=id2label,",
+            "    label2id={name: i for i, name in id2label.items()},",
+            "    ignore_mismatched_sizes=True,  # the head comes from the adapter",
+            ")",
+        ]
+    elif auto is not None:
         lines += [
             f"from transformers import {auto}",
             "",

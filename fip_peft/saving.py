@@ -7,6 +7,7 @@ unchanged) `install()` makes
 - `save_pretrained` refuse adapter weights or anchor memory holding NaN/inf, then write everything into a temporary
   sibling folder and move each file into place with `os.replace` (atomic on POSIX and Windows), so that the previous
   adapter stays intact and loadable until the new files are complete;
+- `save_pretrained` of a sequence classifier also write its class labels (`fip_labels.json`, see `labels`);
 - `from_pretrained`/`load_adapter` of a local FIP adapter folder check that `adapter_model.safetensors` is a complete
   safetensors file before the model is touched, and turn safetensors' header errors into one clear error naming the
   file.
@@ -27,6 +28,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_sta
 from safetensors import SafetensorError, safe_open
 
 from .checks import nonfinite_names
+from .labels import LABELS_FILE, write_labels
 
 MODEL_CARD_NAME = "README.md"
 _INSTALLED = "_fip_saving_installed"
@@ -84,9 +86,9 @@ def atomic_save(save: Callable[[str], None], save_directory: str | os.PathLike) 
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
     try:
-        card = os.path.join(target, MODEL_CARD_NAME)
-        if os.path.isfile(card):  # peft updates an existing model card rather than replacing it
-            shutil.copy2(card, os.path.join(staging, MODEL_CARD_NAME))
+        for name in (MODEL_CARD_NAME, LABELS_FILE):  # updated rather than replaced: keep what was there
+            if os.path.isfile(os.path.join(target, name)):
+                shutil.copy2(os.path.join(target, name), os.path.join(staging, name))
         save(staging)
         os.makedirs(target, exist_ok=True)
         _move_into(staging, target)
@@ -152,6 +154,7 @@ def _wrap_save(original: Callable) -> Callable:
         def save(folder: str) -> None:
             bound.arguments["save_directory"] = folder
             original(*bound.args, **bound.kwargs)
+            write_labels(self, folder)
 
         atomic_save(save, directory)
 

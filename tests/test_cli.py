@@ -3,6 +3,9 @@
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 from importlib.metadata import entry_points
 
 import pandas as pd
@@ -10,10 +13,11 @@ import pytest
 import torch
 from peft import AutoPeftModelForSequenceClassification, get_peft_model
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast, pipeline
 
 from fip_peft import FIPConfig
 from fip_peft.cli import build_parser, main, train_pooler_as_new, untrained_pooler
+from fip_peft.model_card import PLACEHOLDER_ID
 
 WORDS = {
     "films": (
@@ -277,3 +281,35 @@ def test_a_fractional_warmup_above_one_is_refused_before_loading(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*argv, "--output-dir", str(tmp_path / "out")])
     assert "--warmup-steps must be a whole number of steps or a fraction in [0, 1)" in capsys.readouterr().err
+
+
+def python_snippet(card: str) -> str:
+    """The python code block of a model card's "How to load" section."""
+    section = card.split("## How to load", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_fresh(code: str) -> str:
+    """Run `code` in a fresh Python process (offline) and return what it printed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_cards_snippet_loads_the_adapter_with_its_labels_in_a_fresh_process(trained):
+    snippet = python_snippet((trained["adapter"] / "README.md").read_text())
+    assert PLACEHOLDER_ID in snippet
+    code = snippet.replace(PLACEHOLDER_ID, str(trained["adapter"]))
+    code += "\nimport json\nprint(json.dumps(model.config.id2label))\n"
+    assert json.loads(run_fresh(code).strip().splitlines()[-1]) == {"0": "bad", "1": "good", "2": "cat", "3": "dog"}
+
+
+def test_auto_peft_model_restores_the_labels_and_a_pipeline_answers_with_their_names(trained):
+    model = AutoPeftModelForSequenceClassification.from_pretrained(trained["adapter"])
+    assert model.config.num_labels == 4
+    assert model.config.id2label == {0: "bad", 1: "good", 2: "cat", 3: "dog"}
+    assert model.config.label2id == {"bad": 0, "good": 1, "cat": 2, "dog": 3}
+    tokenizer = AutoTokenizer.from_pretrained(trained["adapter"])
+    answer = pipeline("text-classification", model=model, tokenizer=tokenizer)("cat purrs")
+    assert answer[0]["label"] in {"bad", "good", "cat", "dog"}

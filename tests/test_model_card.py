@@ -95,12 +95,13 @@ def section(card: ModelCard) -> str:
     return card.text[card.text.index(BEGIN) : card.text.index(END)]
 
 
-def test_push_to_hub_sends_exactly_the_card_config_and_weights_in_one_commit(hub, base_path):
+def test_push_to_hub_sends_exactly_the_card_config_weights_and_labels_in_one_commit(hub, base_path):
     model = fip_bert(base_path)
     model.remember(as_tokens(digits_tasks()["x_a_train"][:60]), task_name="digits 0-4")
     model.push_to_hub(REPO_ID, token="not-a-real-token")
     assert len(hub.commits) == 1
-    assert set(hub.commits[0]["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "fip_labels.json"}
+    assert set(hub.commits[0]["files"]) == files
     assert json.loads(hub.files["adapter_config.json"])["peft_type"] == "FIP"
 
 
@@ -122,7 +123,7 @@ def test_pushed_card_says_how_to_load_the_adapter(hub, base_path):
     assert "pip install fip-peft" in text
     assert "import fip_peft" in text
     assert "from transformers import AutoModelForSequenceClassification" in text
-    assert f'base = AutoModelForSequenceClassification.from_pretrained("{base_path}")' in text
+    assert f'base = AutoModelForSequenceClassification.from_pretrained(\n    "{base_path}",\n    id2label=id2label,' in text
     assert f'model = PeftModel.from_pretrained(base, "{REPO_ID}")' in text
 
 
