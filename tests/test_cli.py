@@ -222,7 +222,7 @@ def test_fip_peft_is_installed_as_a_console_script():
 
 def test_eval_refuses_labels_the_adapter_does_not_know(trained, tmp_path, capsys):
     other = tmp_path / "other.csv"
-    other.write_text("text,label\ngreat film,fish\n")
+    other.write_text("text,label\ngreat film,fish\ndull film,fish\n")
     with pytest.raises(SystemExit):
         main(["eval", "--adapter", str(trained["adapter"]), "--task", str(other)])
     assert "labels ['fish'] are not classes" in capsys.readouterr().err
@@ -313,3 +313,77 @@ def test_auto_peft_model_restores_the_labels_and_a_pipeline_answers_with_their_n
     tokenizer = AutoTokenizer.from_pretrained(trained["adapter"])
     answer = pipeline("text-classification", model=model, tokenizer=tokenizer)("cat purrs")
     assert answer[0]["label"] in {"bad", "good", "cat", "dog"}
+
+
+def refused(argv, capsys) -> str:
+    """Run the command line, expect `fip-peft: error: ...` with exit status 2, and return the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fip-peft: error: "), err
+    return err
+
+
+def train_argv(model, task, out) -> list[str]:
+    return ["train", "--model", str(model), "--task", str(task), "--output-dir", str(out), "--quiet"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", "the file is empty"),
+        ("text,label\n", "has no data rows"),
+        (
+            "text,label\ngreat film,good\n,bad\nfine story,good\n",
+            "row 2 (line 3, after the header) has no value in column 'text'",
+        ),
+        (
+            "text,label\ngreat film,good\ndull film,\nfine story,good\n",
+            "row 2 (line 3, after the header) has no value in column 'label'",
+        ),
+    ],
+    ids=["empty", "header-only", "missing-text", "missing-label"],
+)
+def test_a_bad_task_file_is_refused_naming_the_file_and_row_before_loading_the_model(
+    base, tmp_path, capsys, content, expected
+):
+    task = tmp_path / "films.csv"
+    task.write_text(content)
+    err = refused(train_argv(base, task, tmp_path / "out"), capsys)
+    assert f"--task {task}: " in err and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_label_does_not_become_a_class_none_in_eval(trained, tmp_path, capsys):
+    task = tmp_path / "films.csv"
+    task.write_text("text,label\ngreat film,good\ndull film,\nfine story,good\nawful film,bad\n")
+    err = refused(["eval", "--adapter", str(trained["adapter"]), "--task", str(task)], capsys)
+    assert "no value in column 'label'" in err
+
+
+def test_a_model_folder_that_does_not_exist_is_refused_naming_the_flag(tmp_path, capsys):
+    films = write_task(tmp_path, "films")
+    err = refused(train_argv(tmp_path / "no-model", films, tmp_path / "out"), capsys)
+    assert f"--model {tmp_path / 'no-model'}: no such folder" in err and "Hub id" in err
+
+
+def test_target_sparsity_out_of_range_names_the_flag_not_the_config(base, tmp_path, capsys):
+    films = write_task(tmp_path, "films")
+    argv = ["sparsify", "--model", str(base), "--task", str(films), "--output-dir", str(tmp_path / "out")]
+    err = refused([*argv, "--target-sparsity", "1.2"], capsys)
+    assert "--target-sparsity" in err and "1.2" in err and "[0, 1)" in err
+    assert "FIPConfig" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "broken-config"])
+def test_info_on_a_damaged_adapter_is_an_error_naming_the_file(trained, tmp_path, capsys, damage):
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(trained["adapter"], folder)
+    name = "adapter_model.safetensors" if damage == "truncated-weights" else "adapter_config.json"
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+    err = refused(["info", str(folder)], capsys)
+    assert str(folder / name) in err and "damaged" in err

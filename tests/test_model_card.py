@@ -123,7 +123,8 @@ def test_pushed_card_says_how_to_load_the_adapter(hub, base_path):
     assert "pip install fip-peft" in text
     assert "import fip_peft" in text
     assert "from transformers import AutoModelForSequenceClassification" in text
-    assert f'base = AutoModelForSequenceClassification.from_pretrained(\n    "{base_path}",\n    id2label=id2label,' in text
+    loading = f'base = AutoModelForSequenceClassification.from_pretrained(\n    "{base_path}",\n    id2label=id2label,'
+    assert loading in text
     assert f'model = PeftModel.from_pretrained(base, "{REPO_ID}")' in text
 
 
