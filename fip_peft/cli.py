@@ -87,13 +87,17 @@ class _Rows:
         return self.data[index]
 
 
-def accuracy_row(model, tests: list, tokenizer, batch_size: int) -> list[float]:
+def accuracy_row(model, tests: list, tokenizer, batch_size: int, progress: bool = True) -> list[float]:
     from transformers import DataCollatorWithPadding
 
     from .evaluation import evaluate_tasks
 
     return evaluate_tasks(
-        model, [_Rows(t) for t in tests], batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
+        model,
+        [_Rows(t) for t in tests],
+        batch_size=batch_size,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        progress=progress,
     )
 
 
@@ -101,7 +105,12 @@ def accuracy_row(model, tests: list, tokenizer, batch_size: int) -> list[float]:
 
 
 def _quiet_libraries(quiet: bool) -> None:
-    """Silence every progress bar (datasets, the Hub, transformers' loading) with --quiet."""
+    """Hide library warnings that do not concern the user of the command line; with --quiet also every progress bar
+    (datasets, the Hub, transformers' loading)."""
+    import warnings
+
+    # peft probes `model.is_gradient_checkpointing`, which transformers has renamed
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if not quiet:
         return
     import datasets
@@ -295,6 +304,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
     from transformers import AutoConfig, DataCollatorWithPadding, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
 
     from .evaluation import AccuracyMatrix
     from .trainer import FIPTrainer
@@ -336,9 +346,12 @@ def run_train(args: argparse.Namespace) -> int:
                 use_cpu=args.cpu,
                 disable_tqdm=args.quiet,
             )
-            FIPTrainer(model=model, args=training, train_dataset=train, data_collator=collator).train()
+            trainer = FIPTrainer(model=model, args=training, train_dataset=train, data_collator=collator)
+            if args.quiet:  # without progress bars the Trainer prints its log lines instead
+                trainer.remove_callback(PrinterCallback)
+            trainer.train()
             if matrix is not None:
-                matrix.record(index, accuracy_row(model, test_sets, tokenizer, args.eval_batch_size))
+                matrix.record(index, accuracy_row(model, test_sets, tokenizer, args.eval_batch_size, not args.quiet))
                 model.record_accuracy(matrix)
             if args.objective == "continual":
                 model.remember(train.remove_columns("labels"), task_name=task.name)
@@ -439,7 +452,7 @@ def run_eval(args: argparse.Namespace) -> int:
         encode = {"tokenizer": tokenizer, "text_column": text_column, "label_column": label_column}
         encode.update(label2id=label2id, max_length=meta.get("max_length", args.max_length))
         tests = [tokenize(task.test if task.test is not None else task.train, **encode) for task in tasks]
-        rows.append(accuracy_row(model, tests, tokenizer, args.eval_batch_size))
+        rows.append(accuracy_row(model, tests, tokenizer, args.eval_batch_size, not args.quiet))
     names = [task.name for task in tasks]
     scored = f"held-out rows (--test-fraction {test_fraction}, --seed {seed})" if test_fraction else "all rows"
     print(f"accuracy on each task's {scored}")

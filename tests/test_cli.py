@@ -82,7 +82,7 @@ def trained(base, tmp_path_factory):
     films, pets = write_task(folder, "films", ".jsonl"), write_task(folder, "pets", ".parquet")
     out = folder / "adapter"
     argv = ["train", "--model", str(base), "--task", str(films), "--task", str(pets), "--output-dir", str(out)]
-    argv += ["--max-steps", "4", "--lr", "1e-3", "--anchor-budget", "16", "--quiet", "--cpu"]
+    argv += ["--max-steps", "4", "--learning-rate", "1e-3", "--anchor-budget", "16", "--quiet", "--cpu", "--merge"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(argv) == 0
@@ -387,3 +387,110 @@ def test_info_on_a_damaged_adapter_is_an_error_naming_the_file(trained, tmp_path
     (folder / name).write_bytes(data[: len(data) // 2])
     err = refused(["info", str(folder)], capsys)
     assert str(folder / name) in err and "damaged" in err
+
+
+# ---- the workflow: an adapter per task, eval on held-out rows, merge, continue --------------------------------------
+
+
+def test_train_saves_an_adapter_after_each_task(trained):
+    for index, tasks in ((1, ["films"]), (2, ["films", "pets"])):
+        folder = trained["adapter"] / f"after-task-{index}"
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["task_names"] == tasks
+        assert {"adapter_model.safetensors", "README.md", "fip_labels.json", "tokenizer.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+
+
+def test_eval_of_the_adapters_after_each_task_scores_the_held_out_rows_train_scored(trained, tmp_path, capsys):
+    out = tmp_path / "R.json"
+    argv = ["eval", "--adapter", str(trained["adapter"] / "after-task-1")]
+    argv += ["--adapter", str(trained["adapter"] / "after-task-2"), "--task", str(trained["films"])]
+    argv += ["--task", str(trained["pets"]), "--output-json", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert "held-out rows (--test-fraction 0.2, --seed 0)" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    recorded = json.loads((trained["adapter"] / "adapter_config.json").read_text())["accuracy_matrix"]
+    assert [pytest.approx(row) for row in recorded["matrix"]] == result["matrix"]
+    assert result["test_fraction"] == 0.2
+
+
+def test_the_merged_model_answers_with_the_real_label_names_in_a_fresh_process(trained):
+    merged = trained["adapter"] / "merged"
+    assert not (merged / "adapter_config.json").exists()
+    code = (
+        "import json\nfrom transformers import pipeline\n"
+        f"classify = pipeline('text-classification', model={str(merged)!r})\n"
+        "print(json.dumps([classify('cat purrs')[0]['label'], classify.model.config.id2label]))\n"
+    )
+    label, id2label = json.loads(run_fresh(code).strip().splitlines()[-1])
+    assert id2label == {"0": "bad", "1": "good", "2": "cat", "3": "dog"}
+    assert label in {"bad", "good", "cat", "dog"}
+
+
+def test_train_continues_from_an_adapter_and_keeps_its_remembered_tasks(trained, tmp_path, capsys):
+    out = tmp_path / "continued"
+    argv = ["train", "--adapter", str(trained["adapter"] / "after-task-1"), "--task", str(trained["pets"])]
+    assert main([*argv, "--output-dir", str(out), "--max-steps", "2", "--quiet", "--cpu"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_names"] == ["films", "pets"]
+    assert config["modules_to_save"] and "bert.pooler" in config["modules_to_save"]
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("adapter saved to")[-1].split("\n", 1)[1])
+    assert [task["anchors"] for task in info["tasks"]] == [8, 8]
+
+
+def test_continuing_refuses_labels_the_adapters_head_does_not_have(trained, tmp_path, capsys):
+    other = tmp_path / "fish.csv"
+    other.write_text("text,label\ngreat film,fish\ndull film,fish\ncat purrs,cat\n")
+    argv = ["train", "--adapter", str(trained["adapter"]), "--task", str(other), "--output-dir", str(tmp_path / "o")]
+    err = refused(argv, capsys)
+    assert "['fish']" in err and "--adapter" in err
+
+
+def test_train_refuses_a_non_empty_output_dir_unless_overwrite(base, tmp_path, capsys):
+    films = write_task(tmp_path, "films")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = refused(train_argv(base, films, out), capsys)
+    assert f"--output-dir {out} is not empty" in err and "--overwrite" in err
+    argv = [*train_argv(base, films, out), "--overwrite", "--max-steps", "1", "--test-fraction", "0", "--cpu"]
+    assert main(argv) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_sparsify_exposes_ramp_criterion_and_scope(base, tmp_path):
+    films = write_task(tmp_path, "films")
+    argv = ["sparsify", "--model", str(base), "--task", str(films), "--target-sparsity", "0.3", "--quiet", "--cpu"]
+    argv += ["--output-dir", str(tmp_path / "s"), "--max-steps", "2", "--test-fraction", "0"]
+    argv += ["--sparsity-ramp-steps", "1", "--sparsity-criterion", "saliency", "--sparsity-scope", "layer"]
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "s" / "adapter_config.json").read_text())
+    assert config["sparsity_ramp_steps"] == 1
+    assert (config["sparsity_criterion"], config["sparsity_scope"]) == ("saliency", "layer")
+
+
+def test_sparsify_default_learning_rate_does_not_trigger_the_pace_warning(base, tmp_path, caplog):
+    films = write_task(tmp_path, "films")
+    argv = ["sparsify", "--model", str(base), "--task", str(films), "--target-sparsity", "0.5", "--quiet", "--cpu"]
+    argv += ["--output-dir", str(tmp_path / "s"), "--max-steps", "20", "--test-fraction", "0"]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert not [r for r in caplog.records if "FIP sparsify" in r.getMessage()]
+
+
+def test_quiet_silences_every_progress_bar_and_the_load_report(base, tmp_path, capfd):
+    films, pets = write_task(tmp_path, "films"), write_task(tmp_path, "pets")
+    argv = ["train", "--model", str(base), "--task", str(films), "--task", str(pets), "--quiet", "--cpu"]
+    assert main([*argv, "--output-dir", str(tmp_path / "o"), "--max-steps", "1"]) == 0
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err and "examples/s" not in err
+    assert "LOAD REPORT" not in err and "MISMATCH" not in err
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("fip-peft ")
