@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -494,3 +495,27 @@ def test_version_prints_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("fip-peft ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "fip_peft.cli", "--help"],
+        ["-m", "fip_peft.cli", "train", "--help"],
+        ["-c", "import sys; sys.argv = ['fip-peft', '--version']; from fip_peft.cli import main; main()"],
+    ],
+    ids=["python-m-help", "train-help", "console-script-version"],
+)
+def test_help_and_version_answer_without_loading_torch_transformers_or_peft(argv):
+    """`--help` answers in well under 2 seconds because it imports none of the heavy libraries."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "transformers", "peft", "datasets"}
+    assert "fip-peft" in done.stdout
+
+
+def test_a_command_still_registers_fip_with_peft_in_a_fresh_process(tmp_path):
+    code = "from fip_peft.cli import main\nfrom peft.utils import PeftType\nprint(PeftType('FIP'))\n"
+    assert "FIP" in run_fresh(code)
