@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one to show (not None, not an off switch) and the help does not."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one to show (not None, not an off switch) and the help does not (the
+    example scripts use it too)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
@@ -192,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fip-peft",
         description="Functionally invariant paths (FIP) for text classification: learn tasks in turn without "
         "forgetting, sparsify while keeping the function, evaluate and inspect FIP adapters.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fip-peft {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = _HelpFormatter
+    formatter = HelpFormatter
 
     train = commands.add_parser(
         "train",
