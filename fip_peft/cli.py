@@ -26,6 +26,7 @@ from .cli_inputs import (
     LABELS_FILE,
     CLIError,
     TaskData,
+    base_model_hub_id,
     check_model,
     check_training_args,
     config_error,
@@ -377,9 +378,10 @@ def run_train(args: argparse.Namespace) -> int:
 def save_adapter(model, tokenizer, labels: list[str], args: argparse.Namespace, folder: Path) -> None:
     """The adapter with its card, the tokenizer, and `fip_labels.json`: the labels, the columns, and the split and
     model that `eval` uses by default."""
-    if args.base_model_id:
+    hub_id = base_model_hub_id(args.model, args.base_model_id)
+    if hub_id:  # the adapter and its card name the base by its Hub id; fip_labels.json keeps the local folder
         for config in model.peft_config.values():
-            config.base_model_name_or_path = args.base_model_id
+            config.base_model_name_or_path = hub_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     meta = {"labels": labels, "text_column": args.text_column, "label_column": args.label_column}

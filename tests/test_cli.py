@@ -519,3 +519,17 @@ def test_help_and_version_answer_without_loading_torch_transformers_or_peft(argv
 def test_a_command_still_registers_fip_with_peft_in_a_fresh_process(tmp_path):
     code = "from fip_peft.cli import main\nfrom peft.utils import PeftType\nprint(PeftType('FIP'))\n"
     assert "FIP" in run_fresh(code)
+
+
+def test_base_model_id_names_the_base_on_the_card_and_eval_still_finds_the_local_folder(base, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    films = write_task(tmp_path, "films")
+    out = tmp_path / "out"
+    argv = [*train_argv(base, films, out), "--base-model-id", "someone/tiny-bert", "--max-steps", "1", "--cpu"]
+    assert main(argv) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "someone/tiny-bert"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "someone/tiny-bert" and card.data.pipeline_tag == "text-classification"
+    assert str(base) not in card.content
+    assert main(["eval", "--adapter", str(out), "--task", str(films), "--quiet"]) == 0
