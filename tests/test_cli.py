@@ -533,3 +533,20 @@ def test_base_model_id_names_the_base_on_the_card_and_eval_still_finds_the_local
     assert card.data.base_model == "someone/tiny-bert" and card.data.pipeline_tag == "text-classification"
     assert str(base) not in card.content
     assert main(["eval", "--adapter", str(out), "--task", str(films), "--quiet"]) == 0
+
+
+def test_train_continues_from_an_adapter_on_the_hub(trained, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    fetched = []
+
+    def snapshot_download(repo_id, **kwargs):  # the Hub download, answered from the adapter trained here
+        fetched.append(repo_id)
+        return str(trained["adapter"] / "after-task-1")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "continued"
+    argv = ["train", "--adapter", "someone/fip-films", "--task", str(trained["pets"]), "--output-dir", str(out)]
+    assert main([*argv, "--max-steps", "1", "--quiet", "--cpu"]) == 0
+    assert fetched == ["someone/fip-films"]
+    assert json.loads((out / "adapter_config.json").read_text())["task_names"] == ["films", "pets"]
