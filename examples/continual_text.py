@@ -59,6 +59,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging
 
 import fip_peft
+from fip_peft.cli_parser import HelpFormatter
 from fip_peft.evaluation import AccuracyMatrix, evaluate_tasks
 
 logger = logging.get_logger("fip_peft.examples.continual_text")
@@ -331,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "invariant paths, arXiv 2205.00334): train each task in turn, remember it, and report the accuracy "
             "matrix R[i][j] (task j after training task i) with ACC, BWT and forgetting."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--model",
@@ -354,17 +355,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tasks",
         default=None,
         help=f"Comma-separated task names or 0-based numbers, in training order. Default: "
-        f"'{DEFAULT_TASKS[DEFAULT_DATASET]}' for '{DEFAULT_DATASET}' (disjoint inputs), all tasks otherwise. "
-        "'subjectivity' is not a default: its reviews are sentiment's inputs, so after sentiment it must change "
-        "outputs that sentiment's anchors keep, which no output-preserving method (FIP included) can learn.",
+        f"'{DEFAULT_TASKS[DEFAULT_DATASET]}' for '{DEFAULT_DATASET}', all tasks otherwise.",
     )
     parser.add_argument("--train-size", type=int, default=960, help="Training examples per task (random subset).")
     parser.add_argument("--eval-size", type=int, default=200, help="Test examples per task (random subset).")
-    parser.add_argument("--steps-per-task", type=int, default=60, help="Optimizer steps per task.")
-    parser.add_argument("--epochs", type=float, default=None, help="Epochs per task; overrides --steps-per-task.")
-    parser.add_argument("--batch-size", type=int, default=16, help="Training batch size.")
-    parser.add_argument("--eval-batch-size", type=int, default=64, help="Evaluation batch size.")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate (AdamW, linear decay).")
+    parser.add_argument(
+        "--max-steps",
+        "--steps-per-task",
+        dest="steps_per_task",
+        type=int,
+        default=60,
+        help="Optimizer steps per task.",
+    )
+    parser.add_argument(
+        "--num-train-epochs",
+        "--epochs",
+        dest="epochs",
+        type=float,
+        default=None,
+        help="Epochs per task; overrides --max-steps.",
+    )
+    parser.add_argument(
+        "--per-device-train-batch-size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=16,
+        help="Training batch size.",
+    )
+    parser.add_argument(
+        "--per-device-eval-batch-size",
+        "--eval-batch-size",
+        dest="eval_batch_size",
+        type=int,
+        default=64,
+        help="Evaluation batch size.",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        "--lr",
+        dest="lr",
+        type=float,
+        default=1e-4,
+        help="Peak learning rate (AdamW, linear decay).",
+    )
     parser.add_argument("--warmup-steps", type=int, default=5, help="Linear warm-up steps of each task.")
     parser.add_argument("--max-length", type=int, default=64, help="Tokens kept per text.")
     parser.add_argument(
@@ -372,11 +406,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help=f"FIPConfig.beta, the weight of the new task against keeping remembered outputs; larger preserves "
-        f"less (default: FIPConfig's, {fip_peft.FIPConfig.beta}).",
+        f"less. Default: FIPConfig's, {fip_peft.FIPConfig.beta}.",
     )
-    parser.add_argument("--rank", type=int, default=None, help="Rank of the FIP displacement (default: full rank).")
+    parser.add_argument("--rank", type=int, default=None, help="Rank of the FIP displacement. Default: full rank.")
     parser.add_argument(
-        "--anchors", type=int, default=512, help="FIPConfig.anchor_budget: anchors kept over all remembered tasks."
+        "--anchor-budget",
+        "--anchors",
+        dest="anchors",
+        type=int,
+        default=512,
+        help="FIPConfig.anchor_budget: anchors kept over all remembered tasks.",
     )
     parser.add_argument("--logging-steps", type=int, default=10, help="Log loss and fip_distance every N steps.")
     parser.add_argument(

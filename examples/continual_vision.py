@@ -61,6 +61,7 @@ from transformers import (
 )
 
 import fip_peft
+from fip_peft.cli_parser import HelpFormatter
 from fip_peft.config import DEFAULT_BETA_FULL_RANK, DEFAULT_BETA_LOW_RANK
 from fip_peft.evaluation import AccuracyMatrix
 
@@ -395,7 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "with a FIP adapter (functionally invariant paths, arXiv 2205.00334): train each task in turn, remember "
             "it, and report the accuracy matrix R[i][j] (task j after training task i) with ACC, BWT and forgetting."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--arch",
@@ -420,20 +421,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--image-column", default="image", help="Image column of a --dataset loaded by name.")
     parser.add_argument("--label-column", default="label", help="Label column of a --dataset loaded by name.")
-    parser.add_argument("--steps-per-task", type=int, default=200, help="Optimizer steps per task.")
-    parser.add_argument("--batch-size", type=int, default=64, help="Training batch size.")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Learning rate (AdamW).")
+    parser.add_argument(
+        "--max-steps",
+        "--steps-per-task",
+        dest="steps_per_task",
+        type=int,
+        default=200,
+        help="Optimizer steps per task.",
+    )
+    parser.add_argument(
+        "--per-device-train-batch-size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=64,
+        help="Training batch size.",
+    )
+    parser.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=1e-3, help="Learning rate (AdamW).")
     parser.add_argument(
         "--beta",
         type=float,
         default=None,
         help=f"FIPConfig.beta, the weight of the new task against keeping remembered outputs; larger preserves "
-        f"less (default: FIPConfig's, {DEFAULT_BETA_FULL_RANK} full rank, "
-        f"{DEFAULT_BETA_LOW_RANK} low rank).",
+        f"less. Default: FIPConfig's, {DEFAULT_BETA_FULL_RANK} full rank, {DEFAULT_BETA_LOW_RANK} low rank.",
     )
-    parser.add_argument("--rank", type=int, default=None, help="Rank of the FIP displacement (default: full rank).")
+    parser.add_argument("--rank", type=int, default=None, help="Rank of the FIP displacement. Default: full rank.")
     parser.add_argument(
+        "--anchor-budget",
         "--anchors",
+        dest="anchors",
         type=int,
         default=200,
         help="FIPConfig.anchor_budget: anchors kept over all remembered tasks, split evenly (200 = 20 per class).",

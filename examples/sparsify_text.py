@@ -46,6 +46,7 @@ from peft import get_peft_model
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 import fip_peft
+from fip_peft.cli_parser import HelpFormatter
 from fip_peft.evaluation import evaluate_tasks
 from fip_peft.sparsity import CRITERIA, SCHEDULES, SCOPES, magnitude_masks
 
@@ -108,9 +109,9 @@ def one_shot(dense: torch.nn.Module, sparsity: float) -> torch.nn.Module:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Fine-tune MiniLM densely on a text task, then sparsify it with FIP (objective='sparsify').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", default=None, help="Encoder name or path (default: packaged all-MiniLM-L6-v2).")
+    parser.add_argument("--model", default=None, help="Encoder name or path. Default: the packaged all-MiniLM-L6-v2.")
     parser.add_argument(
         "--dataset",
         default="rotten-tomatoes",
@@ -122,17 +123,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=1000, help="Training examples (random subset).")
     parser.add_argument("--eval-size", type=int, default=400, help="Test examples (random subset).")
     parser.add_argument("--dense-steps", type=int, default=150, help="Optimizer steps of dense fine-tuning.")
-    parser.add_argument("--steps", type=int, default=60, help="Optimizer steps of each sparsifying run.")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of dense fine-tuning.")
     parser.add_argument(
+        "--max-steps", "--steps", dest="steps", type=int, default=60, help="Optimizer steps of each sparsifying run."
+    )
+    parser.add_argument(
+        "--per-device-train-batch-size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=16,
+        help="Training batch size.",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        "--lr",
+        dest="lr",
+        type=float,
+        default=1e-4,
+        help="AdamW learning rate of dense fine-tuning.",
+    )
+    parser.add_argument(
+        "--fip-learning-rate",
         "--fip-lr",
+        dest="fip_lr",
         type=float,
         default=1e-3,
-        help="AdamW learning rate of the sparsifying walk: under Adam the pull shrinks a weight by about lr per step, "
-        "so lr x ramp steps must reach a good part of the size of the weights to prune; 1e-3 was chosen on validation "
-        "at 80%% and 90%% for 96-step walks in benchmarks/sparsify.py (for 32-step walks 3e-3 was best at 80-90%% but "
-        "collapsed at 50-70%%).",
+        help="AdamW learning rate of the sparsifying walk; lr x ramp steps must reach a good part of the size of the "
+        "weights to prune (docs/tutorials/sparsify_text.md).",
     )
     parser.add_argument(
         "--unlabeled-anchors",
@@ -148,9 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=CRITERIA,
         default="magnitude",
         help="Entries pruned first (FIPConfig.sparsity_criterion): smallest magnitude, smallest saliency under the "
-        "FIP metric on the anchors (at 90%% in benchmarks/sparsify.py 4.9 points ahead of iterative magnitude "
-        "pruning, against 1.5 with magnitude), or obs (optimal brain surgeon, the rest of each row compensating; "
-        "needs --sparsity-scope layer; measured with --sparsity-schedule constant).",
+        "FIP metric on the anchors, or obs (optimal brain surgeon, the rest of each row compensating; needs "
+        "--sparsity-scope layer).",
     )
     parser.add_argument(
         "--sparsity-scope",
@@ -166,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(FIPConfig.sparsity_schedule).",
     )
     parser.add_argument("--max-length", type=int, default=48, help="Tokens kept per text.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of data subsets and training.")
     parser.add_argument("--output-dir", default="outputs/sparsify_text", help="Where the adapters are saved.")
     args = parser.parse_args(argv)
     try:

@@ -2,24 +2,53 @@
 
 Importing this package registers the PEFT type `FIP`, so that `get_peft_model`, `PeftModel.from_pretrained`,
 `AutoPeftModel*` and transformers' `load_adapter` handle FIP adapters like LoRA ones.
+
+One exception keeps the command line quick: `fip-peft --help` / `--version` (and `python -m fip_peft.cli --help`)
+answer without importing torch, transformers or peft; every command that runs registers FIP first.
 """
 
-from ._registration import register
-from .config import FIPConfig
-from .layer import FIPLayer
-from .model import FIPModel
-from .optimizers import create_fip_optimizer
-from .trainer import FIPTrainer
+import importlib
+import os
+import sys
 
-register()
+from ._registration import register
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FIPConfig",
-    "FIPLayer",
-    "FIPModel",
-    "FIPTrainer",
-    "create_fip_optimizer",
-    "__version__",
-]
+__all__ = ["FIPConfig", "FIPLayer", "FIPModel", "FIPTrainer", "create_fip_optimizer", "__version__"]
+_PUBLIC = {
+    "FIPConfig": ".config",
+    "FIPLayer": ".layer",
+    "FIPModel": ".model",
+    "FIPTrainer": ".trainer",
+    "create_fip_optimizer": ".optimizers",
+}
+_HELP_FLAGS = {"-h", "--help", "--version"}
+
+
+def _command_line_help_only() -> bool:
+    """True when this process is `fip-peft ... --help` or `--version`: argparse answers and exits."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if "-m" in argv and argv.index("-m") + 1 < len(argv) and argv[argv.index("-m") + 1] == "fip_peft.cli":
+        rest = argv[argv.index("-m") + 2 :]
+    elif argv and os.path.basename(sys.argv[0]) in ("fip-peft", "fip-peft.exe"):
+        rest = sys.argv[1:]
+    else:
+        return False
+    return bool(_HELP_FLAGS & set(rest))
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        register()
+        return getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    raise AttributeError(f"module 'fip_peft' has no attribute {name!r}")
+
+
+if not _command_line_help_only():
+    register()
+    from .config import FIPConfig
+    from .layer import FIPLayer
+    from .model import FIPModel
+    from .optimizers import create_fip_optimizer
+    from .trainer import FIPTrainer

@@ -1,16 +1,17 @@
 """Register `FIP` with PEFT: a `PeftType` member, then `peft.utils.register_peft_method`.
 
-peft 0.21 only accepts methods that its `PeftType` enum names, so the member is added to the enum at import.
+peft 0.21 only accepts methods that its `PeftType` enum names, so the member is added to the enum at import. This
+module imports peft only when `register()` runs (`fip-peft --help` never does).
 """
 
 from __future__ import annotations
-
-from peft.utils import PeftType, register_peft_method
 
 NAME = "FIP"
 
 
 def _add_peft_type_member() -> None:
+    from peft.utils import PeftType
+
     if NAME in PeftType.__members__:
         return
     member = str.__new__(PeftType, NAME)
@@ -26,13 +27,16 @@ def _add_peft_type_member() -> None:
 def register() -> None:
     """Make `FIP` a PEFT method (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import PeftType, register_peft_method
 
+    from .labels import install as install_labels
     from .model_card import install as install_model_card
     from .saving import install as install_safe_saving
 
     _add_peft_type_member()
     install_safe_saving()
     install_model_card()
+    install_labels()
     if PeftType.FIP in PEFT_TYPE_TO_TUNER_MAPPING:
         return
     from .config import FIPConfig

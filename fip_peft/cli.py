@@ -13,80 +13,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-SUFFIX_TO_BUILDER = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-LABELS_FILE = "fip_labels.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from .cli_inputs import (
+    ADAPTER_WEIGHTS,
+    LABELS_FILE,
+    CLIError,
+    TaskData,
+    base_model_hub_id,
+    check_model,
+    check_training_args,
+    config_error,
+    load_task_files,
+    model_not_found,
+    read_adapter,
+)
+from .cli_parser import build_parser
+
+__all__ = ["CLIError", "TaskData", "build_parser", "load_task_files", "main", "read_adapter"]
+AFTER_TASK = "after-task-{}"
+MERGED = "merged"
+LEARNING_RATE = {"continual": 1e-4, "sparsify": 1e-3}
 
 
-class CLIError(Exception):
-    """Bad input: printed as `fip-peft: error: ...` with exit status 2, before any work is done."""
-
-
-@dataclass
-class TaskData:
-    """One task file: its name (the file's stem), training rows, and held-out rows for the accuracy matrix."""
-
-    name: str
-    path: Path
-    train: Any
-    test: Any
-
-
-# ---- checking and loading task files --------------------------------------------------------------------------------
-
-
-def _builder(path: Path) -> str:
-    builder = SUFFIX_TO_BUILDER.get(path.suffix.lower())
-    if builder is None:
-        raise CLIError(
-            f"--task {path}: unsupported file type {path.suffix!r}; use one of {sorted(SUFFIX_TO_BUILDER)}."
-        )
-    return builder
-
-
-def load_task_files(
-    paths: list[str], text_column: str, label_column: str, test_fraction: float, seed: int
-) -> list[TaskData]:
-    """Read and check every task file (existence, type, columns, enough rows) and split off a test part."""
-    import datasets
-
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise CLIError(f"--task: no such file: {', '.join(missing)}.")
-    builders = [_builder(Path(p)) for p in paths]
-    tasks, names = [], set()
-    for path, builder in zip(map(Path, paths), builders, strict=True):
-        try:
-            data = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as error:
-            raise CLIError(f"--task {path}: cannot read it as {builder}: {error}") from error
-        absent = [c for c in (text_column, label_column) if c not in data.column_names]
-        if absent:
-            flags = {text_column: "--text-column", label_column: "--label-column"}
-            raise CLIError(
-                f"--task {path}: no column {', '.join(repr(c) for c in absent)} (columns: {data.column_names}); "
-                f"name the right one with {' / '.join(flags[c] for c in absent)}."
-            )
-        needed = 2 if test_fraction > 0 else 1  # a held-out part needs a row of its own
-        if len(data) < needed:
-            raise CLIError(f"--task {path}: needs at least {needed} rows, has {len(data)}.")
-        name = path.stem if path.stem not in names else str(path)
-        names.add(name)
-        data = data.select_columns([text_column, label_column])
-        if test_fraction > 0:
-            split = data.train_test_split(test_size=test_fraction, seed=seed)
-            tasks.append(TaskData(name, path, split["train"], split["test"]))
-        else:
-            tasks.append(TaskData(name, path, data, None))
-    return tasks
+# ---- task files and evaluation --------------------------------------------------------------------------------------
 
 
 def label_names(tasks: list[TaskData], label_column: str) -> list[str]:
@@ -132,35 +88,67 @@ class _Rows:
         return self.data[index]
 
 
-def accuracy_row(model, tests: list, tokenizer, batch_size: int) -> list[float]:
+def accuracy_row(model, tests: list, tokenizer, batch_size: int, progress: bool = True) -> list[float]:
     from transformers import DataCollatorWithPadding
 
     from .evaluation import evaluate_tasks
 
     return evaluate_tasks(
-        model, [_Rows(t) for t in tests], batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
+        model,
+        [_Rows(t) for t in tests],
+        batch_size=batch_size,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        progress=progress,
     )
 
 
 # ---- train and sparsify ---------------------------------------------------------------------------------------------
 
 
-def _check_training_args(args: argparse.Namespace) -> None:
-    if not 0 <= args.test_fraction < 1:
-        raise CLIError(f"--test-fraction must be in [0, 1), got {args.test_fraction}.")
-    if args.objective == "sparsify" and args.target_sparsity is None:
-        raise CLIError("--objective sparsify needs --target-sparsity, e.g. --target-sparsity 0.5.")
-    if args.objective != "sparsify" and args.target_sparsity is not None:
-        raise CLIError("--target-sparsity needs --objective sparsify (or the `fip-peft sparsify` command).")
-    if args.warmup_steps < 0 or (args.warmup_steps >= 1 and not float(args.warmup_steps).is_integer()):
-        raise CLIError(
-            f"--warmup-steps must be a whole number of steps or a fraction in [0, 1), got {args.warmup_steps}."
-        )
-    if args.max_steps <= 0 and args.epochs <= 0:
-        raise CLIError("give --max-steps > 0 or --epochs > 0.")
-    output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"--output-dir {output} is a file; give a folder.")
+def _quiet_libraries(quiet: bool) -> None:
+    """Hide library warnings that do not concern the user of the command line; with --quiet also every progress bar
+    (datasets, the Hub, transformers' loading)."""
+    import warnings
+
+    # peft probes `model.is_gradient_checkpointing`, which transformers has renamed
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if not quiet:
+        return
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    datasets.disable_progress_bars()
+    disable_progress_bars()
+    logging.disable_progress_bar()
+
+
+def load_classifier(name: str, flag: str, labels: list[str] | None):
+    """`AutoModelForSequenceClassification` of `name` with a head for `labels` (the adapter supplies the trained one).
+    transformers' load report (the head it starts afresh, the pooler the checkpoint lacks) is not shown: the command
+    trains or loads those parts itself."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    from .labels import label_kwargs
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(name, **(label_kwargs(labels) if labels else {}))
+    except OSError as error:
+        raise model_not_found(name, flag, error) from None
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _load_tokenizer(name: str, flag: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise model_not_found(name, flag, error) from None
 
 
 def untrained_pooler(model) -> str | None:
@@ -192,7 +180,14 @@ def train_pooler_as_new(model, pooler: str) -> None:
         dense.bias.zero_()
 
 
-def _fip_config(args: argparse.Namespace):
+def _steps_of(args: argparse.Namespace, rows: int) -> int:
+    """Optimizer steps of one task of `rows` training rows."""
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.ceil(math.ceil(rows / args.per_device_train_batch_size) * args.epochs))
+
+
+def _fip_config(args: argparse.Namespace, first_task_rows: int):
     from .config import FIPConfig
 
     kwargs = {
@@ -206,49 +201,72 @@ def _fip_config(args: argparse.Namespace):
     if args.beta is not None:
         kwargs["beta"] = args.beta
     if args.objective == "sparsify":
-        steps = args.max_steps if args.max_steps > 0 else 100
-        kwargs.update(target_sparsity=args.target_sparsity, sparsity_ramp_steps=max(1, steps // 2))
+        ramp = args.sparsity_ramp_steps
+        if ramp is None:  # half of the first task's steps: the second half repairs the last prunings
+            ramp = max(1, _steps_of(args, first_task_rows) // 2)
+        kwargs.update(
+            target_sparsity=args.target_sparsity,
+            sparsity_ramp_steps=ramp,
+            sparsity_criterion=args.sparsity_criterion,
+            sparsity_scope=args.sparsity_scope,
+        )
     try:
         return FIPConfig(**kwargs)
     except (TypeError, ValueError) as error:
-        raise CLIError(str(error)) from error
+        raise config_error(error) from error
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Learn the task files in turn with one FIP adapter, evaluating every task after each; save the adapter."""
-    _check_training_args(args)
-    tasks = load_task_files(args.task, args.text_column, args.label_column, args.test_fraction, args.seed)
-    config = _fip_config(args)
-    labels = label_names(tasks, args.label_column)
+def _resume_source(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The adapter `train --adapter` continues from (a folder, or a Hub id fetched into the cache), checked."""
+    if args.adapter is None:
+        return None
+    folder = Path(args.adapter)
+    if not folder.exists():
+        from .cli_inputs import looks_like_a_path
 
-    from peft import get_peft_model
-    from tqdm.auto import tqdm
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        TrainingArguments,
-        set_seed,
-    )
+        if looks_like_a_path(args.adapter):
+            raise CLIError(f"--adapter {args.adapter}: no such folder; give an adapter folder or a Hub id.")
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(args.adapter))
+        except Exception as error:
+            raise CLIError(f"--adapter {args.adapter}: not a folder, and not found on the Hub ({error}).") from None
+    prior = read_adapter(str(folder), "--adapter")
+    if prior["meta"] is None:
+        raise CLIError(
+            f"--adapter {args.adapter}: no {LABELS_FILE} with the classes of its head; continue from an adapter "
+            "saved by `fip-peft train` (or a FIP sequence classifier saved with fip-peft's save_pretrained)."
+        )
+    return prior
+
+
+def _resume_labels(prior: dict[str, Any], labels: list[str], args: argparse.Namespace) -> list[str]:
+    known = [str(v) for v in prior["meta"]["labels"]]
+    new = [label for label in labels if label not in known]
+    if new:
+        raise CLIError(
+            f"--adapter {args.adapter}: its head knows {known}, and the task files add {new[:5]}: a continued adapter "
+            "keeps its classes (the remembered outputs are over them). Train a new adapter on all the tasks instead."
+        )
+    if args.objective != prior["config"].get("objective", "continual"):
+        raise CLIError(
+            f"--adapter {args.adapter} has objective {prior['config'].get('objective')!r}; continue it with the same "
+            "command (train for continual, sparsify for sparsify)."
+        )
+    return known
+
+
+def _build_model(args: argparse.Namespace, tasks: list[TaskData], labels: list[str], prior: dict | None):
+    """The PEFT model to train: a new FIP adapter on `--model`, or the `--adapter` to continue, trainable."""
+    from peft import PeftModel, get_peft_model
     from transformers.utils import logging
 
-    from .evaluation import AccuracyMatrix
-    from .trainer import FIPTrainer
-
-    set_seed(args.seed)
-    model_labels = dict(AutoConfig.from_pretrained(args.model).label2id or {})
-    if set(labels) <= set(model_labels):  # a classifier that already knows these classes keeps its head
-        labels = sorted(model_labels, key=model_labels.get)
-    label2id = {name: index for index, name in enumerate(labels)}
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        args.model,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id=label2id,
-        ignore_mismatched_sizes=True,
-    )
+    if prior is not None:
+        base = load_classifier(args.model, "--model", labels)
+        return PeftModel.from_pretrained(base, prior["folder"], is_trainable=True)
+    config = _fip_config(args, len(tasks[0].train))
+    base = load_classifier(args.model, "--model", labels)
     pooler = untrained_pooler(base) if args.pooler == "auto" and args.objective == "continual" else None
     if pooler is not None:  # a new module like the head: trained in full and saved with the adapter
         logging.get_logger(__name__).warning(
@@ -259,22 +277,68 @@ def run_train(args: argparse.Namespace) -> int:
     model = get_peft_model(base, config)
     if pooler is not None:
         train_pooler_as_new(model, pooler)
+    return model
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Learn the task files in turn with one FIP adapter, evaluating every task after each; save the adapter after
+    each task and at the end."""
+    if args.learning_rate is None:
+        args.learning_rate = LEARNING_RATE[args.objective]
+    check_training_args(args)
+    prior = _resume_source(args)
+    if args.model is None:
+        if prior is None:
+            raise CLIError("give --model (the base model), or --adapter to continue from an adapter.")
+        args.model = _base_name(prior, None)
+    tasks = load_task_files(
+        args.task, args.text_column, args.label_column, args.test_fraction, args.seed, quiet=args.quiet
+    )
+    check_model(args.model, "--model")
+    check_model(args.tokenizer, "--tokenizer")
+    labels = label_names(tasks, args.label_column)
+    if prior is not None:
+        labels = _resume_labels(prior, labels, args)
+    else:
+        _fip_config(args, len(tasks[0].train))  # every setting checked before a model is loaded
+    _quiet_libraries(args.quiet)
+
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, DataCollatorWithPadding, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from .evaluation import AccuracyMatrix
+    from .trainer import FIPTrainer
+
+    set_seed(args.seed)
+    if prior is None:
+        try:
+            model_labels = dict(AutoConfig.from_pretrained(args.model).label2id or {})
+        except OSError as error:
+            raise model_not_found(args.model, "--model", error) from None
+        if set(labels) <= set(model_labels):  # a classifier that already knows these classes keeps its head
+            labels = sorted(model_labels, key=model_labels.get)
+    label2id = {name: index for index, name in enumerate(labels)}
+    tokenizer = _load_tokenizer(args.tokenizer or (str(prior["folder"]) if prior else args.model), "--tokenizer")
+    model = _build_model(args, tasks, labels, prior)
     encode = {"tokenizer": tokenizer, "text_column": args.text_column, "label_column": args.label_column}
     encode.update(label2id=label2id, max_length=args.max_length)
     train_sets = [tokenize(task.train, **encode) for task in tasks]
     test_sets = [tokenize(task.test, **encode) for task in tasks if task.test is not None]
     matrix = AccuracyMatrix([task.name for task in tasks]) if test_sets else None
     collator = DataCollatorWithPadding(tokenizer)
+    output = Path(args.output_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        for index, (task, train) in enumerate(tqdm(list(zip(tasks, train_sets, strict=True)), desc="Tasks")):
+        steps = tqdm(list(zip(tasks, train_sets, strict=True)), desc="Tasks", disable=args.quiet)
+        for index, (task, train) in enumerate(steps):
             if args.objective == "sparsify":  # keep the function as it is now while walking toward sparsity
                 model.remember(train.remove_columns("labels"), task_name=task.name)
             training = TrainingArguments(
                 output_dir=scratch,
                 max_steps=args.max_steps if args.max_steps > 0 else -1,
                 num_train_epochs=args.epochs,
-                per_device_train_batch_size=args.batch_size,
-                learning_rate=args.lr,
+                per_device_train_batch_size=args.per_device_train_batch_size,
+                learning_rate=args.learning_rate,
                 warmup_steps=int(args.warmup_steps) if args.warmup_steps >= 1 else args.warmup_steps,
                 logging_steps=args.logging_steps,
                 save_strategy="no",
@@ -283,95 +347,117 @@ def run_train(args: argparse.Namespace) -> int:
                 use_cpu=args.cpu,
                 disable_tqdm=args.quiet,
             )
-            FIPTrainer(model=model, args=training, train_dataset=train, data_collator=collator).train()
+            trainer = FIPTrainer(model=model, args=training, train_dataset=train, data_collator=collator)
+            if args.quiet:  # without progress bars the Trainer prints its log lines instead
+                trainer.remove_callback(PrinterCallback)
+            trainer.train()
             if matrix is not None:
-                matrix.record(index, accuracy_row(model, test_sets, tokenizer, args.eval_batch_size))
+                matrix.record(index, accuracy_row(model, test_sets, tokenizer, args.eval_batch_size, not args.quiet))
+                model.record_accuracy(matrix)
             if args.objective == "continual":
                 model.remember(train.remove_columns("labels"), task_name=task.name)
-    if matrix is not None:
-        model.record_accuracy(matrix)
-    save_adapter(model, tokenizer, labels, args)
+            if len(tasks) > 1:  # the checkpoint after each task: `eval` of one per task gives the accuracy matrix
+                save_adapter(model, tokenizer, labels, args, output / AFTER_TASK.format(index + 1))
+    save_adapter(model, tokenizer, labels, args, output)
     if matrix is not None:
         print(matrix)
     if args.objective == "sparsify":
         print(f"sparsity: {model.sparsity_report()['sparsity']:.4f} (target {args.target_sparsity})")
-    print(f"adapter saved to {args.output_dir}")
+    print(
+        f"adapter saved to {output}"
+        + (f" (and after each task in {output / AFTER_TASK.format('N')})" if len(tasks) > 1 else "")
+    )
+    if args.merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(output / MERGED)
+        tokenizer.save_pretrained(output / MERGED)
+        print(f"merged model saved to {output / MERGED}")
     return 0
 
 
-def save_adapter(model, tokenizer, labels: list[str], args: argparse.Namespace) -> None:
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+def save_adapter(model, tokenizer, labels: list[str], args: argparse.Namespace, folder: Path) -> None:
+    """The adapter with its card, the tokenizer, and `fip_labels.json`: the labels, the columns, and the split and
+    model that `eval` uses by default."""
+    hub_id = base_model_hub_id(args.model, args.base_model_id)
+    if hub_id:  # the adapter and its card name the base by its Hub id; fip_labels.json keeps the local folder
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = hub_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     meta = {"labels": labels, "text_column": args.text_column, "label_column": args.label_column}
-    meta["max_length"] = args.max_length
-    (Path(args.output_dir) / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    meta.update(max_length=args.max_length, test_fraction=args.test_fraction, seed=args.seed)
+    meta["model"] = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    (folder / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 # ---- loading adapters: eval and info --------------------------------------------------------------------------------
 
 
-def read_adapter(path: str) -> dict[str, Any]:
-    """The saved FIP adapter at `path`: its config and, when there, the labels file written by `fip-peft train`."""
-    folder = Path(path)
-    config_path = folder / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise CLIError(f"{path}: not an adapter folder (no {ADAPTER_CONFIG}).")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "FIP":
-        raise CLIError(f"{path}: a {config.get('peft_type')} adapter, not FIP.")
-    labels_path = folder / LABELS_FILE
-    meta = json.loads(labels_path.read_text()) if labels_path.is_file() else None
-    return {"folder": folder, "config": config, "meta": meta}
+def _base_name(adapter: dict[str, Any], model_name: str | None) -> str:
+    """The base model of an adapter: --model, else the local model it was trained on, else the one it names."""
+    if model_name:
+        return model_name
+    local = (adapter["meta"] or {}).get("model")
+    if local and Path(local).exists():
+        return local
+    base_name = adapter["config"].get("base_model_name_or_path")
+    if not base_name:
+        raise CLIError(f"{adapter['folder']}: the adapter does not name its base model; pass --model.")
+    return base_name
 
 
 def _load_model(adapter: dict[str, Any], model_name: str | None):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
-    base_name = model_name or adapter["config"].get("base_model_name_or_path")
-    if not base_name:
-        raise CLIError(f"{adapter['folder']}: the adapter does not name its base model; pass --model.")
     labels = adapter["meta"]["labels"] if adapter["meta"] else None
-    kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "ignore_mismatched_sizes": True}
-    base = AutoModelForSequenceClassification.from_pretrained(base_name, **(kwargs if labels else {}))
+    base = load_classifier(_base_name(adapter, model_name), "--model", labels)
     return PeftModel.from_pretrained(base, adapter["folder"]).eval()
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Accuracy of each adapter (one row each, e.g. the checkpoints after each task) on each task file."""
+    """Accuracy of each adapter (one row each, e.g. the checkpoints after each task) on each task file's held-out
+    rows (the split `train` made, by default)."""
     adapters = [read_adapter(path) for path in args.adapter]
     for adapter in adapters:
         if adapter["meta"] is None and args.model is None:
             raise CLIError(f"{adapter['folder']}: no {LABELS_FILE} (written by `fip-peft train`); pass --model.")
+    check_model(args.model, "--model")
+    check_model(args.tokenizer, "--tokenizer")
     first_meta = adapters[0]["meta"] or {}
     text_column = args.text_column or first_meta.get("text_column", "text")
     label_column = args.label_column or first_meta.get("label_column", "label")
-    tasks = load_task_files(args.task, text_column, label_column, 0.0, 0)
+    test_fraction = args.test_fraction if args.test_fraction is not None else first_meta.get("test_fraction", 0.0)
+    seed = args.seed if args.seed is not None else first_meta.get("seed", 0)
+    if not 0 <= test_fraction < 1:
+        raise CLIError(f"--test-fraction must be in [0, 1), got {test_fraction}; 0 scores every row.")
+    tasks = load_task_files(args.task, text_column, label_column, test_fraction, seed, quiet=args.quiet)
     for adapter in adapters:
         known = set(adapter["meta"]["labels"]) if adapter["meta"] else None
         for task in tasks:
-            unknown = sorted({str(v) for v in task.train[label_column]} - known) if known is not None else []
+            rows = list(task.train[label_column]) + (list(task.test[label_column]) if task.test is not None else [])
+            unknown = sorted({str(v) for v in rows} - known) if known is not None else []
             if unknown:
                 raise CLIError(
                     f"--task {task.path}: labels {unknown[:5]} are not classes of {adapter['folder']} "
                     f"({sorted(known)})."
                 )
-
-    from transformers import AutoTokenizer
+    _quiet_libraries(args.quiet)
 
     from .evaluation import AccuracyMatrix
 
     rows = []
     for adapter in adapters:
         meta = adapter["meta"] or {}
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model or adapter["folder"])
+        tokenizer = _load_tokenizer(args.tokenizer or args.model or str(adapter["folder"]), "--tokenizer")
         model = _load_model(adapter, args.model)
         label2id = {str(v): int(k) for k, v in model.get_base_model().config.id2label.items()}
         encode = {"tokenizer": tokenizer, "text_column": text_column, "label_column": label_column}
         encode.update(label2id=label2id, max_length=meta.get("max_length", args.max_length))
-        tests = [tokenize(task.train, **encode) for task in tasks]
-        rows.append(accuracy_row(model, tests, tokenizer, args.eval_batch_size))
+        tests = [tokenize(task.test if task.test is not None else task.train, **encode) for task in tasks]
+        rows.append(accuracy_row(model, tests, tokenizer, args.eval_batch_size, not args.quiet))
     names = [task.name for task in tasks]
+    scored = f"held-out rows (--test-fraction {test_fraction}, --seed {seed})" if test_fraction else "all rows"
+    print(f"accuracy on each task's {scored}")
     if len(rows) == len(tasks):
         matrix = AccuracyMatrix(names)
         for index, row in enumerate(rows):
@@ -384,6 +470,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print(adapter["folder"])
             print("\n".join(f"  {name.ljust(width)}  {acc:.4f}" for name, acc in zip(names, row, strict=True)))
         result = {"adapters": [str(a["folder"]) for a in adapters], "task_names": names, "accuracy": rows}
+    result["test_fraction"], result["seed"] = test_fraction, seed
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -394,7 +481,7 @@ def adapter_info(path: str, model_name: str | None = None) -> dict[str, Any]:
     import torch
     from safetensors import safe_open
 
-    adapter = read_adapter(path)
+    adapter = read_adapter(path, flag="")
     config = adapter["config"]
     weights = adapter["folder"] / ADAPTER_WEIGHTS
     task_ids = None
@@ -454,172 +541,10 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- the parser -----------------------------------------------------------------------------------------------------
+# ---- the command line -----------------------------------------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one to show (not None, not an off switch)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or action.required:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def _add_data_args(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    parser.add_argument(
-        "--task",
-        action="append",
-        required=True,
-        metavar="FILE",
-        help="A task's data file (.csv, .json, .jsonl or .parquet). Repeat for several tasks, in training order; "
-        "a task is named after its file.",
-    )
-    parser.add_argument(
-        "--text-column",
-        default="text" if defaults else None,
-        help="Column holding the input text." + ("" if defaults else " Default: as at training, else 'text'."),
-    )
-    parser.add_argument(
-        "--label-column",
-        default="label" if defaults else None,
-        help="Column holding the class label (any values)."
-        + ("" if defaults else " Default: as at training, else 'label'."),
-    )
-    parser.add_argument("--max-length", type=int, default=128, help="Longest input in tokens (longer is truncated).")
-    parser.add_argument("--eval-batch-size", type=int, default=64, help="Batch size of evaluation.")
-
-
-def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
-    parser.add_argument(
-        "--model", required=True, help="Base model: a Hub name or local folder for AutoModelForSequenceClassification."
-    )
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer name or folder. Default: the --model's.")
-    parser.add_argument("--output-dir", required=True, help="Folder for the adapter, its tokenizer and labels.")
-    _add_data_args(parser, defaults=True)
-    if not sparsify:
-        parser.add_argument(
-            "--objective",
-            choices=["continual", "sparsify"],
-            default="continual",
-            help="continual: learn each task in turn, then remember it so later tasks keep it. sparsify: remember "
-            "each task's inputs first, then walk the weights to --target-sparsity zeros while training on it.",
-        )
-    parser.add_argument(
-        "--target-sparsity",
-        type=float,
-        required=sparsify,
-        default=None,
-        help="Fraction of the adapted weights' entries to make exactly zero, in [0, 1) (objective sparsify).",
-    )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.2,
-        help="Share of each task file held out to measure the accuracy matrix; 0 trains on all rows, no matrix.",
-    )
-    parser.add_argument("--epochs", type=float, default=1.0, help="Epochs per task (ignored with --max-steps).")
-    parser.add_argument("--max-steps", type=int, default=-1, help="Optimizer steps per task; -1 uses --epochs.")
-    parser.add_argument("--batch-size", type=int, default=16, help="Training batch size.")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Learning rate (AdamW). Raise ~10x with --rank.")
-    parser.add_argument(
-        "--warmup-steps",
-        type=float,
-        default=0.1,
-        help="Linear warm-up of each task: a whole number of steps, or a fraction in [0, 1) of its steps.",
-    )
-    parser.add_argument(
-        "--beta", type=float, default=None, help="FIP beta: larger learns faster, preserves less. Default: FIP's."
-    )
-    parser.add_argument("--rank", type=int, default=None, help="Low-rank displacement of this rank (default: full).")
-    parser.add_argument(
-        "--distance",
-        choices=["logits", "bhattacharyya", "kl"],
-        default="logits",
-        help="Output distance kept on the anchors.",
-    )
-    parser.add_argument("--anchor-budget", type=int, default=512, help="Most anchors kept over all tasks.")
-    parser.add_argument(
-        "--no-save-anchors",
-        action="store_true",
-        help="Leave the anchors (training inputs) out of the saved adapter: private, but training cannot resume "
-        "without forgetting.",
-    )
-    if not sparsify:
-        parser.add_argument(
-            "--pooler",
-            choices=["auto", "keep"],
-            default="auto",
-            help="auto: when the model's BERT-style pooler was never trained (bias all zero, as in sentence-"
-            "embedding checkpoints like all-MiniLM-L6-v2), train it in full from a pass-through start and save it "
-            "with the adapter, like the new head (PEFT modules_to_save; loads with PeftModel.from_pretrained). "
-            "keep: adapt it like any other linear layer. Objective continual only.",
-        )
-    parser.add_argument("--logging-steps", type=int, default=50, help="Optimizer steps between log lines.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the split, initialisation and sampling.")
-    parser.add_argument("--cpu", action="store_true", help="Train on the CPU even when a GPU is there.")
-    parser.add_argument("--quiet", action="store_true", help="No training progress bars.")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fip-peft",
-        description="Functionally invariant paths (FIP) for text classification: learn tasks in turn without "
-        "forgetting, sparsify while keeping the function, evaluate and inspect FIP adapters.",
-        formatter_class=_HelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = _HelpFormatter
-
-    train = commands.add_parser(
-        "train",
-        help="Learn task files in turn with a FIP adapter; print the accuracy matrix; save the adapter.",
-        description="Learn the --task files in turn with one FIP adapter and one shared classification head over "
-        "the labels of all tasks. After each task: evaluate every task's held-out rows (one row of the accuracy "
-        "matrix) and remember the task (anchors + outputs), so that later tasks keep it.",
-        formatter_class=formatter,
-    )
-    _add_training_args(train, sparsify=False)
-    train.set_defaults(func=run_train)
-
-    sparsify = commands.add_parser(
-        "sparsify",
-        help="Walk a model's weights to a target sparsity while keeping its outputs on the task data.",
-        description="Remember the --task data's inputs (the function to keep), then train on the task while the "
-        "weights walk to --target-sparsity exact zeros (train --objective sparsify).",
-        formatter_class=formatter,
-    )
-    _add_training_args(sparsify, sparsify=True)
-    sparsify.set_defaults(func=run_train, objective="sparsify", pooler="keep")
-
-    evaluate = commands.add_parser(
-        "eval",
-        help="Accuracy of adapters on task files (an accuracy matrix with one adapter per task).",
-        description="Accuracy of each --adapter on each --task file. With as many adapters as tasks (the "
-        "checkpoints after each task) the rows form the accuracy matrix, printed with ACC, BWT and forgetting.",
-        formatter_class=formatter,
-    )
-    evaluate.add_argument(
-        "--adapter", action="append", required=True, metavar="FOLDER", help="A saved FIP adapter. Repeatable."
-    )
-    evaluate.add_argument("--model", default=None, help="Base model. Default: the one the adapter names.")
-    evaluate.add_argument("--tokenizer", default=None, help="Tokenizer. Default: the one saved with the adapter.")
-    _add_data_args(evaluate, defaults=False)
-    evaluate.add_argument("--output-json", default=None, help="Also write the result to this JSON file.")
-    evaluate.set_defaults(func=run_eval)
-
-    info = commands.add_parser(
-        "info",
-        help="Show an adapter's settings, tasks, anchors per task, accuracy matrix and sparsity.",
-        description="Read a saved FIP adapter: its settings, task history with the anchors kept per task, the "
-        "recorded accuracy matrix, and (objective sparsify, which loads the base model) the sparsity reached.",
-        formatter_class=formatter,
-    )
-    info.add_argument("adapter", help="Folder of a saved FIP adapter.")
-    info.add_argument("--model", default=None, help="Base model, for sparsity. Default: the one the adapter names.")
-    info.add_argument("--json", action="store_true", help="Print JSON instead of text.")
-    info.set_defaults(func=run_info)
-    return parser
+RUNS = {"train": run_train, "sparsify": run_train, "eval": run_eval, "info": run_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return RUNS[args.command](args)
     except CLIError as error:
         parser.exit(2, f"fip-peft: error: {error}\n")
     return 0

@@ -26,7 +26,7 @@ DEFAULT_LABEL_WEIGHT = 1.0
 
 @dataclass
 class FIPConfig(PeftConfig):
-    """Configuration of a [`FIPModel`].
+    """Configuration of a [`FIPModel`][fip_peft.model.FIPModel].
 
     The adapter holds the weight displacement `delta` of each target module from its base weight, so the adapted
     weight is `W + delta`. Training moves `delta` along a functionally invariant path: every optimizer step descends

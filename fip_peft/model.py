@@ -689,6 +689,25 @@ class FIPModel(BaseTuner):
                 "it was trained on."
             )
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """Put `new_module` in place of `child` and move FIP's tensors to the base weight's device.
+
+        PEFT's generic version copies `child.weight` onto every module that is not a tuner layer, which fails for a
+        `modules_to_save` module with children (a BERT pooler has no `weight` of its own) when `merge_and_unload()`
+        puts it back. FIP never builds a bare module that needs the old weight: an FIP layer wraps the base layer,
+        and an unloaded module already holds its (trained) weights. So, as LoRA does, no copy.
+        """
+        setattr(parent, child_name, new_module)
+        base = child.base_layer if hasattr(child, "base_layer") else child
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next(base.parameters(), None)
+        if weight is None or weight.device.type == "meta":
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(weight.device)
+
     # ---- saving and loading the memory ------------------------------------------------------------------------------
 
     @classmethod

@@ -25,6 +25,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from peft import PeftModel
 
+from .labels import model_labels
+
 CARD_NAME = "README.md"
 BEGIN = "<!-- fip-peft: begin (this section is rewritten by fip-peft on every save) -->"
 END = "<!-- fip-peft: end -->"
@@ -37,6 +39,15 @@ AUTO_CLASSES = {
     "TOKEN_CLS": "AutoModelForTokenClassification",
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
+}
+# The Hub's pipeline tag of each PEFT task type: what the adapter's model does, shown and searched on the Hub.
+PIPELINE_TAGS = {
+    "SEQ_CLS": "text-classification",
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
 }
 PLACEHOLDER_ID = "path/or/hub-id/of/this/adapter"
 CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ title }}\n"
@@ -58,6 +69,17 @@ def _base_model_id(model: PeftModel, configs: dict[str, Any]) -> str | None:
         return named[0]
     base = model.get_base_model()
     return getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
+
+
+def _task_type(configs: dict[str, Any]) -> str | None:
+    config = next(iter(configs.values()), None)
+    task_type = getattr(config, "task_type", None)
+    return getattr(task_type, "value", task_type)
+
+
+def is_local_path(name: str) -> bool:
+    """A base model named by a folder on this machine (no Hub id): absolute, ./ or ../, ~, or an existing path."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
 
 
 def _cell(value: object) -> str:
@@ -92,7 +114,15 @@ def _accuracy_section(matrix: dict) -> list[str]:
     ]
     for task, row in zip(R.task_names, R.matrix, strict=False):
         lines.append(f"| {task} | " + " | ".join(_cell(value) for value in row) + " |")
-    lines += ["", f"ACC = {_cell(R.acc)}, BWT = {_cell(R.bwt)}, forgetting = {_cell(R.forgetting)}."]
+    lines += [
+        "",
+        f"ACC = {_cell(R.acc)}, BWT = {_cell(R.bwt)}, forgetting = {_cell(R.forgetting)}.",
+        "",
+        "- **ACC** (average accuracy): the mean of the last row, the accuracy on every task after training the last.",
+        "- **BWT** (backward transfer): the mean change of each earlier task's accuracy from just after learning it "
+        "to the end; negative means forgetting, 0 means none.",
+        "- **forgetting**: the mean drop of each earlier task from its best accuracy to its final one.",
+    ]
     return lines
 
 
@@ -110,25 +140,39 @@ def _sparsity_section(tuner, name: str) -> list[str]:
 
 def _privacy_section(tuner, name: str, config) -> list[str]:
     count = len(tuner.memory(name))
+    sparsify = config.objective == "sparsify"
+    purpose = (
+        "so that further sparsifying or training keeps the function on them"
+        if sparsify
+        else "so that training can continue without forgetting"
+    )
     if config.save_anchors:
         return [
             f"This adapter stores {count} anchors in `adapter_model.safetensors`: **inputs taken from the training "
-            "data** of the tasks above, with the model's outputs on them, so that training can continue without "
-            "forgetting. Anyone who can download the adapter can read them. Before publishing an adapter trained on "
-            "private data, save it with `FIPConfig(save_anchors=False)`.",
+            f"data** of the tasks above, with the model's outputs on them, {purpose}. Anyone who can download the "
+            "adapter can read them. Before publishing an adapter trained on private data, save it with "
+            "`FIPConfig(save_anchors=False)`.",
         ]
+    lost = (
+        "sparsifying it further does not keep the function on the data above"
+        if sparsify
+        else "training it further does not preserve the tasks above"
+    )
     return [
         f"This adapter was saved **without its anchors** (`save_anchors=False`; the model held {count} when it was "
-        "saved). It computes exactly the trained function, but the inputs and outputs that FIP keeps while "
-        "training are lost: training it further does not preserve the tasks above unless you call "
-        "`model.remember(data)` on their data again first.",
+        f"saved). It computes exactly the trained function, but the inputs and outputs that FIP keeps while "
+        f"training are lost: {lost} unless you call `model.remember(data)` on their data again first.",
     ]
 
 
+def _labels_section(labels: list[str]) -> list[str]:
+    lines = ["The classes of the adapter's head (`model.config.id2label`):", "", "| id | label |", "| --- | --- |"]
+    lines += [f"| {index} | {label} |" for index, label in enumerate(labels)]
+    return lines
+
+
 def _loading_section(model: PeftModel, configs: dict[str, Any], base_id: str | None) -> list[str]:
-    config = next(iter(configs.values()))
-    task_type = getattr(config, "task_type", None)
-    task_type = getattr(task_type, "value", task_type)
+    task_type = _task_type(configs)
     auto = AUTO_CLASSES.get(task_type or "")
     base = model.get_base_model()
     if auto is None and type(base).__module__.startswith("transformers"):
@@ -147,7 +191,20 @@ def _loading_section(model: PeftModel, configs: dict[str, Any], base_id: str | N
         "import fip_peft  # registers FIP with PEFT",
         "from peft import PeftModel",
     ]
-    if auto is not None:
+    labels = model_labels(base) if task_type == "SEQ_CLS" else None
+    if auto is not None and labels:  # the adapter brings a head for its own classes: build the base with them
+        lines += [
+            f"from transformers import {auto}",
+            "",
+            f"id2label = {dict(enumerate(labels))!r}",
+            f"base = {auto}.from_pretrained(",
+            f'    "{base_id or "<base model>"}",',
+            "    id2label=id2label,",
+            "    label2id={name: i for i, name in id2label.items()},",
+            "    ignore_mismatched_sizes=True,  # the head comes from the adapter",
+            ")",
+        ]
+    elif auto is not None:
         lines += [
             f"from transformers import {auto}",
             "",
@@ -156,6 +213,20 @@ def _loading_section(model: PeftModel, configs: dict[str, Any], base_id: str | N
     else:
         lines += ["", "base = ...  # the base model this adapter was trained on"]
     lines += [f'model = PeftModel.from_pretrained(base, "{adapter_id}")', "```", ""]
+    if labels:
+        lines.append(
+            "`AutoPeftModelForSequenceClassification.from_pretrained(adapter)` restores the classes by itself (from "
+            '`fip_labels.json`); `pipeline("text-classification", model=model, tokenizer=...)` then answers with '
+            "their names."
+        )
+        lines.append("")
+    if {c.objective for c in configs.values()} == {"sparsify"}:
+        lines.append(
+            "`AutoPeftModelFor...` and transformers' `model.load_adapter` also work after `import fip_peft`. "
+            "`model.merge_and_unload()` gives a plain model whose adapted weights hold the exact zeros (no PEFT "
+            "needed to run it)."
+        )
+        return lines
     lines.append(
         "`AutoPeftModelFor...` and transformers' `model.load_adapter` also work after `import fip_peft`. To continue "
         "training: `PeftModel.from_pretrained(base, ..., is_trainable=True)`, `model.remember(new_task_data)` after "
@@ -167,7 +238,8 @@ def _loading_section(model: PeftModel, configs: dict[str, Any], base_id: str | N
 def _config_rows(config) -> list[str]:
     fields = ["objective", "distance", "beta", "rank", "anchor_budget", "anchor_batch_size", "save_anchors"]
     if config.objective == "sparsify":
-        fields += ["target_sparsity", "sparsity_schedule", "sparsity_scope"]
+        fields += ["target_sparsity", "sparsity_schedule", "sparsity_ramp_steps", "sparsity_criterion"]
+        fields += ["sparsity_scope"]
     target = config.target_modules
     target = sorted(target) if isinstance(target, (set, list, tuple)) else target
     rows = ["| setting | value |", "| --- | --- |", f"| target_modules | `{target}` |"]
@@ -200,10 +272,14 @@ def fip_card_section(model: PeftModel) -> str:
         "",
         *_loading_section(model, configs, base_id),
     ]
+    labels = model_labels(model.get_base_model()) if _task_type(configs) == "SEQ_CLS" else None
+    if labels:
+        lines += ["", "## Labels", "", *_labels_section(labels)]
     several = len(configs) > 1
     for name, config in configs.items():
         heading = f" (adapter `{name}`)" if several else ""
-        lines += ["", f"## Task history{heading}", ""]
+        history = "Remembered data" if config.objective == "sparsify" else "Task history"
+        lines += ["", f"## {history}{heading}", ""]
         lines += _task_history(tuner, name, config) if config.task_names or len(tuner.memory(name)) else []
         if not config.task_names and not len(tuner.memory(name)):
             lines.append("No task remembered yet (`model.remember(data, task_name=...)` adds one).")
@@ -238,8 +314,21 @@ def update_fip_card(model: PeftModel, output_dir: str | os.PathLike) -> None:
     card.data.tags = sorted(tags)
     card.data.library_name = "peft"
     base_id = _base_model_id(model, configs)
-    if base_id and not card.data.base_model:
+    # The Hub only takes Hub ids; a folder of this machine (which PEFT writes, with a `base_model:adapter:` tag, when
+    # the base was loaded from one) means nothing there. A Hub id set on the adapter (`base_model_name_or_path`,
+    # `fip-peft --base-model-id`) takes its place.
+    current = card.data.base_model
+    if isinstance(current, str) and is_local_path(current):
+        card.data.base_model = None
+    card.data.tags = [
+        t for t in card.data.tags if not (t.startswith("base_model:") and is_local_path(t.split(":")[-1]))
+    ]
+    if base_id and not is_local_path(base_id) and not card.data.base_model:
         card.data.base_model = base_id
+        card.data.tags = sorted({*card.data.tags, f"base_model:adapter:{base_id}"})
+    pipeline_tag = PIPELINE_TAGS.get(_task_type(configs) or "")
+    if pipeline_tag and not card.data.pipeline_tag:
+        card.data.pipeline_tag = pipeline_tag
     card.text = _replace_section(card.text, fip_card_section(model))
     card.save(path)
 

@@ -7,6 +7,7 @@ unchanged) `install()` makes
 - `save_pretrained` refuse adapter weights or anchor memory holding NaN/inf, then write everything into a temporary
   sibling folder and move each file into place with `os.replace` (atomic on POSIX and Windows), so that the previous
   adapter stays intact and loadable until the new files are complete;
+- `save_pretrained` of a sequence classifier also write its class labels (`fip_labels.json`, see `labels`);
 - `from_pretrained`/`load_adapter` of a local FIP adapter folder check that `adapter_model.safetensors` is a complete
   safetensors file before the model is touched, and turn safetensors' header errors into one clear error naming the
   file.
@@ -33,6 +34,7 @@ from torch import nn
 
 from .checks import nonfinite_names
 from .distributed import DTensor
+from .labels import LABELS_FILE, write_labels
 
 MODEL_CARD_NAME = "README.md"
 # Remembered anchors whose outputs `save_pretrained` checks before writing.
@@ -165,9 +167,9 @@ def atomic_save(save: Callable[[str], None], save_directory: str | os.PathLike) 
     owner = f"{socket.gethostname()}-{os.getpid()}"
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.{owner}.", suffix=".tmp", dir=parent)
     try:
-        card = os.path.join(target, MODEL_CARD_NAME)
-        if os.path.isfile(card):  # peft updates an existing model card rather than replacing it
-            shutil.copy2(card, os.path.join(staging, MODEL_CARD_NAME))
+        for name in (MODEL_CARD_NAME, LABELS_FILE):  # updated rather than replaced: keep what was there
+            if os.path.isfile(os.path.join(target, name)):
+                shutil.copy2(os.path.join(target, name), os.path.join(staging, name))
         save(staging)
         os.makedirs(target, exist_ok=True)
         _move_into(staging, target)
@@ -259,6 +261,7 @@ def _wrap_save(original: Callable) -> Callable:
         def save(folder: str) -> None:
             bound.arguments["save_directory"] = folder
             original(*bound.args, **bound.kwargs)
+            write_labels(self, folder)
 
         atomic_save(save, directory)
 

@@ -113,3 +113,26 @@ def test_half_precision_forward_matches_float32(dtype):
     out = model(**x)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_merge_and_unload_puts_back_a_module_to_save_that_has_children():
+    """What `fip-peft train` builds by default: the BERT pooler (a module with a child, no weight of its own) trained
+    in full as `modules_to_save`, next to the head. Merging gives a plain model with the trained copies in place."""
+    from tests._tasks import tiny_bert
+
+    config = fip_peft.FIPConfig(
+        target_modules=["query", "value"],
+        exclude_modules=["bert.pooler.dense"],
+        modules_to_save=["bert.pooler", "classifier"],
+        init_weights=False,
+    )
+    model = get_peft_model(tiny_bert(), config)
+    pooler = model.base_model.model.bert.pooler.modules_to_save["default"]
+    with torch.no_grad():
+        pooler.dense.weight.add_(0.5)
+    ids = torch.randint(0, 50, (3, 9))
+    adapted = model(input_ids=ids).logits.detach()
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, (fip_peft.FIPLayer, nn.ModuleDict)) for m in merged.modules())
+    assert type(merged.bert.pooler).__name__ == "BertPooler" and type(merged.classifier) is nn.Linear
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)

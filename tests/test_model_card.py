@@ -95,12 +95,13 @@ def section(card: ModelCard) -> str:
     return card.text[card.text.index(BEGIN) : card.text.index(END)]
 
 
-def test_push_to_hub_sends_exactly_the_card_config_and_weights_in_one_commit(hub, base_path):
+def test_push_to_hub_sends_exactly_the_card_config_weights_and_labels_in_one_commit(hub, base_path):
     model = fip_bert(base_path)
     model.remember(as_tokens(digits_tasks()["x_a_train"][:60]), task_name="digits 0-4")
     model.push_to_hub(REPO_ID, token="not-a-real-token")
     assert len(hub.commits) == 1
-    assert set(hub.commits[0]["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "fip_labels.json"}
+    assert set(hub.commits[0]["files"]) == files
     assert json.loads(hub.files["adapter_config.json"])["peft_type"] == "FIP"
 
 
@@ -110,9 +111,42 @@ def test_pushed_card_has_the_hub_metadata(hub, base_path):
     model.push_to_hub(REPO_ID, token="not-a-real-token", tags=["digits"])
     data = hub.card().data
     assert data.library_name == "peft"
-    assert data.base_model == str(base_path)
+    assert data.pipeline_tag == "text-classification"
+    assert data.base_model is None  # a folder of this machine is no Hub id
     assert {"fip", "continual-learning", "transformers", "digits"} <= set(data.tags)
     assert "sparsification" not in data.tags
+
+
+def test_card_base_model_is_the_hub_id_of_the_base_not_a_local_path(tmp_path, base_path):
+    model = fip_bert(base_path)
+    model.peft_config["default"].base_model_name_or_path = "someone/tiny-bert"
+    model.save_pretrained(tmp_path / "adapter")
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.base_model == "someone/tiny-bert"
+    assert str(base_path) not in str(card.data.to_dict())
+
+
+def test_card_names_the_labels_of_a_classifier(tmp_path, base_path):
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_path, id2label={i: f"digit {i}" for i in range(10)}, label2id={f"digit {i}": i for i in range(10)}
+    )
+    model = get_peft_model(base, fip_peft.FIPConfig(task_type="SEQ_CLS", anchor_budget=40))
+    model.save_pretrained(tmp_path / "adapter")
+    text = section(ModelCard.load(tmp_path / "adapter" / "README.md"))
+    assert "## Labels" in text and "| 0 | digit 0 |" in text and "| 9 | digit 9 |" in text
+
+
+def test_card_explains_acc_bwt_and_forgetting_next_to_the_accuracy_matrix(tmp_path, base_path):
+    model = fip_bert(base_path)
+    matrix = AccuracyMatrix(["a", "b"])
+    matrix.record(0, [0.9, 0.1])
+    matrix.record(1, [0.8, 0.9])
+    model.record_accuracy(matrix)
+    model.save_pretrained(tmp_path / "adapter")
+    text = section(ModelCard.load(tmp_path / "adapter" / "README.md"))
+    after = text[text.index("ACC = ") :]
+    assert "**ACC** (average accuracy)" in after and "**BWT** (backward transfer)" in after
+    assert "negative means forgetting" in after
 
 
 def test_pushed_card_says_how_to_load_the_adapter(hub, base_path):
@@ -122,7 +156,8 @@ def test_pushed_card_says_how_to_load_the_adapter(hub, base_path):
     assert "pip install fip-peft" in text
     assert "import fip_peft" in text
     assert "from transformers import AutoModelForSequenceClassification" in text
-    assert f'base = AutoModelForSequenceClassification.from_pretrained("{base_path}")' in text
+    loading = f'base = AutoModelForSequenceClassification.from_pretrained(\n    "{base_path}",\n    id2label=id2label,'
+    assert loading in text
     assert f'model = PeftModel.from_pretrained(base, "{REPO_ID}")' in text
 
 
@@ -207,6 +242,17 @@ def test_card_of_a_sparsified_adapter_reports_its_sparsity(tmp_path):
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert "sparsification" in card.data.tags
     assert f"(W + delta): {reached:.4f}" in section(card)
+
+
+def test_card_of_a_sparsified_adapter_speaks_of_sparsity_not_of_forgetting(tmp_path):
+    config = fip_peft.FIPConfig(target_modules=["fc1", "fc2"], objective="sparsify", target_sparsity=0.5)
+    model = get_peft_model(MLP(), config)
+    model.remember(digits_tasks()["x_a_train"][:40], task_name="digits")
+    model.apply_sparsity_mask()
+    model.save_pretrained(tmp_path / "adapter")
+    text = section(ModelCard.load(tmp_path / "adapter" / "README.md"))
+    assert "forgetting" not in text and "after each task" not in text
+    assert "sparsity" in text and "## Remembered data" in text and "exact zeros" in text
 
 
 def test_saving_again_rewrites_the_fip_section_and_keeps_the_users_text(tmp_path, base_path):
