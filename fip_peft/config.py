@@ -21,7 +21,7 @@ DEFAULT_BETA_LOW_RANK = 0.7
 # With solver="natural+penalty" the metric already keeps the outputs; the penalty only corrects drift (same evidence).
 DEFAULT_BETA_NATURAL = 5.0
 # Weight of the cross-entropy on labelled anchors, chosen on validation (docs/benchmarks.md, "Labelled anchors").
-DEFAULT_LABEL_WEIGHT = 1.0
+DEFAULT_LABEL_WEIGHT = 2.0
 
 
 @dataclass
