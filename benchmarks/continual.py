@@ -158,32 +158,40 @@ def vision_suite(sizes: Sizes, seed: int, validation: int | None = None) -> Suit
             task.test_images, task.test_labels = task.train_images[keep], task.train_labels[keep]
             task.train_images = task.train_images[: sizes.train_size]
             task.train_labels = task.train_labels[: sizes.train_size]
-    eval_size = sizes.eval_size
+    test_batches = []
+    for task in tasks:
+        images, labels = task.test_images[: sizes.eval_size], task.test_labels[: sizes.eval_size]
+        test_batches.append(
+            [on_device(({"x": images[s : s + 1000]}, labels[s : s + 1000])) for s in range(0, len(images), 1000)]
+        )
+    return cnn_suite("vision", tasks, sizes, test_batches, num_classes=10, validation=validation)
+
+
+def cnn_suite(
+    name: str, tasks: list, sizes: Sizes, test_batches: list, num_classes: int, validation: int | None
+) -> Suite:
+    """A suite of image tasks (``continual_vision.Task``) for the small CNN of ``examples/continual_vision.py``, FIP on
+    its convolutions and hidden layer, the head trained in full."""
+    import continual_vision as cv
 
     def collate(rows: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         images = torch.stack([tasks[t].train_images[i] for t, i in rows])
         return on_device(({"x": images}, torch.stack([tasks[t].train_labels[i] for t, i in rows])))
 
-    test_batches = []
-    for task in tasks:
-        images, labels = task.test_images[:eval_size], task.test_labels[:eval_size]
-        test_batches.append(
-            [on_device(({"x": images[s : s + 1000]}, labels[s : s + 1000])) for s in range(0, len(images), 1000)]
-        )
     return Suite(
-        name="vision",
+        name=name,
         task_names=[task.name for task in tasks],
         train_sizes=[len(task.train_labels) for task in tasks],
         collate=collate,
         test_batches=test_batches,
-        build_model=lambda: cv.SmallCNN().to(DEVICE),
+        build_model=lambda: cv.SmallCNN(num_classes=num_classes).to(DEVICE),
         remember_data=lambda t: tasks[t].train_images,
+        remember_labels=lambda t: tasks[t].train_labels,
         fip_targets={"target_modules": ["conv1", "conv2", "fc1"], "modules_to_save": ["head"]},
         lora_targets=["conv1", "conv2", "fc1"],
         osf_targets=["fc1"],
         head="head",
         sizes=sizes,
-        remember_labels=lambda t: tasks[t].train_labels,
         anchor_transform=shift_and_flip,
         validation=validation,
     )
@@ -213,31 +221,11 @@ def mnist_fashion_suite(sizes: Sizes, seed: int, validation: int | None = None) 
             test_x, test_y = train_x[sizes.train_size :], train_y[sizes.train_size :]
             train_x, train_y = train_x[: sizes.train_size], train_y[: sizes.train_size]
         tasks.append(cv.Task(name, sorted(set(train_y.tolist())), train_x, train_y, test_x, test_y))
-    eval_size = sizes.eval_size
-
-    def collate(rows: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        images = torch.stack([tasks[t].train_images[i] for t, i in rows])
-        return on_device(({"x": images}, torch.stack([tasks[t].train_labels[i] for t, i in rows])))
-
-    return Suite(
-        name="mnist_fashion",
-        task_names=[task.name for task in tasks],
-        train_sizes=[len(task.train_labels) for task in tasks],
-        collate=collate,
-        test_batches=[
-            [on_device(({"x": task.test_images[:eval_size]}, task.test_labels[:eval_size]))] for task in tasks
-        ],
-        build_model=lambda: cv.SmallCNN(num_classes=20).to(DEVICE),
-        remember_data=lambda t: tasks[t].train_images,
-        remember_labels=lambda t: tasks[t].train_labels,
-        fip_targets={"target_modules": ["conv1", "conv2", "fc1"], "modules_to_save": ["head"]},
-        lora_targets=["conv1", "conv2", "fc1"],
-        osf_targets=["fc1"],
-        head="head",
-        sizes=sizes,
-        anchor_transform=shift_and_flip,
-        validation=validation,
-    )
+    test_batches = [
+        [on_device(({"x": task.test_images[: sizes.eval_size]}, task.test_labels[: sizes.eval_size]))]
+        for task in tasks
+    ]
+    return cnn_suite("mnist_fashion", tasks, sizes, test_batches, num_classes=20, validation=validation)
 
 
 def shift_and_flip(images: torch.Tensor) -> torch.Tensor:
