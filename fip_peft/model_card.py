@@ -147,10 +147,13 @@ def _privacy_section(tuner, name: str, config) -> list[str]:
         else "so that training can continue without forgetting"
     )
     if config.save_anchors:
+        memory = tuner.memory(name)
+        labelled = int((memory.labels != -100).reshape(len(memory), -1).any(dim=1).sum()) if count else 0
+        labels = f" and the labels of {labelled} of them" if labelled else ""
         return [
             f"This adapter stores {count} anchors in `adapter_model.safetensors`: **inputs taken from the training "
-            f"data** of the tasks above, with the model's outputs on them, {purpose}. Anyone who can download the "
-            "adapter can read them. Before publishing an adapter trained on private data, save it with "
+            f"data** of the tasks above, with the model's outputs on them{labels}, {purpose}. Anyone who can "
+            "download the adapter can read them. Before publishing an adapter trained on private data, save it with "
             "`FIPConfig(save_anchors=False)`.",
         ]
     lost = (

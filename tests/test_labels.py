@@ -177,3 +177,10 @@ def test_saved_labels_outside_the_classes_are_refused_at_load(digits, tmp_path):
     save_file(tensors, path)
     with pytest.raises(ValueError, match=r"labels that are not class indices in \[0, 10\)"):
         PeftModel.from_pretrained(MLP(), tmp_path, is_trainable=True)
+
+
+def test_the_card_s_privacy_note_says_that_labels_are_stored_too(digits):
+    from fip_peft.model_card import fip_card_section
+
+    model = _labelled_mlp(digits)
+    assert "and the labels of 40 of them" in fip_card_section(model)
