@@ -23,8 +23,8 @@ MAX_LOADER_OVERSAMPLING = 8
 AnchorInputs = dict[str, torch.Tensor]
 
 
-def pad_and_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along dim 0, right-padding every other dim with zeros to the largest size."""
+def pad_and_stack(tensors: list[torch.Tensor], value: int = 0) -> torch.Tensor:
+    """Concatenate along dim 0, right-padding every other dim with `value` (zeros) to the largest size."""
     if len({t.dim() for t in tensors}) != 1:
         raise ValueError(f"Anchors of different ranks cannot be combined: {[tuple(t.shape) for t in tensors]}.")
     if len({t.dtype for t in tensors}) != 1:
@@ -35,7 +35,7 @@ def pad_and_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
         pad: list[int] = []
         for d in reversed(range(1, t.dim())):
             pad += [0, sizes[d - 1] - t.shape[d]]
-        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+        padded.append(torch.nn.functional.pad(t, pad, value=value) if any(pad) else t)
     return torch.cat(padded, dim=0)
 
 
@@ -260,12 +260,7 @@ def _batch_labels(batch: object) -> torch.Tensor | None:
 
 def pad_labels(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate label tensors along dim 0, right-padding token labels with -100 (no label)."""
-    if len({t.dim() for t in parts}) != 1:
-        raise ValueError(f"Labels of different ranks cannot be combined: {[tuple(t.shape) for t in parts]}.")
-    if parts[0].dim() == 1:
-        return torch.cat(parts)
-    length = max(t.shape[1] for t in parts)
-    return torch.cat([torch.nn.functional.pad(t, (0, length - t.shape[1]), value=-100) for t in parts])
+    return pad_and_stack([t.long() for t in parts], value=-100)
 
 
 def _is_hf_dataset(data: object) -> bool:

@@ -74,13 +74,13 @@ def anchor_label_loss(
 ) -> torch.Tensor | None:
     """Mean cross-entropy of the anchors' logits `outputs` (N, C) or (N, T, C) against their class labels (N,) or
     (N, T), -100 marking none; for a causal LM (`task_type="CAUSAL_LM"`) position t predicts label t + 1, as in
-    transformers' own loss. None when no anchor of the batch has a label."""
+    transformers' own loss; 0 when no anchor of the batch has a label. Summed and divided by the count of labels
+    (at least 1) rather than asking whether any label is there, which would wait on the device every step."""
     if outputs.dim() == 3 and labels.dim() == 2:
         length = min(outputs.shape[1], labels.shape[1])
         outputs, labels = outputs[:, :length], labels[:, :length]
         if task_type == "CAUSAL_LM":
             outputs, labels = outputs[:, :-1], labels[:, 1:]
     labels = labels.reshape(-1)
-    if not (labels != -100).any():
-        return None
-    return F.cross_entropy(outputs.reshape(labels.shape[0], -1).float(), labels, ignore_index=-100)
+    total = F.cross_entropy(outputs.reshape(labels.shape[0], -1).float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp_min(1)

@@ -29,6 +29,7 @@ class AnchorMemory(nn.Module):
         self.register_buffer("task_ids", torch.zeros(0, dtype=torch.long), persistent=persistent)
         self.register_buffer("reference", torch.zeros(0), persistent=persistent)
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long), persistent=persistent)
+        self._has_labels = False
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.long), persistent=persistent)
         self.register_buffer("scale", torch.ones(()), persistent=persistent)
 
@@ -49,8 +50,13 @@ class AnchorMemory(nn.Module):
 
     @property
     def has_labels(self) -> bool:
-        """Whether any anchor has a label (the FIP step's label term needs one)."""
-        return bool((self.labels != NO_LABEL).any()) if self.labels.numel() else False
+        """Whether any anchor has a label (the FIP step's label term needs one). Read from the host copy kept by
+        `replace`, so the FIP step does not wait on the device to ask."""
+        return self._has_labels
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # a plain `load_state_dict` fills the buffers in place
+        self._has_labels = bool((self.labels != NO_LABEL).any()) if self.labels.numel() else False
 
     def anchors_per_task(self) -> list[int]:
         return torch.bincount(self.task_ids, minlength=self.num_tasks).tolist() if len(self) else []
@@ -107,6 +113,7 @@ class AnchorMemory(nn.Module):
         self.task_ids = task_ids.to(device)
         self.reference = reference.to(device)
         self.labels = (unlabelled(task_ids.shape[0]) if labels is None else labels.long()).to(device)
+        self._has_labels = bool((self.labels != NO_LABEL).any()) if self.labels.numel() else False
         self.scale.fill_(scale)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
