@@ -623,6 +623,15 @@ if "natural" in SOLVERS:  # the solved metric step, where this version of fip_pe
         "FIP, natural+penalty, 8 positions",
         lambda suite, seed: AdapterLearner(suite, seed, fip={"solver": "natural+penalty", "metric_positions": 8}),
     )
+if "projection" in SOLVERS:  # the output-space projection (issue 26), where this version of fip_peft has it
+    METHODS["fip_projection"] = (
+        "FIP, projection+penalty, labelled anchors",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={"solver": "projection+penalty"}, labels=True),
+    )
+    METHODS["fip_projection_only"] = (
+        "FIP, projection alone",
+        lambda suite, seed: AdapterLearner(suite, seed, fip={"solver": "projection"}),
+    )
 
 
 def _status_mib(field: str) -> float:

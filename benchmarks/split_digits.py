@@ -34,15 +34,24 @@ METHODS = {
     "FIP kl (default beta)": {"distance": "kl"},
     "FIP bhattacharyya (default beta)": {"distance": "bhattacharyya"},
     "FIP bhattacharyya, beta 1 (authors)": {"distance": "bhattacharyya", "beta": 1.0},
+    "FIP natural+penalty": {"solver": "natural+penalty"},
+    "FIP natural": {"solver": "natural"},
+    "FIP projection+penalty": {"solver": "projection+penalty"},
+    "FIP projection": {"solver": "projection"},
 }
 
 
-def split_digits() -> tuple[torch.Tensor, ...]:
+def split_digits(validation: bool = False) -> tuple[torch.Tensor, ...]:
+    """Train and test split (80/20); with `validation` the last quarter of the training split is scored instead of
+    the test split (and not trained on), for choosing settings."""
     data = load_digits()
     x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[order], y[order]
     split = int(0.8 * len(y))
+    if validation:
+        held = int(0.75 * split)
+        return x[:held], y[:held], x[held:split], y[held:split]
     return x[:split], y[:split], x[split:], y[split:]
 
 
@@ -69,6 +78,15 @@ def run(method: dict | None, seed: int, data: tuple, steps: int, lr: float, budg
     return matrix
 
 
+def _parse_value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"None": None, "True": True, "False": False}.get(text, text)
+
+
 def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -79,11 +97,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--anchors", type=int, default=100)
+    parser.add_argument(
+        "--validation", action="store_true", help="Score on a held-out quarter of the training split, not the test split."
+    )
+    parser.add_argument("--methods", help=f"Comma-separated method names (default: all): {', '.join(METHODS)}.")
+    parser.add_argument(
+        "--fip-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Override a FIPConfig field for every FIP method (repeatable), e.g. damping=0.01.",
+    )
     args = parser.parse_args()
-    data = split_digits()
+    options = {}
+    for option in args.fip_option:
+        key, _, value = option.partition("=")
+        options[key] = _parse_value(value)
+    names = list(METHODS) if not args.methods else [n.strip() for n in args.methods.split(",")]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}.")
+    data = split_digits(args.validation)
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{'method':<38}{'ACC':>16}{'BWT':>18}")
-    for name, method in METHODS.items():
+    for name in names:
+        method = METHODS[name]
+        if method is not None:
+            method = {**method, **options}
         accs, bwts = [], []
         for seed in seeds:
             matrix = run(method, seed, data, args.steps, args.lr, args.anchors)

@@ -13,13 +13,17 @@ from .sparsity import CRITERIA, SCHEDULES, SCOPES
 
 DISTANCES = ("logits", "bhattacharyya", "kl")
 OBJECTIVES = ("continual", "sparsify")
-SOLVERS = ("penalty", "natural", "natural+penalty")
+SOLVERS = ("penalty", "natural", "natural+penalty", "projection", "projection+penalty")
 # Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
 # a low-rank displacement can move in few directions, so it needs a weaker hold on the old outputs to learn.
 DEFAULT_BETA_FULL_RANK = 0.4
 DEFAULT_BETA_LOW_RANK = 0.7
 # With solver="natural+penalty" the metric already keeps the outputs; the penalty only corrects drift (same evidence).
 DEFAULT_BETA_NATURAL = 5.0
+# Damping of the metric solvers, relative to the mean eigenvalue of their metric: the natural solvers' Kronecker metric
+# over-constrains (rank(A) x rank(G)) and needs a loose hold; the projection's is the exact output-space metric.
+DEFAULT_DAMPING_NATURAL = 0.1
+DEFAULT_DAMPING_PROJECTION = 1e-3
 # Weight of the cross-entropy on labelled anchors, chosen on validation (docs/benchmarks.md, "Labelled anchors").
 DEFAULT_LABEL_WEIGHT = 2.0
 
@@ -186,15 +190,23 @@ class FIPConfig(PeftConfig):
             f"{DEFAULT_LABEL_WEIGHT} for objective='continual', 0 for 'sparsify'."
         },
     )
-    solver: Literal["penalty", "natural", "natural+penalty"] = field(
-        default="penalty", metadata={"help": "How the FIP step is solved: 'penalty', 'natural', 'natural+penalty'."}
+    solver: Literal["penalty", "natural", "natural+penalty", "projection", "projection+penalty"] = field(
+        default="penalty",
+        metadata={
+            "help": "How the FIP step is solved: 'penalty', 'natural', 'natural+penalty', 'projection', "
+            "'projection+penalty'."
+        },
     )
     epsilon: float | None = field(
         default=None,
         metadata={"help": "Natural solvers: None lets the optimizer's lr set the step; a number: fixed step length."},
     )
-    damping: float = field(
-        default=0.1, metadata={"help": "Natural solvers: damping relative to each layer's mean metric eigenvalue."}
+    damping: float | None = field(
+        default=None,
+        metadata={
+            "help": "Metric solvers: damping relative to the metric's mean eigenvalue. None: "
+            f"{DEFAULT_DAMPING_NATURAL} for natural solvers, {DEFAULT_DAMPING_PROJECTION} for projection solvers."
+        },
     )
     metric_update_interval: int = field(
         default=10, metadata={"help": "Natural solvers: optimizer steps between metric refreshes."}
@@ -272,7 +284,10 @@ class FIPConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.beta is None and self.solver == "natural+penalty":
+        if self.damping is None:
+            projection = isinstance(self.solver, str) and self.solver.startswith("projection")
+            self.damping = DEFAULT_DAMPING_PROJECTION if projection else DEFAULT_DAMPING_NATURAL
+        if self.beta is None and self.solver in ("natural+penalty", "projection+penalty"):
             self.beta = DEFAULT_BETA_NATURAL
         elif self.beta is None and isinstance(self.rank, int) and not isinstance(self.rank, bool):
             self.beta = DEFAULT_BETA_LOW_RANK
@@ -382,11 +397,11 @@ class FIPConfig(PeftConfig):
         _check_int("metric_samples", self.metric_samples, minimum=1)
         if self.metric_positions is not None:
             _check_int("metric_positions", self.metric_positions, minimum=1, hint="or None for every position")
-        if self.solver == "penalty":
+        if self.solver in ("penalty", "projection", "projection+penalty"):
             if self.epsilon is not None:
                 raise ValueError(
                     f"FIPConfig.epsilon={self.epsilon} needs a natural solver (solver='natural' or "
-                    "'natural+penalty'); the penalty solver's step length is the optimizer's lr."
+                    f"'natural+penalty'); the {self.solver} solver's step length is the optimizer's lr."
                 )
             return
         if self.rank is not None:

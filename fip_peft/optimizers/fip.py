@@ -20,6 +20,7 @@ from ..checks import NonFiniteStepError
 from ..distributed import all_processes, anchor_forward, check_same_anchors, local_tensor
 from ..model import FIPModel
 from .preconditioner import MetricPreconditioner
+from .projection import OutputProjector
 
 logger = logging.get_logger(__name__)
 
@@ -61,7 +62,7 @@ class FIPStepMixin:
         is remembered or the solver is `"natural"` (no D in its step)."""
         fip_model = self._fip_model
         config = fip_model.peft_config[fip_model.active_adapters[0]]
-        if config.solver == "natural":
+        if config.solver in ("natural", "projection"):
             return None
         with torch.enable_grad():
             terms = fip_model.anchor_terms(forward=self._fip_anchor_forward, transform=self.fip_anchor_transform)
@@ -261,24 +262,39 @@ class FIPStepMixin:
             vars(preconditioner).clear()
             vars(preconditioner).update(state)
 
-    def _preconditioner(self) -> MetricPreconditioner | None:
+    def _preconditioner(self) -> MetricPreconditioner | OutputProjector | None:
+        """The solver's state kept across steps on this optimizer: the Kronecker metric of the natural solvers, the
+        anchors' Jacobian of the projection solvers, None for the penalty."""
         fip_model = self._fip_model
         adapter = fip_model.active_adapters[0]
-        if fip_model.peft_config[adapter].solver == "penalty":
+        solver = fip_model.peft_config[adapter].solver
+        if solver == "penalty":
             return None
+        kind = OutputProjector if solver.startswith("projection") else MetricPreconditioner
         preconditioner = getattr(self, "_fip_preconditioner", None)
-        if preconditioner is None or preconditioner.fip_model is not fip_model or preconditioner.adapter != adapter:
-            preconditioner = self._fip_preconditioner = MetricPreconditioner(fip_model, adapter)
+        if (
+            not isinstance(preconditioner, kind)
+            or preconditioner.fip_model is not fip_model
+            or preconditioner.adapter != adapter
+        ):
+            if kind is OutputProjector and self._fip_anchor_forward is not None:
+                raise NotImplementedError(
+                    f"FIPConfig.solver={solver!r} does not support FSDP2-sharded parameters (its Jacobian is taken "
+                    "per parameter on one process); use solver='penalty' under FSDP, or DDP."
+                )
+            preconditioner = self._fip_preconditioner = kind(fip_model, adapter)
         return preconditioner
 
     def precondition_gradient(self) -> None:
         """With `solver="natural"` or `"natural+penalty"`: replace the task gradient of each covered layer by
-        P grad L, P the damped inverse metric (`MetricPreconditioner`, kept across steps on this optimizer)."""
+        P grad L, P the damped inverse metric (`MetricPreconditioner`, kept across steps on this optimizer). With
+        `"projection"` solvers: refresh the anchors' Jacobian when due (`OutputProjector`)."""
         if (preconditioner := self._preconditioner()) is not None:
             preconditioner.precondition(self)
 
     def solver_step(self, closure=None):
-        """The wrapped optimizer's step, or with a natural solver and `epsilon` set the fixed-length step."""
+        """The wrapped optimizer's step; with a natural solver and `epsilon` set the fixed-length step; with a projection
+        solver the wrapped step's update projected onto the null space of the anchors' Jacobian."""
         if (preconditioner := self._preconditioner()) is None:
             return super().step(closure)
         return preconditioner.step(self, super().step, closure)
