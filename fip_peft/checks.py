@@ -6,11 +6,9 @@ Every error names the argument or config field at fault and what would work. Not
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import math
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +19,6 @@ if TYPE_CHECKING:
     from .config import FIPConfig
     from .model import FIPModel
 
-NONFINITE_POLICIES = ("skip", "raise")
 # Inputs that index an embedding table: integer ids below the table's size.
 ID_INPUTS = ("input_ids", "token_type_ids", "position_ids")
 # Float inputs whose later dimensions may differ between tasks (sequences, right-padded when anchors combine).
@@ -32,62 +29,14 @@ class NonFiniteStepError(RuntimeError):
     """An optimizer step met a NaN or infinite gradient or anchor distance and `FIPConfig.on_nonfinite="raise"`."""
 
 
-# ---- config ---------------------------------------------------------------------------------------------------------
+def is_int(value: object) -> bool:
+    """An int that is not a bool (Python's `True` is an int; no count or seed should accept it)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_names(name: str, value: object, *, allow_str: bool) -> None:
-    if value is None or (allow_str and isinstance(value, str)):
-        return
-    kinds = "None, a regex string or a list of module names" if allow_str else "None or a list of module names"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or isinstance(value, Mapping):
-        raise TypeError(f"FIPConfig.{name} must be {kinds}, got {type(value).__name__}.")
-    bad = [item for item in value if not isinstance(item, str)]
-    if bad:
-        raise TypeError(f"FIPConfig.{name} must hold module names (str), got {bad[:3]!r}.")
-
-
-def check_config_consistency(config: FIPConfig) -> None:
-    """Types of the fields `_validate` does not cover, and checks that involve several fields."""
-    if config.on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"FIPConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}.")
-    skips = config.max_consecutive_skips
-    if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
-        raise (ValueError if isinstance(skips, int) and not isinstance(skips, bool) else TypeError)(
-            f"FIPConfig.max_consecutive_skips must be an int >= 1 or None (never stop), got {skips!r}."
-        )
-    if not math.isfinite(config.beta):
-        raise ValueError(
-            f"FIPConfig.beta must be finite, got {config.beta}: beta=inf would ignore the remembered outputs (plain "
-            "fine-tuning). Use a large finite beta to preserve less, or leave beta=None for the default."
-        )
-    if not isinstance(config.init_weights, bool):
-        raise TypeError(f"FIPConfig.init_weights must be a bool, got {type(config.init_weights).__name__}.")
-    _check_names("target_modules", config.target_modules, allow_str=True)
-    _check_names("exclude_modules", config.exclude_modules, allow_str=True)
-    _check_names("modules_to_save", config.modules_to_save, allow_str=False)
-    if isinstance(config.target_modules, (set, list)) and config.modules_to_save:
-        both = sorted(set(config.target_modules) & set(config.modules_to_save))
-        if both:
-            raise ValueError(
-                f"{both} are both in FIPConfig.target_modules (given a FIP displacement) and in "
-                "FIPConfig.modules_to_save (trained in full): name each module in one of them only."
-            )
-
-
-def drop_unknown_config_fields(config_cls: type, kwargs: dict) -> dict:
-    """`kwargs` without the fields `config_cls` does not have, with a warning naming them (a newer fip_peft's)."""
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        from . import __version__
-
-        warnings.warn(
-            f"The FIP adapter config has fields {unknown} that fip_peft {__version__} does not know; they are "
-            "ignored. The adapter was probably saved by a newer fip_peft: upgrade it (`pip install -U fip-peft`) "
-            "if the adapter does not behave as it did when saved.",
-            stacklevel=3,
-        )
-    return {key: value for key, value in kwargs.items() if key in known}
+def is_number(value: object) -> bool:
+    """An int or a float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---- layers FIP can adapt -------------------------------------------------------------------------------------------
@@ -257,6 +206,50 @@ def check_remember_budget(budget: int, old_anchors_per_task: list[int], num_new:
         )
 
 
+def anchors_to_take(num_anchors: object, task_name: object, budget: int, old_tasks: int) -> int:
+    """How many anchors `remember` takes for a new task (`num_anchors`, or an equal share of `budget` among the
+    `old_tasks` and the new one); refuses a `num_anchors` or `task_name` of the wrong kind, or a budget too small."""
+    if task_name is not None and not isinstance(task_name, str):
+        raise TypeError(f"`task_name` must be a str or None, got {type(task_name).__name__}.")
+    if num_anchors is not None:
+        if not is_int(num_anchors):
+            raise TypeError(f"`num_anchors` must be an int or None, got {type(num_anchors).__name__}.")
+        if not 1 <= num_anchors <= budget:
+            raise ValueError(
+                f"`num_anchors` must be between 1 and FIPConfig.anchor_budget={budget}, got {num_anchors}; raise "
+                "anchor_budget or pass fewer anchors."
+            )
+        return num_anchors
+    tasks = old_tasks + 1
+    if budget // tasks < 1:
+        raise ValueError(
+            f"FIPConfig.anchor_budget={budget} is too small for {tasks} tasks; raise it to at least {tasks}."
+        )
+    return budget // tasks
+
+
+def labels_to_keep(given: object, found: torch.Tensor | None, output_module: str | None) -> torch.Tensor | None:
+    """The anchor labels `remember` keeps: those `found` (given, or the data's own), or none when the kept output
+    is a hidden one (`output_module`), whose values are not logits; refuses labels given for such an output."""
+    if output_module is None or found is None:
+        return found
+    if given is not None:
+        raise ValueError(
+            f"`labels` need the model's logits, but FIPConfig.anchor_output_module={output_module!r} keeps a hidden "
+            "output: leave `labels` out, or set anchor_output_module=None."
+        )
+    return None  # the data's own label column is not used: the kept output is not logits
+
+
+def check_same_input_names(inputs: Mapping[str, torch.Tensor], earlier: list[str]) -> None:
+    """Refuse anchors whose inputs are not those of the earlier anchors (`earlier`, empty for the first task)."""
+    if earlier and set(earlier) != set(inputs):
+        raise ValueError(
+            f"`remember` got inputs {sorted(inputs)} but earlier anchors have {sorted(earlier)}; pass the same kind "
+            "of data to every call."
+        )
+
+
 def check_remember_adapter(tuner: FIPModel, adapter_name: object) -> None:
     """`remember` records the active adapter's function: refuse another adapter, or disabled adapters."""
     if adapter_name is not None and not isinstance(adapter_name, str):
@@ -284,6 +277,38 @@ def check_finite_reference(reference: torch.Tensor) -> None:
         raise ValueError(
             f"The model's outputs on {bad} of {len(finite)} anchors are NaN or infinite, so there is nothing sound "
             "to remember; nothing was stored. Check the model's weights (e.g. reload the last good adapter)."
+        )
+
+
+def check_saved_memory_fits(
+    adapter_name: str, tensors: Mapping[str, torch.Tensor], model: nn.Module, output_module: str | None
+) -> None:
+    """Refuse a saved anchor memory `model` cannot use (`check_saved_memory`, then a forward pass on two of its
+    anchors whose outputs must have the saved references' shape), before it is loaded. A failed load leaves the
+    model as it was (`fip_peft.saving`)."""
+    from .anchor_pass import reference_outputs
+    from .memory import ANCHOR_PREFIX
+
+    inputs = {k.removeprefix(ANCHOR_PREFIX): v for k, v in tensors.items() if k.startswith(ANCHOR_PREFIX)}
+    if not inputs or "reference" not in tensors:
+        return  # empty, or incomplete: `load_tensors` says which
+    check_saved_memory(adapter_name, tensors, inputs, model)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return  # weights not materialized yet (low_cpu_mem_usage): nothing can run
+    try:
+        probe = reference_outputs(model, {k: v[:2] for k, v in inputs.items()}, output_module)
+    except Exception as error:  # the model's own error says what does not fit
+        raise ValueError(
+            f"The saved anchors of FIP adapter {adapter_name!r} (inputs {sorted(inputs)}, shapes "
+            f"{[tuple(v.shape[1:]) for v in inputs.values()]} per example) do not fit this model, which cannot "
+            f"run on them ({error}). Load the adapter onto the base model it was trained on."
+        ) from None
+    expected = tuple(tensors["reference"].shape[1:])
+    if tuple(probe.shape[1:]) != expected:
+        raise ValueError(
+            f"The saved reference outputs of FIP adapter {adapter_name!r} have shape {expected} per anchor, but this "
+            f"model outputs {tuple(probe.shape[1:])} on the saved anchors. Load the adapter onto the base model "
+            "it was trained on."
         )
 
 

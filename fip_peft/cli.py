@@ -490,9 +490,8 @@ def adapter_info(path: str, model_name: str | None = None) -> dict[str, Any]:
             key = next((k for k in handle.keys() if k.endswith("fip_memory.task_ids")), None)
             task_ids = handle.get_tensor(key) if key else None
     counts = torch.bincount(task_ids).tolist() if task_ids is not None and task_ids.numel() else []
-    names = list(config.get("task_names") or [])
-    names += [f"task {i}" for i in range(len(names), len(counts))]
-    offset = len(names) - len(counts)
+    from .evaluation import task_history
+
     keys = ["base_model_name_or_path", "objective", "distance", "beta", "rank", "anchor_budget", "save_anchors"]
     keys += ["target_sparsity"] if config.get("objective") == "sparsify" else []
     info = {
@@ -500,7 +499,8 @@ def adapter_info(path: str, model_name: str | None = None) -> dict[str, Any]:
         "config": {key: config.get(key) for key in keys},
         "target_modules": config.get("target_modules"),
         "tasks": [
-            {"task": name, "anchors": counts[i - offset] if i >= offset else None} for i, name in enumerate(names)
+            {"task": name, "anchors": anchors}
+            for name, anchors in task_history(config.get("task_names") or [], counts)
         ],
         "anchors": int(sum(counts)),
         "accuracy_matrix": config.get("accuracy_matrix"),

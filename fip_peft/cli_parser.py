@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .choices import CRITERIA, DISTANCES, OBJECTIVES, SCOPES
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show a default only where there is one to show (not None, not an off switch) and the help does not (the
@@ -92,7 +94,7 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
     if not sparsify:
         parser.add_argument(
             "--objective",
-            choices=["continual", "sparsify"],
+            choices=OBJECTIVES,
             default="continual",
             help="continual: learn each task in turn, then remember it so later tasks keep it. sparsify: remember "
             "each task's inputs first, then walk the weights to --target-sparsity zeros while training on it.",
@@ -112,14 +114,14 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
     )
     parser.add_argument(
         "--sparsity-criterion",
-        choices=["magnitude", "saliency", "obs"],
+        choices=CRITERIA,
         default="magnitude",
         help="Which weights go first: smallest magnitude, smallest saliency on the remembered inputs, or optimal "
         "brain surgeon (needs --sparsity-scope layer).",
     )
     parser.add_argument(
         "--sparsity-scope",
-        choices=["global", "layer"],
+        choices=SCOPES,
         default="global",
         help="global: one threshold over all adapted weights; layer: the same sparsity in each.",
     )
@@ -155,7 +157,7 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
     parser.add_argument("--rank", type=int, default=None, help="Low-rank displacement of this rank. Default: full.")
     parser.add_argument(
         "--distance",
-        choices=["logits", "bhattacharyya", "kl"],
+        choices=DISTANCES,
         default="logits",
         help="Output distance kept on the anchors.",
     )

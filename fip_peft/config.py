@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args, get_type_hints
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .checks import check_config_consistency, drop_unknown_config_fields
-from .sparsity import CRITERIA, SCHEDULES, SCOPES
+from .checks import is_int, is_number
+from .choices import (
+    CRITERIA,
+    DISTANCES,
+    NONFINITE_POLICIES,
+    OBJECTIVES,
+    SCHEDULES,
+    SCOPES,
+    Distance,
+    NonfinitePolicy,
+    Objective,
+    SparsityCriterion,
+    SparsitySchedule,
+    SparsityScope,
+)
 
-DISTANCES = ("logits", "bhattacharyya", "kl")
-OBJECTIVES = ("continual", "sparsify")
-SOLVERS = ("penalty", "natural", "natural+penalty", "projection", "projection+penalty")
 # Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
 # a low-rank displacement can move in few directions, so it needs a weaker hold on the old outputs to learn.
 DEFAULT_BETA_FULL_RANK = 0.4
@@ -54,8 +68,8 @@ class FIPConfig(PeftConfig):
             (or the last hidden state), whose metric is g = J^T J, the paper's metric. `"bhattacharyya"`: between
             softmax outputs, what the authors' code uses. `"kl"`: KL(p_ref || p) between softmax outputs.
         beta: Weight of the secondary objective against output preservation (> 0). Larger moves faster and
-            preserves less. `None` picks 0.4 for a full-rank displacement and 0.7 for a low-rank one, the balance
-            measured on the acceptance tasks.
+            preserves less. `None` picks the balance measured on the acceptance tasks (`DEFAULT_BETA_*`): a
+            low-rank displacement moves in few directions, so it gets a weaker hold on the old outputs.
         rank: `None` for a full-rank displacement; an int r for a low-rank displacement `B @ A` (B zero-initialised)
             at LoRA-like memory. LoRA users raise the learning rate about 10x with a low rank.
         anchor_budget: Most anchors kept over all remembered tasks, split evenly across tasks.
@@ -67,9 +81,8 @@ class FIPConfig(PeftConfig):
             `"bert.pooler"`: the 384 features a MiniLM classifier reads instead of its 2 logits), compared with
             `distance="logits"` (squared L2). `None`: the model's output. For models whose output is not what
             should stay put: a backbone whose head will be replaced, task heads on shared features. Not a free gain:
-            sparsifying MiniLM, keeping its pooled features tied keeping its logits with 5,000 anchors and lost 3.7
-            points with 512 (docs/benchmarks.md, "Run 9"). The reference is recorded from this module, so set it
-            before `remember`.
+            hidden features constrain more than logits, so they need more anchors (docs/benchmarks.md, "Run 9").
+            The reference is recorded from this module, so set it before `remember`.
         label_weight: Weight of the label term: where anchors carry labels (`remember(data, labels=...)` or the
             data's own label column), each FIP step adds `label_weight` times the cross-entropy of their logits to
             `D / beta` (DER++'s label term beside its logit matching). Matching old outputs keeps what the model
@@ -81,9 +94,9 @@ class FIPConfig(PeftConfig):
             metric-preconditioned step: the gradient of L on each covered layer (full-rank displacements and trained
             `nn.Linear` heads) becomes P grad L, P = lambda (g + lambda I)^-1 with g the Kronecker-factored metric
             E[J^T M J] on the anchors (no D per step). `"natural+penalty"`: P grad L + grad D / beta, the penalty
-            correcting drift the metric lets through (`beta=None` resolves to 5.0 here); the one to use, as
-            `"natural"` alone forgets over long task sequences unless its metric is refreshed every step or two
-            (`metric_update_interval`; the metric goes stale, docs/benchmarks.md). Both need `rank=None`.
+            correcting drift the metric lets through (`beta=None` resolves to `DEFAULT_BETA_NATURAL` here); the one
+            to use, as `"natural"` alone forgets over long task sequences unless its metric is refreshed every step
+            or two (`metric_update_interval`; the metric goes stale, docs/benchmarks.md). Both need `rank=None`.
         epsilon: Natural solvers only. `None`: the wrapped optimizer steps on the preconditioned gradient (its lr
             sets the length). A number: the paper's step, the covered parameters move by exactly `epsilon` (times
             lr / initial_lr under a schedule) along the preconditioned gradient.
@@ -101,10 +114,8 @@ class FIPConfig(PeftConfig):
         metric_positions: Natural solvers: input positions (tokens, conv patches) per anchor, on average, that the
             Kronecker factors are formed from, drawn at random among the non-padding ones at each refresh. `None`:
             all of them. Forming the factors over every token of every anchor (x^T x and d^T d over batch x
-            sequence rows) is about half of a refresh on MiniLM at 64 tokens; 8 positions per anchor took its
-            natural step from 2.64x to 2.06x plain, and natural+penalty with them reached ACC 0.649 on the text
-            benchmark (3 seeds; every position: 0.640, measured before partial eigenbases were kept; docs/
-            benchmarks.md, "Factors from sampled positions").
+            sequence rows) is a large part of a refresh on long sequences; a few positions per anchor estimate the
+            same factors for less (docs/benchmarks.md, "Factors from sampled positions").
         init_weights: `True` starts from a zero displacement (the base function). `False` starts from a small
             random displacement, for tests.
         on_nonfinite: What the optimizer step does when the task gradient or the anchor distance D is NaN or
@@ -120,16 +131,15 @@ class FIPConfig(PeftConfig):
             factors A (x) G on `metric_anchors` anchors, gathered as the natural solvers' `metric_*` fields say and
             refreshed at every mask update): the entries whose removal moves the outputs on the anchors least. It
             weighs each entry by how much its input carries and how much the outputs depend on its output, so one
-            global threshold compares layers on one scale. On MiniLM at 90% (five seeds) the walk ended 4.9
-            points ahead of iterative magnitude pruning against 1.5 with magnitude; at 80% it gained 0.4
-            (docs/benchmarks.md, "Run 10"). Needs remembered anchors. `"obs"`: optimal brain surgeon under the
-            metric's input factor A = E[x x^T] (SparseGPT's solve, `natural.obs_prune`): at every mask update each
+            global threshold compares layers on one scale (docs/benchmarks.md, "Run 10"). Needs remembered
+            anchors. `"obs"`: optimal brain surgeon under the
+            metric's input factor A = E[x x^T] (SparseGPT's solve, `saliency.obs_prune`): at every mask update each
             layer is pruned to the scheduled sparsity and the kept entries of each row move to make up for the pruned
             ones, so the layer's outputs on the anchors change as little as the solve finds; the pull uses the OBS
             saliency w_ij^2 / [A^-1]_jj. Needs remembered anchors and `sparsity_scope="layer"`; not for embeddings.
-            Measured with `sparsity_schedule="constant"` (one solve at the first step, then the walk repairs; with
-            a ramp the solve runs at every mask update): on MiniLM at 80% (five seeds) 0.9 points below dense against
-            saliency's 1.9; at 90% saliency is better (docs/benchmarks.md, "Run 11").
+            Best with `sparsity_schedule="constant"` (one solve at the first step, then the walk repairs; with a
+            ramp the solve runs at every mask update); which of saliency and OBS wins depends on the target
+            (docs/benchmarks.md, "Run 11").
         sparsity_begin_step: Optimizer step at which the mask starts to prune.
         sparsity_ramp_steps: T, optimizer steps from `sparsity_begin_step` until the mask reaches the target.
         sparsity_update_every: Optimizer steps between mask updates (the last ramp step always updates). `None`
@@ -157,12 +167,10 @@ class FIPConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. a new head."}
     )
-    objective: Literal["continual", "sparsify"] = field(
+    objective: Objective = field(
         default="continual", metadata={"help": "'continual' keeps remembered tasks while learning a new one."}
     )
-    distance: Literal["logits", "bhattacharyya", "kl"] = field(
-        default="logits", metadata={"help": "Output distance on anchors: 'logits', 'bhattacharyya' or 'kl'."}
-    )
+    distance: Distance = field(default="logits", metadata={"help": f"Output distance on anchors: one of {DISTANCES}."})
     beta: float | None = field(
         default=None,
         metadata={
@@ -238,13 +246,13 @@ class FIPConfig(PeftConfig):
         default=None,
         metadata={"help": "objective='sparsify': fraction of target weight entries to zero, in [0, 1)."},
     )
-    sparsity_schedule: Literal["cubic", "linear", "constant"] = field(
+    sparsity_schedule: SparsitySchedule = field(
         default="cubic", metadata={"help": "Ramp of the sparsity from 0 to target: 'cubic', 'linear', 'constant'."}
     )
-    sparsity_scope: Literal["global", "layer"] = field(
+    sparsity_scope: SparsityScope = field(
         default="global", metadata={"help": "Magnitude threshold over all target weights ('global') or per layer."}
     )
-    sparsity_criterion: Literal["magnitude", "saliency", "obs"] = field(
+    sparsity_criterion: SparsityCriterion = field(
         default="magnitude",
         metadata={
             "help": "Entries pruned first: smallest 'magnitude' |w|, smallest 'saliency' under the metric, or 'obs' "
@@ -262,7 +270,7 @@ class FIPConfig(PeftConfig):
         default=1.0,
         metadata={"help": "Pull lambda of the weights toward their projection at target_sparsity (>= 0)."},
     )
-    on_nonfinite: Literal["skip", "raise"] = field(
+    on_nonfinite: NonfinitePolicy = field(
         default="skip",
         metadata={"help": "A NaN/inf task gradient or anchor distance: 'skip' the step (with a warning) or 'raise'."},
     )
@@ -289,7 +297,7 @@ class FIPConfig(PeftConfig):
             self.damping = DEFAULT_DAMPING_PROJECTION if projection else DEFAULT_DAMPING_NATURAL
         if self.beta is None and self.solver in ("natural+penalty", "projection+penalty"):
             self.beta = DEFAULT_BETA_NATURAL
-        elif self.beta is None and isinstance(self.rank, int) and not isinstance(self.rank, bool):
+        elif self.beta is None and is_int(self.rank):
             self.beta = DEFAULT_BETA_LOW_RANK
         elif self.beta is None:
             self.beta = DEFAULT_BETA_FULL_RANK
@@ -305,7 +313,7 @@ class FIPConfig(PeftConfig):
     def _validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"FIPConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
-        self._validate_sparsity()
+        _check_sparsity(self)
         if self.distance not in DISTANCES:
             raise ValueError(f"FIPConfig.distance must be one of {DISTANCES}, got {self.distance!r}.")
         if self.solver not in SOLVERS:
@@ -323,67 +331,11 @@ class FIPConfig(PeftConfig):
         _check_int("anchor_budget", self.anchor_budget, minimum=1)
         _check_int("anchor_batch_size", self.anchor_batch_size, minimum=1)
         _check_int("anchor_seed", self.anchor_seed, minimum=0)
-        self._validate_anchor_output()
+        _check_anchor_output(self)
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
         _check_history(self.task_names, self.accuracy_matrix)
         check_config_consistency(self)
-
-    def _validate_anchor_output(self) -> None:
-        if self.anchor_output_module is None:
-            return
-        if not isinstance(self.anchor_output_module, str) or not self.anchor_output_module.strip():
-            raise (TypeError if not isinstance(self.anchor_output_module, str) else ValueError)(
-                "FIPConfig.anchor_output_module must be a submodule name such as 'bert.pooler', or None for the "
-                f"model's output; got {self.anchor_output_module!r}."
-            )
-        if self.distance != "logits":
-            raise ValueError(
-                f"FIPConfig.anchor_output_module={self.anchor_output_module!r} keeps hidden features, which are not "
-                f"logits of a distribution: use distance='logits' (squared L2), got distance={self.distance!r}."
-            )
-
-    def _validate_sparsity(self) -> None:
-        if self.objective != "sparsify":
-            if self.target_sparsity is not None:
-                raise ValueError(
-                    f"FIPConfig.target_sparsity={self.target_sparsity} needs objective='sparsify' (got "
-                    f"objective={self.objective!r})."
-                )
-            return
-        if self.target_sparsity is None:
-            raise ValueError("FIPConfig.objective='sparsify' needs target_sparsity, e.g. target_sparsity=0.8.")
-        _check_number("target_sparsity", self.target_sparsity, positive=False)
-        if not 0.0 <= self.target_sparsity < 1.0:
-            raise ValueError(f"FIPConfig.target_sparsity must be in [0, 1), got {self.target_sparsity}.")
-        if self.rank is not None:
-            raise ValueError(
-                f"FIPConfig.objective='sparsify' needs a full-rank displacement (rank=None), got rank={self.rank}: "
-                "a low-rank displacement cannot zero arbitrary entries."
-            )
-        if self.sparsity_schedule not in SCHEDULES:
-            raise ValueError(
-                f"FIPConfig.sparsity_schedule must be one of {SCHEDULES}, got {self.sparsity_schedule!r}."
-            )
-        if self.sparsity_scope not in SCOPES:
-            raise ValueError(f"FIPConfig.sparsity_scope must be one of {SCOPES}, got {self.sparsity_scope!r}.")
-        if self.sparsity_criterion not in CRITERIA:
-            raise ValueError(
-                f"FIPConfig.sparsity_criterion must be one of {CRITERIA}, got {self.sparsity_criterion!r}."
-            )
-        if self.sparsity_criterion == "obs" and self.sparsity_scope != "layer":
-            raise ValueError(
-                "FIPConfig.sparsity_criterion='obs' prunes every target layer to the scheduled sparsity (its solve "
-                f"works within a layer), so it needs sparsity_scope='layer', got {self.sparsity_scope!r}."
-            )
-        _check_int("sparsity_begin_step", self.sparsity_begin_step, minimum=0)
-        _check_int("sparsity_ramp_steps", self.sparsity_ramp_steps, minimum=0)
-        if self.sparsity_update_every is None:
-            self.sparsity_update_every = max(1, self.sparsity_ramp_steps // 10)
-        _check_int("sparsity_update_every", self.sparsity_update_every, minimum=1)
-        _check_number("sparsity_lambda", self.sparsity_lambda, positive=False)
-        if self.sparsity_lambda < 0:
-            raise ValueError(f"FIPConfig.sparsity_lambda must be >= 0, got {self.sparsity_lambda}.")
 
     def _validate_natural(self) -> None:
         if self.epsilon is not None:
@@ -412,15 +364,131 @@ class FIPConfig(PeftConfig):
             )
 
 
+# The solvers are the values of the Literal on `FIPConfig.solver` (the one place they are written).
+SOLVERS: tuple[str, ...] = get_args(get_type_hints(FIPConfig)["solver"])
+
+
+def _check_anchor_output(config: FIPConfig) -> None:
+    if config.anchor_output_module is None:
+        return
+    if not isinstance(config.anchor_output_module, str) or not config.anchor_output_module.strip():
+        raise (TypeError if not isinstance(config.anchor_output_module, str) else ValueError)(
+            "FIPConfig.anchor_output_module must be a submodule name such as 'bert.pooler', or None for the "
+            f"model's output; got {config.anchor_output_module!r}."
+        )
+    if config.distance != "logits":
+        raise ValueError(
+            f"FIPConfig.anchor_output_module={config.anchor_output_module!r} keeps hidden features, which are not "
+            f"logits of a distribution: use distance='logits' (squared L2), got distance={config.distance!r}."
+        )
+
+
+def _check_sparsity(config: FIPConfig) -> None:
+    if config.objective != "sparsify":
+        if config.target_sparsity is not None:
+            raise ValueError(
+                f"FIPConfig.target_sparsity={config.target_sparsity} needs objective='sparsify' (got "
+                f"objective={config.objective!r})."
+            )
+        return
+    if config.target_sparsity is None:
+        raise ValueError("FIPConfig.objective='sparsify' needs target_sparsity, e.g. target_sparsity=0.8.")
+    _check_number("target_sparsity", config.target_sparsity, positive=False)
+    if not 0.0 <= config.target_sparsity < 1.0:
+        raise ValueError(f"FIPConfig.target_sparsity must be in [0, 1), got {config.target_sparsity}.")
+    if config.rank is not None:
+        raise ValueError(
+            f"FIPConfig.objective='sparsify' needs a full-rank displacement (rank=None), got rank={config.rank}: "
+            "a low-rank displacement cannot zero arbitrary entries."
+        )
+    if config.sparsity_schedule not in SCHEDULES:
+        raise ValueError(f"FIPConfig.sparsity_schedule must be one of {SCHEDULES}, got {config.sparsity_schedule!r}.")
+    if config.sparsity_scope not in SCOPES:
+        raise ValueError(f"FIPConfig.sparsity_scope must be one of {SCOPES}, got {config.sparsity_scope!r}.")
+    if config.sparsity_criterion not in CRITERIA:
+        raise ValueError(f"FIPConfig.sparsity_criterion must be one of {CRITERIA}, got {config.sparsity_criterion!r}.")
+    if config.sparsity_criterion == "obs" and config.sparsity_scope != "layer":
+        raise ValueError(
+            "FIPConfig.sparsity_criterion='obs' prunes every target layer to the scheduled sparsity (its solve "
+            f"works within a layer), so it needs sparsity_scope='layer', got {config.sparsity_scope!r}."
+        )
+    _check_int("sparsity_begin_step", config.sparsity_begin_step, minimum=0)
+    _check_int("sparsity_ramp_steps", config.sparsity_ramp_steps, minimum=0)
+    if config.sparsity_update_every is None:
+        config.sparsity_update_every = max(1, config.sparsity_ramp_steps // 10)
+    _check_int("sparsity_update_every", config.sparsity_update_every, minimum=1)
+    _check_number("sparsity_lambda", config.sparsity_lambda, positive=False)
+    if config.sparsity_lambda < 0:
+        raise ValueError(f"FIPConfig.sparsity_lambda must be >= 0, got {config.sparsity_lambda}.")
+
+
+# ---- checks of several fields --------------------------------------------------------------------------------------
+
+
+def _check_names(name: str, value: object, *, allow_str: bool) -> None:
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    kinds = "None, a regex string or a list of module names" if allow_str else "None or a list of module names"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise TypeError(f"FIPConfig.{name} must be {kinds}, got {type(value).__name__}.")
+    bad = [item for item in value if not isinstance(item, str)]
+    if bad:
+        raise TypeError(f"FIPConfig.{name} must hold module names (str), got {bad[:3]!r}.")
+
+
+def check_config_consistency(config: FIPConfig) -> None:
+    """Types of the fields `_validate` does not cover, and checks that involve several fields."""
+    if config.on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"FIPConfig.on_nonfinite must be one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}.")
+    skips = config.max_consecutive_skips
+    if skips is not None and (not is_int(skips) or skips < 1):
+        raise (ValueError if is_int(skips) else TypeError)(
+            f"FIPConfig.max_consecutive_skips must be an int >= 1 or None (never stop), got {skips!r}."
+        )
+    if not math.isfinite(config.beta):
+        raise ValueError(
+            f"FIPConfig.beta must be finite, got {config.beta}: beta=inf would ignore the remembered outputs (plain "
+            "fine-tuning). Use a large finite beta to preserve less, or leave beta=None for the default."
+        )
+    if not isinstance(config.init_weights, bool):
+        raise TypeError(f"FIPConfig.init_weights must be a bool, got {type(config.init_weights).__name__}.")
+    _check_names("target_modules", config.target_modules, allow_str=True)
+    _check_names("exclude_modules", config.exclude_modules, allow_str=True)
+    _check_names("modules_to_save", config.modules_to_save, allow_str=False)
+    if isinstance(config.target_modules, (set, list)) and config.modules_to_save:
+        both = sorted(set(config.target_modules) & set(config.modules_to_save))
+        if both:
+            raise ValueError(
+                f"{both} are both in FIPConfig.target_modules (given a FIP displacement) and in "
+                "FIPConfig.modules_to_save (trained in full): name each module in one of them only."
+            )
+
+
+def drop_unknown_config_fields(config_cls: type, kwargs: dict) -> dict:
+    """`kwargs` without the fields `config_cls` does not have, with a warning naming them (a newer fip_peft's)."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        from . import __version__
+
+        warnings.warn(
+            f"The FIP adapter config has fields {unknown} that fip_peft {__version__} does not know; they are "
+            "ignored. The adapter was probably saved by a newer fip_peft: upgrade it (`pip install -U fip-peft`) "
+            "if the adapter does not behave as it did when saved.",
+            stacklevel=3,
+        )
+    return {key: value for key, value in kwargs.items() if key in known}
+
+
 def _check_number(name: str, value: object, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"FIPConfig.{name} must be a number, got {type(value).__name__}.")
     if positive and not value > 0:
         raise ValueError(f"FIPConfig.{name} must be > 0, got {value}.")
 
 
 def _check_int(name: str, value: object, *, minimum: int, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"FIPConfig.{name} must be an int, got {type(value).__name__}.")
     if value < minimum:
         suffix = f" ({hint})" if hint else ""

@@ -17,14 +17,9 @@ FSDP plugin (untested), with an error instead of training without the anchor ter
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 from torch import nn
-
-if TYPE_CHECKING:
-    from .natural import KroneckerFactors
 
 try:
     from torch.distributed.tensor import DTensor
@@ -168,55 +163,3 @@ def process_share(count: int) -> range:
         return range(count)
     world, rank = dist.get_world_size(), dist.get_rank()
     return range(count * rank // world, count * (rank + 1) // world)
-
-
-def sum_factors_across_processes(factors: KroneckerFactors, device: torch.device) -> None:
-    """Sum, in place on every process, the Kronecker factors each process gathered on its share of the anchors
-    (`process_share`). A factor still kept as rows on every process (fewer rows in all than its width) gathers the
-    rows in rank order; the others sum their outer products. Every process then holds the same factors, those one
-    process would have gathered from every share in turn (up to the order of the sums)."""
-    from .natural import _DiagonalFactor
-
-    factors.num_anchors = int(_summed(torch.tensor([factors.num_anchors], device=device)))
-    for key in sorted(factors.inputs):
-        factor = factors.inputs[key]
-        if isinstance(factor, _DiagonalFactor):
-            factor.num_rows = int(_summed(torch.tensor([factor.num_rows], device=device)))
-            factor.counts = _summed(factor.counts.to(device))
-        else:
-            _sum_factor(factor, device)
-    for key in sorted(factors.grads):
-        _sum_factor(factors.grads[key], device)
-
-
-def _summed(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor)
-    return tensor
-
-
-def _sum_factor(factor, device: torch.device) -> None:
-    """`sum_factors_across_processes` for one `fip_peft.natural._Factor`."""
-    factor.num_rows = int(_summed(torch.tensor([factor.num_rows], device=device)))
-    if factor.diagonal_only:
-        factor.sum = _summed(factor.sum.to(device))
-        return
-    kept = sum(len(rows) for rows in factor.rows) if factor.sum is None else factor.dim + 1
-    if int(_summed(torch.tensor([kept], device=device))) <= factor.dim:
-        factor.rows = [_gathered_rows(factor, device)]
-        return
-    local = factor.sum if factor.sum is not None else torch.zeros(factor.dim, factor.dim, device=device)
-    for rows in factor.rows:
-        local = local.to(rows.device) + rows.t() @ rows
-    factor.sum, factor.rows = _summed(local.to(device)), []
-
-
-def _gathered_rows(factor, device: torch.device) -> torch.Tensor:
-    """The rows every process kept for `factor`, concatenated in rank order (padded to one size to be gathered)."""
-    rows = torch.cat(factor.rows).to(device) if factor.rows else torch.zeros(0, factor.dim, device=device)
-    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(rows)], device=device))
-    longest = max(int(count) for count in counts)
-    padded = torch.cat([rows, rows.new_zeros(longest - len(rows), factor.dim)])
-    pieces = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(pieces, padded)
-    return torch.cat([piece[: int(count)] for piece, count in zip(pieces, counts, strict=True)])

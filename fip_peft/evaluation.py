@@ -346,3 +346,12 @@ def plot_accuracy_matrix(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
+
+
+def task_history(task_names: list[str], anchors_per_task: list[int]) -> list[tuple[str, int | None]]:
+    """(name, anchors kept) of every task of an adapter's history, as the model card and `fip-peft info` show it.
+    Tasks remembered without a name are "task <i>"; the anchors of the first tasks are None when the adapter was
+    once saved without anchors (`save_anchors=False`) and the later tasks were remembered after loading it."""
+    names = list(task_names) + [f"task {i}" for i in range(len(task_names), len(anchors_per_task))]
+    offset = len(names) - len(anchors_per_task)  # tasks before `offset` lost their anchors
+    return [(name, anchors_per_task[i - offset] if i >= offset else None) for i, name in enumerate(names)]

@@ -42,6 +42,15 @@ def label_kwargs(labels: list[str]) -> dict[str, Any]:
     }
 
 
+def fip_adapters(model) -> dict[str, object]:
+    """The configs of the FIP adapters of the `PeftModel` `model`, by name (empty for any other model)."""
+    from .model import FIPModel  # fip_peft.model imports much; labels are read without it
+
+    if not isinstance(getattr(model, "base_model", None), FIPModel):
+        return {}
+    return {name: config for name, config in model.peft_config.items() if getattr(config, "peft_type", "") == "FIP"}
+
+
 def _is_seq_cls(config) -> bool:
     task_type = getattr(config, "task_type", None)
     return getattr(task_type, "value", task_type) == "SEQ_CLS"
@@ -49,9 +58,7 @@ def _is_seq_cls(config) -> bool:
 
 def write_labels(model, folder: str | os.PathLike) -> None:
     """Write (or update the `labels` of) `fip_labels.json` in `folder` for a FIP sequence-classification adapter."""
-    from .model_card import _fip_adapters
-
-    configs = _fip_adapters(model)
+    configs = fip_adapters(model)
     labels = model_labels(model.get_base_model())
     if not labels or not any(_is_seq_cls(config) for config in configs.values()):
         return

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .anchors import AnchorInputs, concat_inputs, num_rows, pad_labels, select_rows
+from .seeds import counter_seed, generator
 
 ANCHOR_PREFIX = "anchor__"
 NO_LABEL = -100  # as transformers' ignore_index: an anchor (or a token of one) without a label
@@ -150,7 +151,7 @@ class AnchorMemory(nn.Module):
         size = len(self)
         if batch_size >= size:
             return torch.arange(size)
-        return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))[:batch_size]
+        return torch.randperm(size, generator=generator(counter_seed(seed, step)))[:batch_size]
 
     def batch(self, index: torch.Tensor) -> tuple[AnchorInputs, torch.Tensor]:
         """Anchor inputs and reference outputs at `index`, trimmed of columns that are padding in every row."""

@@ -25,7 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from peft import PeftModel
 
-from .labels import model_labels
+from .labels import fip_adapters, model_labels
 
 CARD_NAME = "README.md"
 BEGIN = "<!-- fip-peft: begin (this section is rewritten by fip-peft on every save) -->"
@@ -55,14 +55,6 @@ _INSTALLED = "_fip_model_card_installed"
 _REPO_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("fip_peft_repo_id", default=None)
 
 
-def _fip_adapters(model: PeftModel) -> dict[str, Any]:
-    from .model import FIPModel
-
-    if not isinstance(getattr(model, "base_model", None), FIPModel):
-        return {}
-    return {name: config for name, config in model.peft_config.items() if getattr(config, "peft_type", "") == "FIP"}
-
-
 def _base_model_id(model: PeftModel, configs: dict[str, Any]) -> str | None:
     named = [c.base_model_name_or_path for c in configs.values() if c.base_model_name_or_path]
     if named:
@@ -90,15 +82,13 @@ def _cell(value: object) -> str:
 
 def _task_history(tuner, name: str, config) -> list[str]:
     """One row per task of the adapter's history: its name and the anchors the adapter keeps for it."""
-    memory = tuner.memory(name)
-    counts = memory.anchors_per_task()
-    names = list(config.task_names)
-    names += [f"task {i}" for i in range(len(names), len(counts))]
-    offset = len(names) - len(counts)  # tasks before `offset` were remembered by an adapter saved without anchors
+    from .evaluation import task_history
+
     lines = ["| # | task | anchors kept |", "| --- | --- | --- |"]
-    for index, task in enumerate(names):
-        anchors = counts[index - offset] if index >= offset else "none (lost: saved without anchors)"
-        lines.append(f"| {index} | {task} | {anchors} |")
+    for index, (task, anchors) in enumerate(task_history(config.task_names, tuner.memory(name).anchors_per_task())):
+        lines.append(
+            f"| {index} | {task} | {anchors if anchors is not None else 'none (lost: saved without anchors)'} |"
+        )
     return lines
 
 
@@ -253,7 +243,7 @@ def _config_rows(config) -> list[str]:
 def fip_card_section(model: PeftModel) -> str:
     """The FIP section of the card of `model` (markers included): what the adapter is, how to load it, its task
     history (anchors per task and the accuracy matrix when recorded), sparsity, anchor privacy, settings."""
-    configs = _fip_adapters(model)
+    configs = fip_adapters(model)
     tuner = model.base_model
     base_id = _base_model_id(model, configs)
     objectives = sorted({config.objective for config in configs.values()})
@@ -310,7 +300,7 @@ def _replace_section(text: str, section: str) -> str:
 
 def update_fip_card(model: PeftModel, output_dir: str | os.PathLike) -> None:
     """Add FIP's metadata and section to the card in `output_dir` (written by PEFT just before)."""
-    configs = _fip_adapters(model)
+    configs = fip_adapters(model)
     path = os.path.join(os.fspath(output_dir), CARD_NAME)
     card = ModelCard.load(path)
     tags = set(card.data.tags or []) | {"fip"} | {OBJECTIVE_TAGS[c.objective] for c in configs.values()}
@@ -339,11 +329,11 @@ def update_fip_card(model: PeftModel, output_dir: str | os.PathLike) -> None:
 def _wrap_card(original: Callable) -> Callable:
     @functools.wraps(original)
     def create_or_update_model_card(self, output_dir: str):
-        if not _fip_adapters(self):
+        if not fip_adapters(self):
             return original(self, output_dir)
         path = os.path.join(output_dir, CARD_NAME)
         if not os.path.exists(path):  # a short card instead of PEFT's long template full of placeholders
-            base_id = _base_model_id(self, _fip_adapters(self))
+            base_id = _base_model_id(self, fip_adapters(self))
             title = f"# FIP adapter for {base_id}" if base_id else "# FIP adapter"
             ModelCard.from_template(ModelCardData(), template_str=CARD_TEMPLATE, title=title).save(path)
         original(self, output_dir)
@@ -408,7 +398,7 @@ def _wrap_push(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def push_to_hub(self, *args, **kwargs):
-        if not _fip_adapters(self):
+        if not fip_adapters(self):
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments
         bound.pop("self")

@@ -30,3 +30,16 @@ def model_output(outputs: object) -> torch.Tensor:
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
         return outputs[0]
     raise TypeError(f"FIP cannot find an output tensor in a model output of type {type(outputs).__name__}.")
+
+
+def loss_uses_num_items(model) -> bool:
+    """Whether the model's own loss divides by the `num_items_in_batch` that `Trainer` passes to models whose
+    `forward` takes `**kwargs` (transformers' losses do, through `self.loss_function`; classification heads that build
+    `CrossEntropyLoss()` themselves do not)."""
+    from transformers.trainer_utils import unwrap_peft_model
+
+    try:
+        source = inspect.getsource(type(unwrap_peft_model(model)).forward)
+    except (OSError, TypeError):
+        return True
+    return "loss_function" in source or "num_items_in_batch" in source

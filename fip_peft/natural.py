@@ -1,5 +1,7 @@
-"""The math of the metric-preconditioned FIP step (`solver="natural"`): Kronecker factors of the metric, its damped
-inverse, its spectrum, and an exact matrix-free reference (conjugate gradient on Gauss-Newton-vector products).
+"""The math of the metric-preconditioned FIP step (`solver="natural"`): Kronecker factors of the metric, how they are
+estimated on the anchors (forward hooks and sampled output directions), their damped inverse and their spectrum.
+The model side (which layers, which anchors, which seeds) is `fip_peft.metric`; the sparsity scores read from the
+factors are `fip_peft.saliency`; exact matrix-free references for the tests are in `tests/_references.py`.
 
 The paper's step solves argmin_theta theta^T g theta + beta <theta, grad L> with |theta| <= epsilon, where
 g = E[J^T M J] over the anchors. Its solution is theta proportional to -(g + lambda I)^-1 grad L. Here g is
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -99,83 +102,6 @@ class CoveredLayer:
         if self.kind == "conv2d":
             return d.transpose(1, -1).reshape(-1, d.shape[1])
         return d.reshape(-1, d.shape[-1])
-
-
-def metric_saliency(
-    layer: CoveredLayer, weight: torch.Tensor, a_diag: torch.Tensor, g_diag: torch.Tensor
-) -> torch.Tensor:
-    """Optimal-brain-damage saliency of every entry of `weight` (shaped like the layer's weight) under the metric:
-    w_ij^2 g_(ij),(ij) with the diagonal of A (x) G, g_(ij),(ij) = G_ii A_jj. It is twice the increase of the
-    functional distance D when that entry alone is zeroed, to second order: prune the smallest first."""
-    matrix = layer.as_matrix(weight.detach().float())
-    saliency = matrix.pow(2) * g_diag.to(matrix.device)[:, None] * a_diag.to(matrix.device)[None, : matrix.shape[1]]
-    return layer.from_matrix(saliency)[0]
-
-
-# Damping of the OBS solve: this fraction of the mean of diag(A) is added to A's diagonal (SparseGPT's default).
-OBS_DAMPING = 0.01
-# Columns whose entries the OBS solve chooses together, from the weights as compensated so far (SparseGPT's block).
-OBS_BLOCK = 128
-
-
-def obs_inverse_factor(a: torch.Tensor) -> torch.Tensor:
-    """U upper triangular with U^T U = (A + OBS_DAMPING mean(diag A) I)^-1: what the OBS scores and solve read,
-    computed once per input factor (layers that share an input share it)."""
-    h = a.float().clone()
-    mean = h.diagonal().mean()
-    h.diagonal().add_(OBS_DAMPING * mean if mean > 0 else 1.0)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-
-def obs_input_weights(u: torch.Tensor) -> torch.Tensor:
-    """1 / [H^-1]_jj from U = `obs_inverse_factor(A)` (H the damped A): w_ij^2 times it is the OBS saliency of entry
-    (i, j), the increase of the layer's reconstruction error E_x (x (W - W')^T)^2 when it alone is removed and its row
-    compensated. `metric_saliency` with these as the input diagonal and ones as the output diagonal gives it."""
-    return 1.0 / u.pow(2).sum(0)
-
-
-def obs_prune(
-    matrix: torch.Tensor, u: torch.Tensor, sparsity: float, pruned: torch.Tensor, block: int = OBS_BLOCK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimal brain surgeon under the input factor A = E[x x^T]: prune round(`sparsity` x numel) entries of
-    `matrix` (out, in), those already `pruned` first, and move the kept entries of each row to make up for them, so
-    that the layer's outputs x W^T on the anchors change as little as the greedy solve finds. Column blocks of `block`
-    are pruned left to right, each choosing its share of the entries by w_ij^2 / U_jj^2 after the compensation of
-    the blocks before (SparseGPT, Frantar & Alistarh 2023; `u` = `obs_inverse_factor(A)`).
-    Returns the new matrix (exact zeros where pruned) and its pruned mask."""
-    w = matrix.detach().float().clone()
-    rows, cols = w.shape
-    u = u.to(w.device)
-    chosen_all = torch.zeros_like(w, dtype=torch.bool)
-    for start in range(0, cols, block):
-        end = min(start + block, cols)
-        w1, u1 = w[:, start:end], u[start:end, start:end]
-        score = w1.pow(2) / u1.diagonal().pow(2)[None, :]
-        already = pruned[:, start:end].to(w.device)
-        score[already] = -1.0
-        count = round(sparsity * rows * end) - round(sparsity * rows * start)
-        count = max(count, int(already.sum()))
-        chosen = torch.zeros_like(already)
-        chosen.view(-1)[score.flatten().topk(count, largest=False).indices] = True
-        errors = torch.zeros_like(w1)
-        for i in range(end - start):
-            kept = torch.where(chosen[:, i], torch.zeros_like(w1[:, i]), w1[:, i])
-            errors[:, i] = (w1[:, i] - kept) / u1[i, i]
-            w1[:, i:] -= errors[:, i : i + 1] * u1[i : i + 1, i:]
-            w1[:, i] = kept
-        w[:, end:] -= errors @ u[start:end, end:]
-        chosen_all[:, start:end] = chosen
-    return w.masked_fill(chosen_all, 0.0), chosen_all
-
-
-def check_conv(conv: nn.Conv2d, name: str) -> None:
-    """Refuse convolutions whose weight is not a plain patch product (groups, string padding, non-zero padding)."""
-    if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError(
-            f"FIPConfig.solver='natural' cannot precondition {name!r}: only Conv2d with groups=1 and numeric zero "
-            f"padding is supported (got groups={conv.groups}, padding={conv.padding!r}, "
-            f"padding_mode={conv.padding_mode!r}). Remove it from target_modules or use solver='penalty'."
-        )
 
 
 # ---- factors --------------------------------------------------------------------------------------------------------
@@ -251,6 +177,34 @@ class _Factor:
         product = rows.t() @ rows
         self.sum = product if self.sum is None else self.sum + product
 
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum this factor over the processes of the default group, in place on every process (each must call it at
+        the same time). While all processes together kept fewer rows than its width, the rows are gathered in rank
+        order (so that it stays decomposable through its Gram matrix); otherwise the outer products are summed."""
+        self.num_rows = int(_summed(torch.tensor([self.num_rows], device=device)))
+        if self.diagonal_only:
+            self.sum = _summed(self.sum.to(device))
+            return
+        kept = sum(len(rows) for rows in self.rows) if self.sum is None else self.dim + 1
+        if int(_summed(torch.tensor([kept], device=device))) <= self.dim:
+            self.rows = [self._gathered_rows(device)]
+            return
+        local = self.sum if self.sum is not None else torch.zeros(self.dim, self.dim, device=device)
+        for rows in self.rows:
+            local = local.to(rows.device) + rows.t() @ rows
+        self.sum, self.rows = _summed(local.to(device)), []
+
+    def _gathered_rows(self, device: torch.device) -> torch.Tensor:
+        """The rows every process kept, concatenated in rank order (padded to one size to be gathered)."""
+        rows = torch.cat(self.rows).to(device) if self.rows else torch.zeros(0, self.dim, device=device)
+        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([len(rows)], device=device))
+        longest = max(int(count) for count in counts)
+        padded = torch.cat([rows, rows.new_zeros(longest - len(rows), self.dim)])
+        pieces = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(pieces, padded)
+        return torch.cat([piece[: int(count)] for piece, count in zip(pieces, counts, strict=True)])
+
     def diagonal(self, scale: float) -> torch.Tensor:
         """diag(F), F = (sum of row outer products) / scale (zeros before any row)."""
         diagonal = self.sum if self.diagonal_only or self.sum is None else self.sum.diagonal()
@@ -310,6 +264,11 @@ class _DiagonalFactor:
 
     def diagonal(self, scale: float) -> torch.Tensor:
         return self.counts / scale
+
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum the token counts over the processes of the default group, in place on every process."""
+        self.num_rows = int(_summed(torch.tensor([self.num_rows], device=device)))
+        self.counts = _summed(self.counts.to(device))
 
     def eigen(self, scale: float, basis: Eigen | None = None) -> Eigen:
         """The diagonal factor is its own eigen form (`basis` is not needed)."""
@@ -550,6 +509,16 @@ class KroneckerFactors:
                         self.grads[name].add(rows.float() * weight**0.5 if weight != 1.0 else rows.float())
                     position += 1
 
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum, in place on every process (each must call it at the same time), the factors each process gathered on
+        its share of the anchors (`fip_peft.distributed.process_share`). Every process then holds the factors one
+        process would have gathered from every share in turn (up to the order of the sums)."""
+        self.num_anchors = int(_summed(torch.tensor([self.num_anchors], device=device)))
+        for key in sorted(self.inputs):
+            self.inputs[key].all_reduce(device)
+        for key in sorted(self.grads):
+            self.grads[key].all_reduce(device)
+
     def diagonals(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """diag(A) and diag(G) of every layer with factors (the diagonal of the metric A (x) G is their outer
         product)."""
@@ -602,71 +571,7 @@ class KroneckerFactors:
         return metric
 
 
-def kronecker_metric(
-    layers: dict[str, CoveredLayer],
-    forward: Callable[[], torch.Tensor],
-    distance: str,
-    damping: float,
-    samples: int | None,
-    generator: torch.Generator,
-    mask: torch.Tensor | None = None,
-) -> dict[str, LayerMetric]:
-    """K-FAC factors A and G of every covered layer from one forward pass `forward()` on the anchors (returning the
-    model's output f) and one backward pass per output direction, then their damped eigen form.
-
-    `KroneckerFactors` does the same over several chunks of anchors (and `gather_factors` in
-    `fip_peft.optimizers.preconditioner` over the processes of a distributed run).
-    """
-    factors = KroneckerFactors(layers)
-    factors.add(forward, distance, samples, generator, mask)
-    return factors.metric(damping)
-
-
-# ---- exact reference: conjugate gradient on Gauss-Newton-vector products ----------------------------------------
-
-
-def gauss_newton_matvec(
-    outputs: torch.Tensor, params: list[torch.Tensor]
-) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """v -> g v with g = (1 / N) sum_n J_n^T J_n, J = d outputs / d params, by reverse mode only: J v is the
-    derivative of u -> (J^T u) . v (double backward), then J^T (J v) is one more backward pass. Works where forward
-    mode (`torch.func.jvp`) does not (SDPA attention, DDP/FSDP). The graph of `outputs` is kept between calls."""
-    num_anchors = outputs.shape[0]
-    u = torch.zeros_like(outputs, requires_grad=True)
-    jt_u = torch.autograd.grad(outputs, params, u, create_graph=True)
-
-    def matvec(vector: list[torch.Tensor]) -> list[torch.Tensor]:
-        (jv,) = torch.autograd.grad(jt_u, u, vector, retain_graph=True)
-        return [g / num_anchors for g in torch.autograd.grad(outputs, params, jv, retain_graph=True)]
-
-    return matvec
-
-
-def conjugate_gradient(
-    matvec: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-    rhs: list[torch.Tensor],
-    damping: float,
-    max_iter: int = 100,
-    tol: float = 1e-8,
-) -> list[torch.Tensor]:
-    """x with (g + damping I) x = rhs, by conjugate gradient on the products `matvec(v) = g v`."""
-
-    def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-        return sum((x * y).sum() for x, y in zip(a, b, strict=True))
-
-    x = [torch.zeros_like(r) for r in rhs]
-    residual = [r.clone() for r in rhs]
-    direction = [r.clone() for r in rhs]
-    rr = dot(residual, residual)
-    stop = tol * float(rr)
-    for _ in range(max_iter):
-        if float(rr) <= stop:
-            break
-        product = [gv + damping * v for gv, v in zip(matvec(direction), direction, strict=True)]
-        alpha = rr / dot(direction, product)
-        x = [xi + alpha * di for xi, di in zip(x, direction, strict=True)]
-        residual = [ri - alpha * pi for ri, pi in zip(residual, product, strict=True)]
-        rr_new = dot(residual, residual)
-        direction = [ri + (rr_new / rr) * di for ri, di in zip(residual, direction, strict=True)]
-        rr = rr_new
-    return x
+def _summed(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the processes of the default group, in place."""
+    dist.all_reduce(tensor)
+    return tensor

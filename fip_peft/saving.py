@@ -32,9 +32,11 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_sta
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .anchor_pass import reference_outputs
 from .checks import nonfinite_names
 from .distributed import DTensor
 from .labels import LABELS_FILE, write_labels
+from .step_guard import GUARDED_MODELS
 
 MODEL_CARD_NAME = "README.md"
 # Remembered anchors whose outputs `save_pretrained` checks before writing.
@@ -80,7 +82,7 @@ def check_anchor_outputs(model: PeftModel, adapter_names: list[str]) -> None:
         if not len(memory):
             continue
         inputs, _ = memory.batch(torch.arange(min(len(memory), ANCHOR_CHECK_ROWS)))
-        outputs = tuner._outputs_on(inputs, name)
+        outputs = reference_outputs(tuner.model, inputs, tuner.peft_config[name].anchor_output_module)
         finite = torch.isfinite(outputs.flatten(1) if outputs.dim() > 1 else outputs.unsqueeze(1)).all(dim=1)
         if not bool(finite.all()):
             raise ValueError(
@@ -283,8 +285,6 @@ def _undo_injection(model: nn.Module) -> Callable[[], None]:
     hooks = {name: dict(getattr(model, name, {})) for name in _HOOK_DICTS}
 
     def undo() -> None:
-        from .model import _GUARDED_MODELS
-
         for module, modules in children:
             module._modules.clear()
             module._modules.update(modules)
@@ -299,9 +299,9 @@ def _undo_injection(model: nn.Module) -> Callable[[], None]:
             if current is not None:
                 for key in set(current) - set(kept):
                     del current[key]
-        for tuner in list(_GUARDED_MODELS):
+        for tuner in list(GUARDED_MODELS):
             if tuner.model is model:
-                _GUARDED_MODELS.discard(tuner)
+                GUARDED_MODELS.discard(tuner)
 
     return undo
 

@@ -2,9 +2,9 @@
 
 The sparse projection P_s(w) of weights w zeroes the fraction s of their entries with the smallest score, over all
 target weights together (`scope="global"`) or within each weight (`scope="layer"`). The score is the magnitude |w|
-(`criterion="magnitude"`), the saliency under the FIP metric (`criterion="saliency"`, `natural.metric_saliency`) or
-the optimal-brain-surgeon saliency under its input factor (`criterion="obs"`, `natural.obs_input_weights`; the mask
-itself then comes from `natural.obs_prune`, which also compensates the kept entries); an entry already zero scores 0
+(`criterion="magnitude"`), the saliency under the FIP metric (`criterion="saliency"`, `saliency.metric_saliency`) or
+the optimal-brain-surgeon saliency under its input factor (`criterion="obs"`, `saliency.obs_input_weights`; the mask
+itself then comes from `saliency.obs_prune`, which also compensates the kept entries); an entry already zero scores 0
 under all three. Masks here are boolean tensors shaped like the weights, True where an entry is kept.
 """
 
@@ -14,9 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-SCHEDULES = ("cubic", "linear", "constant")
-SCOPES = ("global", "layer")
-CRITERIA = ("magnitude", "saliency", "obs")
+from .choices import CRITERIA, SCHEDULES, SCOPES  # noqa: F401 - the examples read them from here
 
 
 def scheduled_sparsity(step: int, target: float, schedule: str, begin_step: int = 0, ramp_steps: int = 0) -> float:

@@ -9,8 +9,8 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.natural import metric_saliency
-from fip_peft.optimizers.preconditioner import fip_covered_layer, gather_factors
+from fip_peft.metric import fip_covered_layer, gather_factors
+from fip_peft.saliency import metric_saliency
 from tests._tasks import MLP, as_tokens, assert_same_walk, resumed_and_uninterrupted, sparsify_bert, train_plain
 
 

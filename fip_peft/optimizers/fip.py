@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..checks import NonFiniteStepError
+from ..checks import NonFiniteStepError, is_number
 from ..distributed import all_processes, anchor_forward, check_same_anchors, local_tensor
 from ..model import FIPModel
+from ..model_io import loss_uses_num_items
 from .preconditioner import MetricPreconditioner
 from .projection import OutputProjector
 
@@ -61,7 +62,7 @@ class FIPStepMixin:
         cross-entropy, into `.grad`; return D (a tensor, so that no step waits on the device), or None when nothing
         is remembered or the solver is `"natural"` (no D in its step)."""
         fip_model = self._fip_model
-        config = fip_model.peft_config[fip_model.active_adapters[0]]
+        config = fip_model.active_config
         if config.solver in ("natural", "projection"):
             return None
         with torch.enable_grad():
@@ -82,7 +83,7 @@ class FIPStepMixin:
         """With `objective="sparsify"`: advance the sparsity schedule (prune the mask on update steps) and add the pull
         lambda * (w - P_s(w)) toward the target's magnitude projection to the gradient of `delta`."""
         fip_model = self._fip_model
-        if fip_model.peft_config[fip_model.active_adapters[0]].objective != "sparsify":
+        if fip_model.active_config.objective != "sparsify":
             return
         if not getattr(self, "_fip_pace_checked", False):
             # a scheduler's warmup starts lr near 0; the pace follows the peak rate it was built with
@@ -132,7 +133,7 @@ class FIPStepMixin:
         where = f"FIP optimizer step {self.fip_steps}: {' and '.join(what)} is NaN or infinite"
         if distance_bad:  # keep the logged mean distance finite
             self.fip_distance_sum, self.fip_distance_count = 0.0, 0
-        config = self._fip_model.peft_config[self._fip_model.active_adapters[0]]
+        config = self._fip_model.active_config
         if config.on_nonfinite == "raise":
             raise NonFiniteStepError(
                 f"{where}. Check the batch for NaN/inf inputs or labels and lower the learning rate; "
@@ -188,9 +189,11 @@ class FIPStepMixin:
         if getattr(self, "_fip_trainer_checked", False):
             return
         trainer = _calling_trainer()
-        from ..trainer import FIPTrainer, loss_uses_num_items  # it imports this module
-
-        if trainer is None or isinstance(trainer, FIPTrainer) or trainer.compute_loss_func is not None:
+        if (
+            trainer is None
+            or getattr(trainer, "fip_averages_task_loss", False)
+            or trainer.compute_loss_func is not None
+        ):
             self._fip_trainer_checked = True
             return
         args = trainer.args
@@ -376,7 +379,7 @@ def create_fip_optimizer(
 def _check_max_grad_norm(max_grad_norm: object) -> None:
     if max_grad_norm is None:
         return
-    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
+    if not is_number(max_grad_norm) or not max_grad_norm > 0:
         raise ValueError(f"`max_grad_norm` must be a number > 0 or None (no clipping), got {max_grad_norm!r}.")
 
 

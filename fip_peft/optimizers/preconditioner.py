@@ -1,110 +1,24 @@
-"""The natural FIP step (`solver="natural"` / `"natural+penalty"`) on a model: which layers the metric covers, when
-the metric is refreshed, and how the optimizer's step uses it. The math lives in `fip_peft/natural.py`."""
+"""The natural FIP step (`solver="natural"` / `"natural+penalty"`) on a model: when the metric is refreshed, and how
+the optimizer's step uses it. The layers it covers and the gathering of its factors are in `fip_peft/metric.py`, the
+math in `fip_peft/natural.py`."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from transformers.utils import logging
 
-from .. import layer as fip_layers
-from ..distributed import process_share, sum_factors_across_processes
-from ..model import FIPModel
-from ..natural import CoveredLayer, Eigen, KroneckerFactors, LayerMetric, check_conv
+from ..metric import covered_layers, gather_factors
+from ..natural import CoveredLayer, Eigen, LayerMetric
+from ..seeds import DIRECTION_SEED_OFFSET, counter_seed
+
+if TYPE_CHECKING:
+    from ..model import FIPModel
 
 logger = logging.get_logger(__name__)
-
-# Offset between the seeds of anchor sampling and of the metric's output directions.
-DIRECTION_SEED_OFFSET = 7919
-# A refresh seeded s seeds anchor i's output directions with s x this + i, chunk c's positions with s x this - 1 - c.
-SEED_STRIDE = 1_000_003
-
-
-def covered_layers(fip_model: FIPModel, adapter: str) -> dict[str, CoveredLayer]:
-    """The layers the metric preconditions: every full-rank FIP displacement of `adapter` that is trained, and every
-    trained `nn.Linear` outside the adapter (a head in `modules_to_save`, weight and bias). Other trainable
-    parameters (norms, other module types) take the base optimizer's step unchanged."""
-    layers = {}
-    for name, module in fip_model.model.named_modules():
-        if isinstance(module, fip_layers.FIPLayer):
-            delta = module.fip_delta[adapter] if adapter in module.fip_delta else None
-            if delta is not None and delta.requires_grad:
-                layers[name] = fip_covered_layer(name, module, delta)
-        elif isinstance(module, nn.Linear) and module.weight.requires_grad:
-            bias = module.bias if module.bias is not None and module.bias.requires_grad else None
-            layers[name] = CoveredLayer(module, "linear", module.weight, bias=bias)
-    return layers
-
-
-def fip_covered_layer(name: str, module: fip_layers.FIPLayer, delta: nn.Parameter) -> CoveredLayer:
-    """The full-rank FIP displacement `delta` of `module` as the metric sees it."""
-    if isinstance(module, fip_layers.Conv2d):
-        check_conv(module.get_base_layer(), name)
-        return CoveredLayer(module, "conv2d", delta)
-    if isinstance(module, fip_layers.Embedding):
-        return CoveredLayer(module, "embedding", delta, transposed=True)
-    return CoveredLayer(module, "linear", delta, transposed=isinstance(module, fip_layers.Conv1D))
-
-
-def gather_factors(
-    fip_model: FIPModel,
-    adapter: str,
-    layers: dict[str, CoveredLayer],
-    index: torch.Tensor,
-    seed: int,
-    diagonal_only: bool = False,
-    across_processes: bool = False,
-) -> KroneckerFactors:
-    """The Kronecker factors of `layers` on the anchors at `index` (eval mode), gathered in chunks of
-    `metric_batch_size` anchors (default `anchor_batch_size`: a refresh holds no more activations than a step).
-    The i-th anchor of `index` draws its output directions from seed `seed` x `SEED_STRIDE` + i and chunk c its
-    sampled positions from `seed` x `SEED_STRIDE` - 1 - c, so neither depends on the chunk size or on which process
-    gathers the chunk. `diagonal_only`: only their diagonals (no outer products). `across_processes` (every
-    process must call it at the same time, as an optimizer step does): in a multi-process run each process
-    gathers a contiguous share of the chunks and the shares are summed, so a refresh costs each of N processes
-    1 / N of the passes (`fip_peft.distributed.process_share`)."""
-    config = fip_model.peft_config[adapter]
-    memory = fip_model.memory(adapter)
-    factors = KroneckerFactors(layers, diagonal_only)
-    chunks = index.split(config.metric_batch_size or config.anchor_batch_size)
-    share = process_share(len(chunks)) if across_processes else range(len(chunks))
-    starts = [0, *torch.tensor([len(chunk) for chunk in chunks]).cumsum(0).tolist()]
-    with fip_model._evaluating():
-        for number in share:
-            inputs, _ = memory.batch(chunks[number])
-            factors.add(
-                lambda inputs=inputs: fip_model._run(inputs, adapter_name=adapter),
-                config.distance,
-                config.metric_samples,
-                _generator(seed * SEED_STRIDE - 1 - number),
-                inputs.get("attention_mask"),
-                config.metric_positions,
-                [_generator(seed * SEED_STRIDE + i) for i in range(starts[number], starts[number + 1])],
-            )
-    if len(share) < len(chunks):
-        sum_factors_across_processes(factors, next(iter(layers.values())).weight.device)
-    return factors
-
-
-def _generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded by `seed` taken modulo 2^64 (any int, negative or large, is a valid seed)."""
-    return torch.Generator().manual_seed(seed % 2**64)
-
-
-def metric_spectrum(fip_model: FIPModel, adapter: str, k: int) -> dict[str, torch.Tensor]:
-    """Top-k eigenvalues of the Kronecker metric of every covered layer on the first `metric_anchors` anchors of a
-    fixed random order (the training's anchor sampling is left untouched)."""
-    config = fip_model.peft_config[adapter]
-    memory = fip_model.memory(adapter)
-    if len(memory) == 0:
-        raise ValueError("`metric_spectrum` needs remembered anchors: call `model.remember(data)` first.")
-    order = torch.randperm(len(memory), generator=torch.Generator().manual_seed(config.anchor_seed))
-    index = order[: config.metric_anchors]
-    factors = gather_factors(fip_model, adapter, covered_layers(fip_model, adapter), index, config.anchor_seed)
-    return {name: layer_metric.top_eigenvalues(k) for name, layer_metric in factors.metric(config.damping).items()}
 
 
 class MetricPreconditioner:
@@ -148,7 +62,7 @@ class MetricPreconditioner:
         config = self.config
         memory = self.fip_model.memory(self.adapter)
         index = memory.next_batch_index(config.metric_anchors, config.anchor_seed)
-        seed = config.anchor_seed * 1_000_003 + int(memory.sample_step) + DIRECTION_SEED_OFFSET
+        seed = counter_seed(config.anchor_seed, int(memory.sample_step)) + DIRECTION_SEED_OFFSET
         basis = self.basis if self.refreshes % config.metric_basis_interval else None
         try:
             factors = gather_factors(self.fip_model, self.adapter, self.layers, index, seed, across_processes=True)

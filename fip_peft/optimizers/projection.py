@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..anchor_pass import anchor_outputs, eval_mode
 from ..projection import OutputProjection
 
 logger = logging.get_logger(__name__)
@@ -130,11 +131,11 @@ def jacobian_rows(
     memory = fip_model.memory(adapter)
     blocks: list[list[torch.Tensor]] = [[] for _ in params]
     residuals = []
-    with fip_model._evaluating(), torch.enable_grad():
+    with eval_mode(fip_model.model), torch.enable_grad():
         for i in index.tolist():
             inputs, reference = memory.batch(torch.tensor([i]))
             inputs = _trim_padding(inputs)
-            outputs = fip_model._run(inputs, adapter_name=adapter)
+            outputs = anchor_outputs(fip_model.model, inputs, config.anchor_output_module)
             reference = reference.to(outputs.device)
             if outputs.dim() == 3 and reference.shape[1] > outputs.shape[1]:  # token outputs, padding cut off
                 reference = reference[:, : outputs.shape[1]]

@@ -1,0 +1,78 @@
+"""Running the anchors through a model as the functional distance sees them: in eval mode (dropout would blur how
+far the function moved), reading the kept output (the model's, or that of `FIPConfig.anchor_output_module`).
+
+Model-free helpers: they take the base model and the settings they need, so that the tuner (`fip_peft.model`), the
+metric's gathering (`fip_peft.metric`) and the save checks (`fip_peft.saving`) share them without importing each
+other.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .anchors import POSITIONAL, AnchorInputs, num_rows
+from .model_io import model_output
+
+# Anchors per forward pass when reference outputs are recorded (no grad, so larger than a step's anchor batch).
+REFERENCE_BATCH_SIZE = 64
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode for an anchor pass, then every module's own mode back (a submodule kept in eval mode while the
+    rest trains, e.g. frozen batch norm, stays in eval mode)."""
+    training = [module for module in model.modules() if module.training]
+    if any(type(module).train is not nn.Module.train for module in training):
+        model.eval()  # a module with its own `train()` gets it called
+    else:  # set the flags directly: `eval()` and nn.Module.__setattr__ cost more than a small model's anchor pass
+        for module in training:
+            object.__setattr__(module, "training", False)
+    try:
+        yield
+    finally:
+        for module in training:
+            object.__setattr__(module, "training", True)
+
+
+def anchor_outputs(
+    model: nn.Module, inputs: AnchorInputs, output_module: str | None, forward: nn.Module | None = None
+) -> torch.Tensor:
+    """The outputs FIP keeps on `inputs`: `model`'s, or those of its submodule `output_module` (caught by a forward
+    hook). Run through `forward` when given (an FSDP2 root, which gathers the shards)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    positional = inputs.pop(POSITIONAL, None)
+    forward = model if forward is None else forward
+    caught = []
+    hook = None
+    if output_module is not None:
+        hook = model.get_submodule(output_module).register_forward_hook(lambda m, a, out: caught.append(out))
+    try:
+        outputs = forward(positional, **inputs) if positional is not None else forward(**inputs)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if output_module is None:
+        return model_output(outputs)
+    if not caught:
+        raise RuntimeError(
+            f"FIPConfig.anchor_output_module={output_module!r} did not run in the model's forward pass: name a "
+            "module between the inputs and the outputs, or None for the model's output."
+        )
+    return model_output(caught[-1])
+
+
+@torch.no_grad()
+def reference_outputs(model: nn.Module, inputs: AnchorInputs, output_module: str | None) -> torch.Tensor:
+    """`anchor_outputs` on all of `inputs` in eval mode, without grad, in chunks of `REFERENCE_BATCH_SIZE` anchors:
+    float32 on the CPU, as the anchor memory keeps its references."""
+    with eval_mode(model):
+        rows = num_rows(inputs)
+        chunks = []
+        for start in range(0, rows, REFERENCE_BATCH_SIZE):
+            chunk = {k: v[start : start + REFERENCE_BATCH_SIZE] for k, v in inputs.items()}
+            chunks.append(anchor_outputs(model, chunk, output_module).float().cpu())
+    return torch.cat(chunks)
