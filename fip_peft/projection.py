@@ -15,12 +15,7 @@ eigenbasis of J^T J it shrinks a direction of eigenvalue s by lambda / (s + lamb
 eigenvalue of J J^T (trace / rows), so one `damping` means the same on every model.
 
 The projection keeps the outputs to first order only: over many steps the path curves away and the outputs drift by
-second-order terms. `restoring_step` is the Gauss-Newton step back to the reference outputs on the same anchors,
-
-    r = -J^T (J J^T + lambda I)^-1 (f(w) - f_ref),
-
-the least-norm move that undoes the drift e = f(w) - f_ref to first order (a retraction onto the set of weights with
-the reference outputs). Alternating projected steps with this correction follows the constraint to second order.
+second-order terms, which `"projection+penalty"` pulls back with the penalty's gradient.
 
 Here J is held as one block per parameter, of shape (rows, *parameter.shape), and applied as J u = sum of the blocks'
 inner products with u and J^T z = each block contracted with z: two matrix-vector products per step, the solve a
@@ -82,7 +77,3 @@ class OutputProjection:
         z = self.solve(self.jvp(vectors))
         for vector, correction in zip(vectors, self.vjp(z), strict=True):
             vector.sub_(correction.to(vector.dtype))
-
-    def restoring_step(self, residual: torch.Tensor) -> list[torch.Tensor]:
-        """-J^T (J J^T + lambda I)^-1 e for the output drift e = f(w) - f_ref in the rows' coordinates."""
-        return [-step for step in self.vjp(self.solve(residual))]

@@ -21,6 +21,8 @@ logger = logging.get_logger(__name__)
 # Outputs per anchor up to which every output coordinate is a row of J (a classifier's logits); above it each anchor
 # gives `metric_samples` random directions of its outputs (a sketch: token-level or hidden outputs).
 EXACT_OUTPUTS = 64
+# Largest Jacobian (rows x trained parameters, in bytes) a refresh may hold.
+MAX_JACOBIAN_BYTES = 4 * 2**30
 # Offset between the seeds of anchor sampling and of the sketch's output directions.
 SKETCH_SEED_OFFSET = 104_729
 
@@ -28,9 +30,7 @@ SKETCH_SEED_OFFSET = 104_729
 class OutputProjector:
     """Keeps the Jacobian of the anchors' outputs (`metric_anchors` anchors, refreshed every
     `metric_update_interval` optimizer steps) and projects each update of the wrapped optimizer onto its damped null
-    space, so that the outputs on those anchors stay put to first order. At each refresh the weights first take the
-    Gauss-Newton step back to the reference outputs on the new anchors (`OutputProjection.restoring_step`), which
-    undoes the second-order drift the projected steps let through."""
+    space, so that the outputs on those anchors stay put to first order."""
 
     def __init__(self, fip_model: nn.Module, adapter: str) -> None:
         self.fip_model = fip_model
@@ -39,14 +39,13 @@ class OutputProjector:
         self.params: list[nn.Parameter] = []
         self.steps = 0
         self.refreshes = 0
-        self.last_drift: float | None = None
 
     @property
     def config(self):
         return self.fip_model.peft_config[self.adapter]
 
     def precondition(self, optimizer: torch.optim.Optimizer) -> None:
-        """Refresh the Jacobian when due (and take the restoring step); the gradients are left as they are."""
+        """Refresh the Jacobian when due; the gradients are left as they are."""
         memory = self.fip_model.memory(self.adapter)
         if len(memory) == 0:
             self.projection = None
@@ -56,13 +55,14 @@ class OutputProjector:
         self.steps += 1
 
     def refresh(self, optimizer: torch.optim.Optimizer) -> None:
-        """J on the next `metric_anchors` anchors at the current weights, then the restoring step on them."""
+        """J on the next `metric_anchors` anchors at the current weights."""
         config = self.config
         memory = self.fip_model.memory(self.adapter)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         index = memory.next_batch_index(min(config.metric_anchors, len(memory)), config.anchor_seed)
         generator = torch.Generator().manual_seed(config.anchor_seed + int(memory.sample_step) + SKETCH_SEED_OFFSET)
-        blocks, residuals = jacobian_rows(self.fip_model, self.adapter, params, index, generator)
+        check_jacobian_size(config, params, memory, index)
+        blocks, _ = jacobian_rows(self.fip_model, self.adapter, params, index, generator)
         try:
             projection = OutputProjection(blocks, config.damping)
         except torch.linalg.LinAlgError as error:
@@ -73,10 +73,6 @@ class OutputProjector:
             return
         self.projection, self.params = projection, params
         self.refreshes += 1
-        self.last_drift = float(residuals.double().pow(2).sum())
-        with torch.no_grad():
-            for p, step in zip(params, projection.restoring_step(residuals), strict=True):
-                p.add_(step.to(p.dtype))
 
     def step(self, optimizer: torch.optim.Optimizer, base_step, closure=None):
         """The wrapped optimizer's step, then its update projected: w <- w_old + P (w_new - w_old)."""
@@ -110,6 +106,22 @@ class OutputProjector:
             return
         blocks = [tensors[f"jacobian/{i}"].to(p.device).reshape(-1, *p.shape) for i, p in enumerate(params)]
         self.projection, self.params = OutputProjection(blocks, self.config.damping), params
+
+
+def check_jacobian_size(config, params: list[nn.Parameter], memory, index: torch.Tensor) -> None:
+    """Refuse, before any pass, a Jacobian that would not fit `MAX_JACOBIAN_BYTES`: rows x trained parameters."""
+    outputs = memory.reference[index[:1]]
+    per_anchor = outputs[0].numel()
+    rows = len(index) * (per_anchor if per_anchor <= EXACT_OUTPUTS else config.metric_samples)
+    size = rows * sum(p.numel() * p.element_size() for p in params)
+    if size > MAX_JACOBIAN_BYTES:
+        fits = max(1, int(MAX_JACOBIAN_BYTES // max(size // len(index), 1)))
+        raise ValueError(
+            f"FIPConfig.solver={config.solver!r} would hold a Jacobian of {rows} rows x "
+            f"{sum(p.numel() for p in params):,} trained parameters ({size / 2**30:.1f} GiB) for "
+            f"metric_anchors={config.metric_anchors}: set metric_anchors={fits} or fewer, train a low-rank adapter "
+            "(rank=r), or use solver='penalty'."
+        )
 
 
 def jacobian_rows(
