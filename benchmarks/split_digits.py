@@ -98,7 +98,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--anchors", type=int, default=100)
     parser.add_argument(
-        "--validation", action="store_true", help="Score on a held-out quarter of the training split, not the test split."
+        "--validation",
+        action="store_true",
+        help="Score on a held-out quarter of the training split, not the test split.",
     )
     parser.add_argument("--methods", help=f"Comma-separated method names (default: all): {', '.join(METHODS)}.")
     parser.add_argument(

@@ -97,11 +97,18 @@ class FIPConfig(PeftConfig):
             correcting drift the metric lets through (`beta=None` resolves to `DEFAULT_BETA_NATURAL` here); the one
             to use, as `"natural"` alone forgets over long task sequences unless its metric is refreshed every step
             or two (`metric_update_interval`; the metric goes stale, docs/benchmarks.md). Both need `rank=None`.
+            `"projection"`: the wrapped optimizer's update u becomes P u = u - J^T (J J^T + lambda I)^-1 J u, J the
+            exact Jacobian of the outputs on `metric_anchors` anchors with respect to every trained parameter (any
+            rank), so those outputs stay put to first order; `"projection+penalty"` adds grad D / beta before the
+            step. Not for class-incremental learning: learning new classes must move the old anchors' logits, which
+            the projection forbids (docs/benchmarks.md, "Projection solver").
         epsilon: Natural solvers only. `None`: the wrapped optimizer steps on the preconditioned gradient (its lr
             sets the length). A number: the paper's step, the covered parameters move by exactly `epsilon` (times
             lr / initial_lr under a schedule) along the preconditioned gradient.
-        damping: Natural solvers: lambda relative to the mean eigenvalue of each layer's metric (> 0). Directions
-            whose metric eigenvalue is below `damping` x mean move freely; larger ones shrink by lambda / (s + lambda).
+        damping: Natural and projection solvers: lambda relative to the mean eigenvalue of the metric (each layer's
+            Kronecker metric; J J^T for the projection), > 0. Directions whose eigenvalue is below `damping` x mean
+            move freely; larger ones shrink by lambda / (s + lambda). `None`: `DEFAULT_DAMPING_NATURAL` or
+            `DEFAULT_DAMPING_PROJECTION`.
         metric_update_interval: Natural solvers: optimizer steps between refreshes of the metric.
         metric_basis_interval: Natural solvers: every this-many metric refreshes the Kronecker factors are
             eigendecomposed; the refreshes between keep the last eigenbasis and refresh only its eigenvalues

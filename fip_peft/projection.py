@@ -41,7 +41,8 @@ class OutputProjection:
             raise ValueError("OutputProjection needs at least one Jacobian block.")
         rows = blocks[0].shape[0]
         if any(block.shape[0] != rows for block in blocks):
-            raise ValueError(f"Every Jacobian block must have the same number of rows, got {[b.shape for b in blocks]}.")
+            shapes = [tuple(block.shape) for block in blocks]
+            raise ValueError(f"Every Jacobian block must have the same number of rows, got shapes {shapes}.")
         self.blocks = [block.reshape(rows, -1) for block in blocks]
         self.shapes = [block.shape[1:] for block in blocks]
         gram = torch.zeros(rows, rows, dtype=torch.float64, device=self.blocks[0].device)
@@ -66,7 +67,9 @@ class OutputProjection:
 
     def vjp(self, z: torch.Tensor) -> list[torch.Tensor]:
         """J^T z, per parameter, in each block's dtype and shape."""
-        return [(z.to(block.dtype) @ block).reshape(shape) for block, shape in zip(self.blocks, self.shapes)]
+        return [
+            (z.to(block.dtype) @ block).reshape(shape) for block, shape in zip(self.blocks, self.shapes, strict=True)
+        ]
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """(J J^T + lambda I)^-1 rhs."""

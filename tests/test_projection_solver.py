@@ -39,7 +39,11 @@ def dense_jacobian(model: nn.Module, params: list[torch.Tensor], inputs) -> torc
     rows = []
     for index in range(outputs.numel()):
         grads = torch.autograd.grad(outputs.flatten()[index], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -69,7 +73,9 @@ def test_projection_equals_the_dense_damped_solve(digits, trained_mlp):
     u = flat(update).double()
     gram = jacobian @ jacobian.T
     lam = 1e-2 * gram.trace() / gram.shape[0]
-    expected = u - jacobian.T @ torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), jacobian @ u)
+    expected = u - jacobian.T @ torch.linalg.solve(
+        gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), jacobian @ u
+    )
     projection.project_(update)
     torch.testing.assert_close(flat(update).double(), expected, atol=1e-5, rtol=0)
 
@@ -91,10 +97,10 @@ def test_a_projected_step_moves_anchor_outputs_100x_less_than_an_unprojected_ste
         before = model(anchors)
         changes = []
         for direction, factor in ((projected, scale), (raw, raw_scale)):
-            for p, d in zip(params, direction):
+            for p, d in zip(params, direction, strict=True):
                 p.add_(d, alpha=float(factor))
             changes.append(float((model(anchors) - before).norm()))
-            for p, d in zip(params, direction):
+            for p, d in zip(params, direction, strict=True):
                 p.sub_(d, alpha=float(factor))
     assert changes[0] * 100 <= changes[1]
 
@@ -129,7 +135,7 @@ def test_a_jacobian_too_large_for_memory_is_refused_before_any_step(digits, trai
     loss.backward()
     with pytest.raises(ValueError, match="metric_anchors=1 or fewer"):
         optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, trained(model)))
+    assert all(torch.equal(a, b) for a, b in zip(before, trained(model), strict=True))
 
 
 def test_jacobian_rows_of_padded_token_anchors_equal_those_of_the_unpadded_anchor(digits):
@@ -138,7 +144,9 @@ def test_jacobian_rows_of_padded_token_anchors_equal_those_of_the_unpadded_ancho
     tokens = as_tokens(digits["x_a_train"][:2])
     short = {"input_ids": tokens["input_ids"][:1, :20], "attention_mask": tokens["attention_mask"][:1, :20]}
     padded = {
-        "input_ids": torch.cat([tokens["input_ids"][1:], torch.cat([short["input_ids"], torch.zeros(1, 45).long()], 1)]),
+        "input_ids": torch.cat(
+            [tokens["input_ids"][1:], torch.cat([short["input_ids"], torch.zeros(1, 45).long()], 1)]
+        ),
         "attention_mask": torch.cat(
             [tokens["attention_mask"][1:], torch.cat([short["attention_mask"], torch.zeros(1, 45).long()], 1)]
         ),
@@ -195,7 +203,9 @@ def test_a_projected_run_gives_the_same_weights_with_one_or_two_threads(digits, 
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            model = projection_mlp(trained_mlp, digits["x_a_train"][:32], solver="projection+penalty", metric_anchors=16)
+            model = projection_mlp(
+                trained_mlp, digits["x_a_train"][:32], solver="projection+penalty", metric_anchors=16
+            )
             optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=1e-3)
             generator = torch.Generator().manual_seed(0)
             for _ in range(12):

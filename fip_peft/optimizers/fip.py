@@ -296,8 +296,8 @@ class FIPStepMixin:
             preconditioner.precondition(self)
 
     def solver_step(self, closure=None):
-        """The wrapped optimizer's step; with a natural solver and `epsilon` set the fixed-length step; with a projection
-        solver the wrapped step's update projected onto the null space of the anchors' Jacobian."""
+        """The wrapped optimizer's step; with a natural solver and `epsilon` set the fixed-length step; with a
+        projection solver the wrapped step's update projected onto the null space of the anchors' Jacobian."""
         if (preconditioner := self._preconditioner()) is None:
             return super().step(closure)
         return preconditioner.step(self, super().step, closure)
