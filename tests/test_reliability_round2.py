@@ -420,7 +420,7 @@ def test_plain_trainer_with_accumulation_on_a_model_it_averages_right_still_trai
 # ---- 11. a skipped step leaves the natural solver's state as it was -------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["natural", "natural+penalty", "penalty"])
+@pytest.mark.parametrize("solver", ["natural", "natural+penalty", "penalty", "projection", "projection+penalty"])
 def test_a_skipped_step_changes_no_sampling_or_metric_state(digits, solver):
     x, y = digits["x_b_train"], digits["y_b_train"]
     bad = x[:16].clone()
@@ -567,14 +567,15 @@ def test_fip_trainer_starts_afresh_when_its_only_checkpoint_is_incomplete(digits
 # ---- 11. resuming a natural-solver run ------------------------------------------------------------------------------
 
 
-def test_resuming_a_natural_penalty_run_lands_where_the_uninterrupted_run_does(tmp_path):
+@pytest.mark.parametrize("solver", ["natural+penalty", "projection+penalty"])
+def test_resuming_a_metric_solver_run_lands_where_the_uninterrupted_run_does(tmp_path, solver):
     from tests import _ddp_worker as worker
 
     def trainer(model, out, **overrides):
         args = worker.training_args(str(out), 4, max_steps=6, **overrides)
         return fip_peft.FIPTrainer(model=model, args=args, train_dataset=worker.task_b(24))
 
-    config = {"solver": "natural+penalty", "metric_update_interval": 4}
+    config = {"solver": solver, "metric_update_interval": 4}
     uninterrupted = worker.fip_bert(**config)
     trainer(uninterrupted, tmp_path, save_strategy="steps", save_steps=3).train()
     resumed = worker.fip_bert(remember=False, **config)
