@@ -34,10 +34,10 @@ DEFAULT_BETA_FULL_RANK = 0.4
 DEFAULT_BETA_LOW_RANK = 0.7
 # With solver="natural+penalty" the metric already keeps the outputs; the penalty only corrects drift (same evidence).
 DEFAULT_BETA_NATURAL = 5.0
-# Damping of the metric solvers, relative to the mean eigenvalue of their metric: the natural solvers' Kronecker metric
-# over-constrains (rank(A) x rank(G)) and needs a loose hold; the projection's is the exact output-space metric.
+# Damping of the metric solvers, relative to the mean eigenvalue of their metric, chosen on validation data
+# (docs/benchmarks.md, "Natural solver" and "Projection solver").
 DEFAULT_DAMPING_NATURAL = 0.1
-DEFAULT_DAMPING_PROJECTION = 1e-3
+DEFAULT_DAMPING_PROJECTION = 1.0
 # Weight of the cross-entropy on labelled anchors, chosen on validation (docs/benchmarks.md, "Labelled anchors").
 DEFAULT_LABEL_WEIGHT = 2.0
 

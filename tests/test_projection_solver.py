@@ -226,6 +226,9 @@ def test_projection_solvers_refuse_epsilon_naming_the_field(solver):
         fip_peft.FIPConfig(solver=solver, epsilon=0.1)
 
 
-def test_damping_resolves_per_solver():
-    assert fip_peft.FIPConfig(solver="projection").damping < fip_peft.FIPConfig(solver="natural").damping
+def test_damping_resolves_per_solver_unless_given():
+    from fip_peft.config import DEFAULT_DAMPING_NATURAL, DEFAULT_DAMPING_PROJECTION
+
+    assert fip_peft.FIPConfig(solver="projection+penalty").damping == DEFAULT_DAMPING_PROJECTION
+    assert fip_peft.FIPConfig(solver="natural").damping == DEFAULT_DAMPING_NATURAL
     assert fip_peft.FIPConfig(solver="projection", damping=0.5).damping == 0.5
