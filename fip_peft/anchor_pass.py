@@ -8,9 +8,12 @@ other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .anchors import POSITIONAL, AnchorInputs, num_rows
@@ -18,6 +21,8 @@ from .model_io import model_output
 
 # Anchors per forward pass when reference outputs are recorded (no grad, so larger than a step's anchor batch).
 REFERENCE_BATCH_SIZE = 64
+# Most bytes of outputs one such pass may produce: per-token logits over a large vocabulary take fewer anchors a pass.
+REFERENCE_CHUNK_BYTES = 256 * 1024**2
 
 
 @contextmanager
@@ -66,13 +71,45 @@ def anchor_outputs(
 
 
 @torch.no_grad()
-def reference_outputs(model: nn.Module, inputs: AnchorInputs, output_module: str | None) -> torch.Tensor:
-    """`anchor_outputs` on all of `inputs` in eval mode, without grad, in chunks of `REFERENCE_BATCH_SIZE` anchors:
-    float32 on the CPU, as the anchor memory keeps its references."""
+def reference_outputs(
+    model: nn.Module,
+    inputs: AnchorInputs,
+    output_module: str | None,
+    reduce: Callable[[torch.Tensor], object] | None = None,
+    per_anchor_bytes: int = 0,
+) -> torch.Tensor | list:
+    """`anchor_outputs` on all of `inputs` in eval mode, without grad, in chunks of at most `REFERENCE_BATCH_SIZE`
+    anchors (fewer when each anchor's outputs take `per_anchor_bytes`, so that a chunk stays within
+    `REFERENCE_CHUNK_BYTES`): float32 on the CPU, as the anchor memory keeps its references. With `reduce`, each
+    chunk's outputs (on the model's device) go through it instead and the list of its results is returned, so that
+    full outputs over a large vocabulary never exist for all anchors at once (top-k compression)."""
+    step = max(1, min(REFERENCE_BATCH_SIZE, REFERENCE_CHUNK_BYTES // max(per_anchor_bytes, 1)))
     with eval_mode(model):
         rows = num_rows(inputs)
         chunks = []
-        for start in range(0, rows, REFERENCE_BATCH_SIZE):
-            chunk = {k: v[start : start + REFERENCE_BATCH_SIZE] for k, v in inputs.items()}
-            chunks.append(anchor_outputs(model, chunk, output_module).float().cpu())
-    return torch.cat(chunks)
+        for start in range(0, rows, step):
+            chunk = {k: v[start : start + step] for k, v in inputs.items()}
+            outputs = anchor_outputs(model, chunk, output_module)
+            chunks.append(outputs.float().cpu() if reduce is None else reduce(outputs))
+    return torch.cat(chunks) if reduce is None else chunks
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run `model` (the tuner's base model) as the base model: every PEFT layer and `modules_to_save` wrapper with
+    its adapters switched off, then as it was. Sets the layers' flag directly: PEFT's `enable_adapters` also changes
+    `requires_grad`, which would unfreeze or freeze parameters in the middle of training."""
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    if any(getattr(m, "merged", False) for m in layers):
+        raise ValueError(
+            "FIPConfig.reference_mode='recompute' runs the base model with the adapter disabled, but the adapter is "
+            "merged into the base weights; unmerge it (`unmerge_adapter()`), or use reference_mode='top_k' or 'full'."
+        )
+    states = [m._disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m._disable_adapters = True
+        yield
+    finally:
+        for m, state in zip(layers, states, strict=True):
+            m._disable_adapters = state

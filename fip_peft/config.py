@@ -21,8 +21,10 @@ from .choices import (
     SCHEDULES,
     SCOPES,
     Distance,
+    REFERENCE_MODES,
     NonfinitePolicy,
     Objective,
+    ReferenceMode,
     SparsityCriterion,
     SparsitySchedule,
     SparsityScope,
@@ -38,6 +40,9 @@ DEFAULT_BETA_NATURAL = 5.0
 # over-constrains (rank(A) x rank(G)) and needs a loose hold; the projection's is the exact output-space metric.
 DEFAULT_DAMPING_NATURAL = 0.1
 DEFAULT_DAMPING_PROJECTION = 1e-3
+# Classes kept per position by reference_mode="top_k" (and "auto" on large vocabularies), measured on a tiny LM
+# (docs/benchmarks.md, "Compact references (issue 27)").
+DEFAULT_REFERENCE_TOP_K = 64
 # Weight of the cross-entropy on labelled anchors, chosen on validation (docs/benchmarks.md, "Labelled anchors").
 DEFAULT_LABEL_WEIGHT = 2.0
 
@@ -162,6 +167,21 @@ class FIPConfig(PeftConfig):
             `model.record_accuracy(R)`); shown in the model card.
         max_consecutive_skips: With `on_nonfinite="skip"`, this many skipped steps in a row stop training with
             `NonFiniteStepError` (a diverged run would otherwise skip every step forever); `None` never stops.
+        reference_mode: How the reference outputs f(X_a; w_ref) are kept. `"full"`: every output in full (exact;
+            per-token logits over a real vocabulary are too big: 512 anchors x 128 tokens x 50k classes is 13 GB,
+            refused above 2 GiB). `"top_k"`: per position, the log-probabilities of the reference's
+            `reference_top_k` most likely classes and of the rest of the vocabulary as one class; D is then the
+            softmax distance on these k + 1 classes, the current model's probabilities gathered on the same
+            indices plus its remaining mass (a lower bound of the full D: merging classes never increases a KL or
+            a Bhattacharyya distance). Needs `distance="kl"` or `"bhattacharyya"`. `"recompute"`: nothing stored;
+            each FIP step reruns the anchor batch through the base model with the adapters disabled, without grad
+            (exact, one more forward pass per step). Valid only while the reference is the base model itself, so
+            `remember` refuses it once the adapter has moved from the base function (a second task after training)
+            or is merged. `"auto"`: `"top_k"` for a softmax distance on outputs with more than
+            4 x `reference_top_k` classes (a language model's vocabulary), `"full"` otherwise (classifiers,
+            hidden features), as measured (docs/benchmarks.md, "Compact references (issue 27)").
+        reference_top_k: k of `reference_mode="top_k"`: classes kept per position (>= 1), fewer than the
+            model's classes.
     """
 
     target_modules: list[str] | str | None = field(
@@ -291,6 +311,16 @@ class FIPConfig(PeftConfig):
         default=10,
         metadata={"help": "on_nonfinite='skip': stop (NonFiniteStepError) after this many skipped steps in a row."},
     )
+    reference_mode: ReferenceMode = field(
+        default="auto",
+        metadata={
+            "help": "How reference outputs are kept: 'full', 'top_k' (k log-probabilities + the rest, softmax "
+            "distances), 'recompute' (base model, adapter off, each step), or 'auto' (top_k on large vocabularies)."
+        },
+    )
+    reference_top_k: int = field(
+        default=DEFAULT_REFERENCE_TOP_K, metadata={"help": "reference_mode='top_k': classes kept per position."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -342,6 +372,7 @@ class FIPConfig(PeftConfig):
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
         _check_history(self.task_names, self.accuracy_matrix)
+        _check_reference_mode(self)
         check_config_consistency(self)
 
     def _validate_natural(self) -> None:
@@ -387,6 +418,24 @@ def _check_anchor_output(config: FIPConfig) -> None:
         raise ValueError(
             f"FIPConfig.anchor_output_module={config.anchor_output_module!r} keeps hidden features, which are not "
             f"logits of a distribution: use distance='logits' (squared L2), got distance={config.distance!r}."
+        )
+
+
+def _check_reference_mode(config: FIPConfig) -> None:
+    """`reference_mode` and `reference_top_k` alone, and against the distance, the kept output and the solver."""
+    mode = config.reference_mode
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"FIPConfig.reference_mode must be one of {REFERENCE_MODES}, got {mode!r}.")
+    _check_int("reference_top_k", config.reference_top_k, minimum=1)
+    if mode == "top_k" and config.distance == "logits":
+        raise ValueError(
+            "FIPConfig.reference_mode='top_k' keeps log-probabilities, which the squared-logit distance cannot use: "
+            "set distance='kl' (or 'bhattacharyya'), or reference_mode='full' or 'recompute'."
+        )
+    if mode in ("top_k", "recompute") and isinstance(config.solver, str) and config.solver.startswith("projection"):
+        raise ValueError(
+            f"FIPConfig.reference_mode={mode!r} does not keep the full reference outputs that "
+            f"solver={config.solver!r} measures its drift against: use reference_mode='full', or solver='penalty'."
         )
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .anchor_pass import anchor_outputs, eval_mode, reference_outputs
+from .anchor_pass import adapters_disabled, anchor_outputs, eval_mode, reference_outputs
 from .anchors import collect_anchors, num_rows, transform_anchors
 from .checks import (
     anchors_to_take,
@@ -27,10 +27,10 @@ from .checks import (
     labels_to_keep,
 )
 from .config import FIPConfig
-from .distances import anchor_label_loss, distance_scale, functional_distance
+from .distances import TopKReference, anchor_label_loss, distance_scale, functional_distance, top_k_reference
 from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
-from .memory import AnchorMemory, check_reference_size
+from .memory import AnchorMemory, check_reference_size, resolve_reference_mode
 from .metric import metric_spectrum
 from .sparsifier import Sparsifier
 from .step_guard import GUARDED_MODELS, install_guard
@@ -186,15 +186,55 @@ class FIPModel(BaseTuner):
         if new_labels is not None:
             check_anchor_labels(new_labels, probe.shape, config.task_type)
         inputs, task_ids, all_labels = memory.with_new_task(new_inputs, config.anchor_budget, new_labels)
-        check_reference_size(num_rows(inputs), probe.shape)
-        reference = reference_outputs(self.model, inputs, config.anchor_output_module)
-        check_finite_reference(reference)
-        memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance), all_labels)
+        mode = resolve_reference_mode(config, probe.shape)
+        check_reference_size(num_rows(inputs), probe.shape, mode, config.reference_top_k)
+        if mode == "recompute":
+            self._check_base_function(probe, {k: v[:2] for k, v in new_inputs.items()}, config)
+        reference, scale = self._record_references(inputs, config, mode, probe[0].numel() * 4)
+        memory.replace(inputs, task_ids, reference, scale, all_labels)
         config.task_names = [*config.task_names, task_name or f"task {len(config.task_names)}"]
         labelled = int((all_labels != -100).reshape(len(all_labels), -1).any(dim=1).sum())
         summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory), "labelled": labelled}
         logger.info(f"FIP adapter {name!r} remembers {summary['total']} anchors: {summary['anchors_per_task']}.")
         return summary
+
+    def _check_base_function(self, probe: torch.Tensor, inputs: dict[str, torch.Tensor], config: FIPConfig) -> None:
+        """Refuse `reference_mode="recompute"` unless the model is the base model now (the adapter is at its start
+        and nothing trained beside it): the recomputed references are the base model's outputs, so they are the
+        right ones only while remembering means remembering the base model."""
+        with adapters_disabled(self.model):
+            base = reference_outputs(self.model, inputs, config.anchor_output_module)
+        if not torch.allclose(probe, base, rtol=1e-4, atol=1e-5):
+            raise ValueError(
+                "FIPConfig.reference_mode='recompute' recomputes the references from the base model with the adapter "
+                "disabled, but this model's outputs already differ from the base model's (the adapter has been "
+                "trained, e.g. on an earlier task, or starts away from zero), so those would be the wrong references. "
+                "Use reference_mode='top_k' (with distance='kl') or 'full'; nothing was remembered."
+            )
+
+    def _record_references(
+        self, inputs: dict[str, torch.Tensor], config: FIPConfig, mode: str, per_anchor_bytes: int
+    ) -> tuple[torch.Tensor | TopKReference | None, float]:
+        """The references of all anchors kept as `mode`, and the distance scale (`distances.distance_scale`),
+        computed chunk by chunk so that full outputs over a large vocabulary never exist for all anchors at once."""
+        output_module = config.anchor_output_module
+        if mode == "full":
+            reference = reference_outputs(self.model, inputs, output_module, per_anchor_bytes=per_anchor_bytes)
+            check_finite_reference(reference)
+            return reference, distance_scale(reference, config.distance)
+        if mode == "top_k":
+            k = config.reference_top_k
+            chunks = reference_outputs(
+                self.model, inputs, output_module, lambda out: _cpu(top_k_reference(out, k)), per_anchor_bytes
+            )
+            reference = TopKReference(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
+            check_finite_reference(reference.logprobs)
+            return reference, 1.0  # top-k needs a softmax distance, which is scale-free
+        with adapters_disabled(self.model):  # recompute: only the scale of the base model's outputs is kept
+            scales = reference_outputs(
+                self.model, inputs, output_module, lambda out: _row_scales(out, config.distance), per_anchor_bytes
+            )
+        return None, max(float(torch.cat(scales).mean()), 1e-8) if config.distance == "logits" else 1.0
 
     def record_accuracy(self, matrix: AccuracyMatrix, adapter_name: str | None = None) -> None:
         """Keep the accuracy matrix R with the adapter (`FIPConfig.accuracy_matrix`, saved in adapter_config.json)
@@ -233,6 +273,9 @@ class FIPModel(BaseTuner):
             return None
         index = memory.next_batch_index(config.anchor_batch_size, config.anchor_seed)
         inputs, reference = memory.batch(index)
+        if reference is None:  # reference_mode="recompute": the base model's outputs, on the anchors as remembered
+            with torch.no_grad(), eval_mode(self.model), adapters_disabled(self.model):
+                reference = anchor_outputs(self.model, inputs, config.anchor_output_module, forward)
         if transform is not None:
             inputs = transform_anchors(transform, inputs)
         with eval_mode(self.model):
@@ -340,3 +383,17 @@ class FIPModel(BaseTuner):
                 check_saved_memory_fits(adapter_name, saved, tuner.model, output_module)
                 tuner.fip_memory[adapter_name].load_tensors(saved)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _cpu(reference: TopKReference) -> TopKReference:
+    return reference.to("cpu")
+
+
+def _row_scales(outputs: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per anchor, the mean over its positions of the centred squared norm of its outputs (`distance_scale`'s
+    summand), so that the scale of references never kept can be computed chunk by chunk."""
+    rows = outputs.shape[0]
+    if distance != "logits" or outputs.numel() == 0:
+        return torch.ones(rows)
+    centred = outputs.float() - outputs.float().mean(dim=-1, keepdim=True)
+    return centred.pow(2).sum(dim=-1).reshape(rows, -1).mean(dim=1).cpu()
