@@ -115,7 +115,8 @@ def functional_distance(
         if outputs.shape[:-1] != reference.index.shape[:-1]:
             raise ValueError(
                 f"Outputs of shape {tuple(outputs.shape)} cannot be compared with top-k references over positions "
-                f"{tuple(reference.index.shape[:-1])}: the model's output shape changed since `remember` recorded them."
+                f"{tuple(reference.index.shape[:-1])}: the model's output shape changed since `remember` recorded "
+                "them."
             )
         return _masked_mean(top_k_distance(outputs, reference, kind), mask)
     if outputs.shape != reference.shape:

@@ -162,7 +162,9 @@ class AnchorMemory(nn.Module):
         if REFERENCE_KINDS[kind] == "top_k":
             index = tensors.get("reference_index")
             if index is None or index.shape[:-1] != tensors["reference"].shape[:-1]:
-                raise ValueError("The saved FIP anchor memory is inconsistent: top-k references without their indices.")
+                raise ValueError(
+                    "The saved FIP anchor memory is inconsistent: top-k references without their indices."
+                )
             reference = TopKReference(tensors["reference"], index)
         elif REFERENCE_KINDS[kind] == "recompute":
             reference = None

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .anchor_pass import adapters_disabled, anchor_outputs, eval_mode, reference_outputs
-from .anchors import collect_anchors, num_rows, transform_anchors
+from .anchors import collect_anchors, is_text, num_rows, text_windows, transform_anchors
 from .checks import (
     anchors_to_take,
     check_adaptable_targets,
@@ -146,6 +146,8 @@ class FIPModel(BaseTuner):
         adapter_name: str | None = None,
         task_name: str | None = None,
         labels=None,
+        tokenizer=None,
+        max_length: int | None = None,
     ) -> dict[str, object]:
         """Add anchors from `data` and record the current outputs on every anchor kept so far.
 
@@ -161,8 +163,12 @@ class FIPModel(BaseTuner):
         `(inputs, labels)` batches. The FIP step then adds `FIPConfig.label_weight` times their cross-entropy on the
         anchors' logits (DER++'s label term) to the output-keeping term. Anchors without labels are kept by their
         outputs alone. They are saved with the adapter like the anchors (`save_anchors`).
+        Raw text for a language model: `data` a str or a list of str (or a `datasets.Dataset` with a `text` column)
+        with `tokenizer=` (the model's) and `max_length=` (tokens per anchor): the texts are tokenized, joined and
+        cut into windows of `max_length` tokens (`anchors.text_windows`), each window an anchor.
         Returns a summary: anchors per task, total and how many are labelled.
         """
+        data = _text_as_anchors(data, tokenizer, max_length)
         check_remember_adapter(self, adapter_name)
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
@@ -397,3 +403,21 @@ def _row_scales(outputs: torch.Tensor, distance: str) -> torch.Tensor:
         return torch.ones(rows)
     centred = outputs.float() - outputs.float().mean(dim=-1, keepdim=True)
     return centred.pow(2).sum(dim=-1).reshape(rows, -1).mean(dim=1).cpu()
+
+
+def _text_as_anchors(data, tokenizer, max_length: int | None):
+    """`remember`'s `data` as token windows when it is raw text (a str, a list of str, a `datasets.Dataset` with a
+    `text` column and no `input_ids`), else `data` itself; refuses a `tokenizer` or `max_length` given with data that
+    is already tokens, which would otherwise be silently ignored."""
+    column = getattr(data, "column_names", None)
+    if isinstance(column, list) and "text" in column and "input_ids" not in column and tokenizer is not None:
+        data = data["text"]
+    if is_text(data):
+        return text_windows(data, tokenizer, max_length)
+    if tokenizer is not None or max_length is not None:
+        given = "`tokenizer`" if tokenizer is not None else f"`max_length={max_length}`"
+        raise ValueError(
+            f"`remember` got {given} with data of type {type(data).__name__}, which is not raw text: pass the text "
+            "itself (a str or a list of str) to tokenize, or leave out `tokenizer` and `max_length` for token tensors."
+        )
+    return data
