@@ -411,7 +411,7 @@ def _text_as_anchors(data, tokenizer, max_length: int | None):
     is already tokens, which would otherwise be silently ignored."""
     column = getattr(data, "column_names", None)
     if isinstance(column, list) and "text" in column and "input_ids" not in column and tokenizer is not None:
-        data = data["text"]
+        data = list(data["text"])
     if is_text(data):
         return text_windows(data, tokenizer, max_length)
     if tokenizer is not None or max_length is not None:
