@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checks import is_int
 from .model_io import forward_input_names
 
 POSITIONAL = "_positional"
@@ -224,6 +223,10 @@ def collect_anchors(
     return inputs, found
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_text(data: object) -> bool:
     """Whether `data` is raw text: a str, or a non-empty list or tuple of str."""
     return isinstance(data, str) or (
@@ -242,7 +245,7 @@ def text_windows(texts: str | list[str], tokenizer, max_length: int | None) -> A
             "`AutoTokenizer.from_pretrained(...)`) and `max_length=` (tokens per anchor window), or tokenize the "
             "text yourself and pass the token tensors."
         )
-    if not is_int(max_length) or max_length < 1:
+    if not _is_int(max_length) or max_length < 1:
         raise ValueError(
             f"`remember` got raw text with max_length={max_length!r}; pass `max_length=` as an int >= 1, the tokens "
             "per anchor window (e.g. max_length=128)."
@@ -260,11 +263,11 @@ def text_windows(texts: str | list[str], tokenizer, max_length: int | None) -> A
             f"tokenizers do; got {type(encoded).__name__}."
         )
     eos = getattr(tokenizer, "eos_token_id", None)
-    tokens = [int(t) for row in rows for t in [*list(row), *([eos] if is_int(eos) else [])]]
+    tokens = [int(t) for row in rows for t in [*list(row), *([eos] if _is_int(eos) else [])]]
     if not tokens:
         raise ValueError("`remember` got raw text with no tokens (empty strings); pass text to remember.")
     pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if is_int(pad) else (eos if is_int(eos) else 0)
+    pad = pad if _is_int(pad) else (eos if _is_int(eos) else 0)
     count = -(-len(tokens) // max_length)
     ids = torch.full((count * max_length,), int(pad), dtype=torch.long)
     ids[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)

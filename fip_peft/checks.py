@@ -269,8 +269,12 @@ def check_remember_adapter(tuner: FIPModel, adapter_name: object) -> None:
         )
 
 
-def check_finite_reference(reference: torch.Tensor) -> None:
-    """Refuse reference outputs with NaN/inf: the model is already broken on the anchors."""
+def check_finite_reference(reference) -> None:
+    """Refuse reference outputs with NaN/inf (a tensor, a `distances.TopKReference`, or None when recomputed at each
+    step): the model is already broken on the anchors."""
+    reference = getattr(reference, "logprobs", reference)
+    if reference is None:
+        return
     finite = torch.isfinite(reference).flatten(1).all(dim=1) if reference.dim() > 1 else torch.isfinite(reference)
     bad = int((~finite).sum())
     if bad:

@@ -167,19 +167,15 @@ class FIPConfig(PeftConfig):
             `model.record_accuracy(R)`); shown in the model card.
         max_consecutive_skips: With `on_nonfinite="skip"`, this many skipped steps in a row stop training with
             `NonFiniteStepError` (a diverged run would otherwise skip every step forever); `None` never stops.
-        reference_mode: How the reference outputs f(X_a; w_ref) are kept. `"full"`: every output in full (exact;
-            per-token logits over a real vocabulary are too big: 512 anchors x 128 tokens x 50k classes is 13 GB,
-            refused above 2 GiB). `"top_k"`: per position, the log-probabilities of the reference's
-            `reference_top_k` most likely classes and of the rest of the vocabulary as one class; D is then the
-            softmax distance on these k + 1 classes, the current model's probabilities gathered on the same
-            indices plus its remaining mass (a lower bound of the full D: merging classes never increases a KL or
-            a Bhattacharyya distance). Needs `distance="kl"` or `"bhattacharyya"`. `"recompute"`: nothing stored;
-            each FIP step reruns the anchor batch through the base model with the adapters disabled, without grad
-            (exact, one more forward pass per step). Valid only while the reference is the base model itself, so
-            `remember` refuses it once the adapter has moved from the base function (a second task after training)
-            or is merged. `"auto"`: `"top_k"` for a softmax distance on outputs with more than
-            4 x `reference_top_k` classes (a language model's vocabulary), `"full"` otherwise (classifiers,
-            hidden features), as measured (docs/benchmarks.md, "Compact references (issue 27)").
+        reference_mode: How the reference outputs are kept (docs/concepts.md, "Causal language models"). `"full"`:
+            in full (refused above 2 GiB: per-token logits over a 50k vocabulary for 512 x 128 tokens take 13 GB).
+            `"top_k"`: per position, the log-probabilities of the reference's `reference_top_k` likeliest classes and
+            of the rest merged into one; D is the softmax distance on these k + 1 classes (at most the full D, equal
+            when the rest's mass is small). Needs `distance="kl"` or `"bhattacharyya"`. `"recompute"`: nothing
+            stored; each step reruns the anchors through the base model with the adapters disabled (exact, one more
+            forward pass); refused by `remember` once the model differs from the base model (a trained adapter, a
+            later task) or is merged. `"auto"`: `"top_k"` for a softmax distance over more than 4 x
+            `reference_top_k` classes (a language model), else `"full"` (docs/benchmarks.md, "Compact references").
         reference_top_k: k of `reference_mode="top_k"`: classes kept per position (>= 1), fewer than the
             model's classes.
     """
@@ -313,10 +309,7 @@ class FIPConfig(PeftConfig):
     )
     reference_mode: ReferenceMode = field(
         default="auto",
-        metadata={
-            "help": "How reference outputs are kept: 'full', 'top_k' (k log-probabilities + the rest, softmax "
-            "distances), 'recompute' (base model, adapter off, each step), or 'auto' (top_k on large vocabularies)."
-        },
+        metadata={"help": "References kept 'full', as 'top_k', 'recompute'd, or 'auto' (top_k on LMs)."},
     )
     reference_top_k: int = field(
         default=DEFAULT_REFERENCE_TOP_K, metadata={"help": "reference_mode='top_k': classes kept per position."}

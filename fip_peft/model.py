@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .anchor_pass import adapters_disabled, anchor_outputs, eval_mode, reference_outputs
+from .anchor_pass import anchor_outputs, base_outputs, eval_mode, probe_outputs, record_references
 from .anchors import collect_anchors, is_text, num_rows, text_windows, transform_anchors
 from .checks import (
     anchors_to_take,
@@ -27,10 +27,10 @@ from .checks import (
     labels_to_keep,
 )
 from .config import FIPConfig
-from .distances import TopKReference, anchor_label_loss, distance_scale, functional_distance, top_k_reference
+from .distances import anchor_label_loss, functional_distance
 from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
-from .memory import AnchorMemory, check_reference_size, resolve_reference_mode
+from .memory import AnchorMemory
 from .metric import metric_spectrum
 from .sparsifier import Sparsifier
 from .step_guard import GUARDED_MODELS, install_guard
@@ -153,19 +153,17 @@ class FIPModel(BaseTuner):
 
         Training after this call keeps the function on all remembered anchors. `data` is a tensor of inputs (custom
         `nn.Module`), a dict of batched tensors, a list of such batches, a `datasets.Dataset` with the model's input
-        columns, or a `DataLoader`. A tuple or list of tensors of different dtypes or shapes reads as one
-        `(inputs, labels, ...)` batch. By default the new task gets an equal share of `anchor_budget`; older tasks
-        shrink to share the rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown
-        in the model card).
+        columns, a `DataLoader`, or raw text (a str, a list of str, a `datasets.Dataset` with a `text` column) with
+        `tokenizer=` and `max_length=`, packed into windows of `max_length` tokens (`anchors.text_windows`). A tuple or
+        list of tensors of different dtypes or shapes reads as one `(inputs, labels, ...)` batch. By default the new
+        task gets an equal share of `anchor_budget`; older tasks shrink to share the rest. `task_name` names the task
+        in the adapter's history (`FIPConfig.task_names`, shown in the model card).
 
         Labels travel with the anchors: `labels` (class indices, one per example of `data`; per token for token
         outputs, -100 for none), or else the data's own `labels`/`label` field or column, or the second element of
         `(inputs, labels)` batches. The FIP step then adds `FIPConfig.label_weight` times their cross-entropy on the
         anchors' logits (DER++'s label term) to the output-keeping term. Anchors without labels are kept by their
         outputs alone. They are saved with the adapter like the anchors (`save_anchors`).
-        Raw text for a language model: `data` a str or a list of str (or a `datasets.Dataset` with a `text` column)
-        with `tokenizer=` (the model's) and `max_length=` (tokens per anchor): the texts are tokenized, joined and
-        cut into windows of `max_length` tokens (`anchors.text_windows`), each window an anchor.
         Returns a summary: anchors per task, total and how many are labelled.
         """
         data = _text_as_anchors(data, tokenizer, max_length)
@@ -180,67 +178,19 @@ class FIPModel(BaseTuner):
         check_same_input_names(new_inputs, memory.input_names)
         check_anchor_inputs(new_inputs, self.model)
         check_remember_budget(config.anchor_budget, memory.anchors_per_task(), num_rows(new_inputs))
-        try:
-            probe = reference_outputs(
-                self.model, {k: v[:2] for k, v in new_inputs.items()}, config.anchor_output_module
-            )
-        except Exception as error:  # the model's own error says what is wrong with the inputs
-            raise ValueError(
-                f"The model cannot run on the anchors given to `remember` (inputs {sorted(new_inputs)}): {error}"
-            ) from error
+        probe = probe_outputs(self.model, new_inputs, config.anchor_output_module)
         check_anchors_match(new_inputs, memory.inputs)
         if new_labels is not None:
             check_anchor_labels(new_labels, probe.shape, config.task_type)
         inputs, task_ids, all_labels = memory.with_new_task(new_inputs, config.anchor_budget, new_labels)
-        mode = resolve_reference_mode(config, probe.shape)
-        check_reference_size(num_rows(inputs), probe.shape, mode, config.reference_top_k)
-        if mode == "recompute":
-            self._check_base_function(probe, {k: v[:2] for k, v in new_inputs.items()}, config)
-        reference, scale = self._record_references(inputs, config, mode, probe[0].numel() * 4)
+        reference, scale = record_references(self.model, inputs, config, probe, new_inputs)
+        check_finite_reference(reference)
         memory.replace(inputs, task_ids, reference, scale, all_labels)
         config.task_names = [*config.task_names, task_name or f"task {len(config.task_names)}"]
         labelled = int((all_labels != -100).reshape(len(all_labels), -1).any(dim=1).sum())
         summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory), "labelled": labelled}
         logger.info(f"FIP adapter {name!r} remembers {summary['total']} anchors: {summary['anchors_per_task']}.")
         return summary
-
-    def _check_base_function(self, probe: torch.Tensor, inputs: dict[str, torch.Tensor], config: FIPConfig) -> None:
-        """Refuse `reference_mode="recompute"` unless the model is the base model now (the adapter is at its start
-        and nothing trained beside it): the recomputed references are the base model's outputs, so they are the
-        right ones only while remembering means remembering the base model."""
-        with adapters_disabled(self.model):
-            base = reference_outputs(self.model, inputs, config.anchor_output_module)
-        if not torch.allclose(probe, base, rtol=1e-4, atol=1e-5):
-            raise ValueError(
-                "FIPConfig.reference_mode='recompute' recomputes the references from the base model with the adapter "
-                "disabled, but this model's outputs already differ from the base model's (the adapter has been "
-                "trained, e.g. on an earlier task, or starts away from zero), so those would be the wrong references. "
-                "Use reference_mode='top_k' (with distance='kl') or 'full'; nothing was remembered."
-            )
-
-    def _record_references(
-        self, inputs: dict[str, torch.Tensor], config: FIPConfig, mode: str, per_anchor_bytes: int
-    ) -> tuple[torch.Tensor | TopKReference | None, float]:
-        """The references of all anchors kept as `mode`, and the distance scale (`distances.distance_scale`),
-        computed chunk by chunk so that full outputs over a large vocabulary never exist for all anchors at once."""
-        output_module = config.anchor_output_module
-        if mode == "full":
-            reference = reference_outputs(self.model, inputs, output_module, per_anchor_bytes=per_anchor_bytes)
-            check_finite_reference(reference)
-            return reference, distance_scale(reference, config.distance)
-        if mode == "top_k":
-            k = config.reference_top_k
-            chunks = reference_outputs(
-                self.model, inputs, output_module, lambda out: _cpu(top_k_reference(out, k)), per_anchor_bytes
-            )
-            reference = TopKReference(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
-            check_finite_reference(reference.logprobs)
-            return reference, 1.0  # top-k needs a softmax distance, which is scale-free
-        with adapters_disabled(self.model):  # recompute: only the scale of the base model's outputs is kept
-            scales = reference_outputs(
-                self.model, inputs, output_module, lambda out: _row_scales(out, config.distance), per_anchor_bytes
-            )
-        return None, max(float(torch.cat(scales).mean()), 1e-8) if config.distance == "logits" else 1.0
 
     def record_accuracy(self, matrix: AccuracyMatrix, adapter_name: str | None = None) -> None:
         """Keep the accuracy matrix R with the adapter (`FIPConfig.accuracy_matrix`, saved in adapter_config.json)
@@ -280,8 +230,7 @@ class FIPModel(BaseTuner):
         index = memory.next_batch_index(config.anchor_batch_size, config.anchor_seed)
         inputs, reference = memory.batch(index)
         if reference is None:  # reference_mode="recompute": the base model's outputs, on the anchors as remembered
-            with torch.no_grad(), eval_mode(self.model), adapters_disabled(self.model):
-                reference = anchor_outputs(self.model, inputs, config.anchor_output_module, forward)
+            reference = base_outputs(self.model, inputs, config.anchor_output_module, forward)
         if transform is not None:
             inputs = transform_anchors(transform, inputs)
         with eval_mode(self.model):
@@ -389,20 +338,6 @@ class FIPModel(BaseTuner):
                 check_saved_memory_fits(adapter_name, saved, tuner.model, output_module)
                 tuner.fip_memory[adapter_name].load_tensors(saved)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-
-
-def _cpu(reference: TopKReference) -> TopKReference:
-    return reference.to("cpu")
-
-
-def _row_scales(outputs: torch.Tensor, distance: str) -> torch.Tensor:
-    """Per anchor, the mean over its positions of the centred squared norm of its outputs (`distance_scale`'s
-    summand), so that the scale of references never kept can be computed chunk by chunk."""
-    rows = outputs.shape[0]
-    if distance != "logits" or outputs.numel() == 0:
-        return torch.ones(rows)
-    centred = outputs.float() - outputs.float().mean(dim=-1, keepdim=True)
-    return centred.pow(2).sum(dim=-1).reshape(rows, -1).mean(dim=1).cpu()
 
 
 def _text_as_anchors(data, tokenizer, max_length: int | None):
