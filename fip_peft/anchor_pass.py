@@ -8,16 +8,23 @@ other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .anchors import POSITIONAL, AnchorInputs, num_rows
+from .distances import TopKReference, distance_scale, top_k_reference
+from .memory import check_reference_size, resolve_reference_mode
 from .model_io import model_output
 
 # Anchors per forward pass when reference outputs are recorded (no grad, so larger than a step's anchor batch).
 REFERENCE_BATCH_SIZE = 64
+# Most bytes of outputs one such pass may produce: per-token logits over a large vocabulary take fewer anchors a pass.
+REFERENCE_CHUNK_BYTES = 256 * 1024**2
 
 
 @contextmanager
@@ -66,13 +73,120 @@ def anchor_outputs(
 
 
 @torch.no_grad()
-def reference_outputs(model: nn.Module, inputs: AnchorInputs, output_module: str | None) -> torch.Tensor:
-    """`anchor_outputs` on all of `inputs` in eval mode, without grad, in chunks of `REFERENCE_BATCH_SIZE` anchors:
-    float32 on the CPU, as the anchor memory keeps its references."""
+def reference_outputs(
+    model: nn.Module,
+    inputs: AnchorInputs,
+    output_module: str | None,
+    reduce: Callable[[torch.Tensor], object] | None = None,
+    per_anchor_bytes: int = 0,
+) -> torch.Tensor | list:
+    """`anchor_outputs` on all of `inputs` in eval mode, without grad, in chunks of at most `REFERENCE_BATCH_SIZE`
+    anchors (fewer when each anchor's outputs take `per_anchor_bytes`, so that a chunk stays within
+    `REFERENCE_CHUNK_BYTES`): float32 on the CPU, as the anchor memory keeps its references. With `reduce`, each
+    chunk's outputs (on the model's device) go through it instead and the list of its results is returned, so that
+    full outputs over a large vocabulary never exist for all anchors at once (top-k compression)."""
+    step = max(1, min(REFERENCE_BATCH_SIZE, REFERENCE_CHUNK_BYTES // max(per_anchor_bytes, 1)))
     with eval_mode(model):
         rows = num_rows(inputs)
         chunks = []
-        for start in range(0, rows, REFERENCE_BATCH_SIZE):
-            chunk = {k: v[start : start + REFERENCE_BATCH_SIZE] for k, v in inputs.items()}
-            chunks.append(anchor_outputs(model, chunk, output_module).float().cpu())
-    return torch.cat(chunks)
+        for start in range(0, rows, step):
+            chunk = {k: v[start : start + step] for k, v in inputs.items()}
+            outputs = anchor_outputs(model, chunk, output_module)
+            chunks.append(outputs.float().cpu() if reduce is None else reduce(outputs))
+    return torch.cat(chunks) if reduce is None else chunks
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run `model` (the tuner's base model) as the base model: every PEFT layer and `modules_to_save` wrapper with
+    its adapters switched off, then as it was. Sets the layers' flag directly: PEFT's `enable_adapters` also changes
+    `requires_grad`, which would unfreeze or freeze parameters in the middle of training."""
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    if any(getattr(m, "merged", False) for m in layers):
+        raise ValueError(
+            "FIPConfig.reference_mode='recompute' runs the base model with the adapter disabled, but the adapter is "
+            "merged into the base weights; unmerge it (`unmerge_adapter()`), or use reference_mode='top_k' or 'full'."
+        )
+    states = [m._disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m._disable_adapters = True
+        yield
+    finally:
+        for m, state in zip(layers, states, strict=True):
+            m._disable_adapters = state
+
+
+def check_base_function(model: nn.Module, probe: torch.Tensor, inputs: AnchorInputs, config) -> None:
+    """Refuse `reference_mode="recompute"` unless `model` (whose outputs on `inputs` are `probe`) is the base model
+    now (the adapter at its start, nothing trained beside it): the recomputed references are the base model's
+    outputs, so they are the right ones only while remembering means remembering the base model."""
+    with adapters_disabled(model):
+        base = reference_outputs(model, inputs, config.anchor_output_module)
+    if not torch.allclose(probe, base, rtol=1e-4, atol=1e-5):
+        raise ValueError(
+            "FIPConfig.reference_mode='recompute' recomputes the references from the base model with the adapter "
+            "disabled, but this model's outputs already differ from the base model's (the adapter has been "
+            "trained, e.g. on an earlier task, or starts away from zero), so those would be the wrong references. "
+            "Use reference_mode='top_k' (with distance='kl') or 'full'; nothing was remembered."
+        )
+
+
+def probe_outputs(model: nn.Module, inputs: AnchorInputs, output_module: str | None) -> torch.Tensor:
+    """The outputs on the first two of `inputs`, anchors given to `remember`: what they look like, and a check that
+    the model runs on them (`ValueError` with the model's own error otherwise)."""
+    try:
+        return reference_outputs(model, {k: v[:2] for k, v in inputs.items()}, output_module)
+    except Exception as error:  # the model's own error says what is wrong with the inputs
+        raise ValueError(
+            f"The model cannot run on the anchors given to `remember` (inputs {sorted(inputs)}): {error}"
+        ) from error
+
+
+@torch.no_grad()
+def base_outputs(
+    model: nn.Module, inputs: AnchorInputs, output_module: str | None, forward: nn.Module | None = None
+) -> torch.Tensor:
+    """`anchor_outputs` of the base model (adapters disabled, eval mode, no grad): the references of
+    `reference_mode="recompute"`."""
+    with eval_mode(model), adapters_disabled(model):
+        return anchor_outputs(model, inputs, output_module, forward)
+
+
+def record_references(
+    model: nn.Module, inputs: AnchorInputs, config, probe: torch.Tensor, new_inputs: AnchorInputs
+) -> tuple[torch.Tensor | TopKReference | None, float]:
+    """The references of all anchors `inputs` kept as `config.reference_mode` resolves for outputs shaped like
+    `probe` (the outputs on the first `new_inputs`): a tensor, a `TopKReference`, or None (recomputed at each step);
+    and the distance scale (`distances.distance_scale`), computed chunk by chunk so that full outputs over a large
+    vocabulary never exist for all anchors at once. Refuses, before any pass, references too big to keep and
+    recomputed references of a model that is no longer the base model."""
+    mode = resolve_reference_mode(config, probe.shape)
+    check_reference_size(num_rows(inputs), probe.shape, mode, config.reference_top_k)
+    if mode == "recompute":
+        check_base_function(model, probe, {k: v[:2] for k, v in new_inputs.items()}, config)
+    output_module, per_anchor_bytes = config.anchor_output_module, probe[0].numel() * 4
+    if mode == "full":
+        reference = reference_outputs(model, inputs, output_module, per_anchor_bytes=per_anchor_bytes)
+        return reference, distance_scale(reference, config.distance)
+    if mode == "top_k":
+        k = config.reference_top_k
+        chunks = reference_outputs(
+            model, inputs, output_module, lambda out: top_k_reference(out, k).to("cpu"), per_anchor_bytes
+        )
+        return TopKReference(*(torch.cat(parts) for parts in zip(*chunks, strict=True))), 1.0  # softmax: scale-free
+    with adapters_disabled(model):  # recompute: only the scale of the base model's outputs is kept
+        scales = reference_outputs(
+            model, inputs, output_module, lambda out: _row_scales(out, config.distance), per_anchor_bytes
+        )
+    return None, max(float(torch.cat(scales).mean()), 1e-8) if config.distance == "logits" else 1.0
+
+
+def _row_scales(outputs: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per anchor, the mean over its positions of the centred squared norm of its outputs (`distance_scale`'s
+    summand), so that the scale of references never kept can be computed chunk by chunk."""
+    rows = outputs.shape[0]
+    if distance != "logits" or outputs.numel() == 0:
+        return torch.ones(rows)
+    centred = outputs.float() - outputs.float().mean(dim=-1, keepdim=True)
+    return centred.pow(2).sum(dim=-1).reshape(rows, -1).mean(dim=1).cpu()

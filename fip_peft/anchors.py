@@ -1,4 +1,5 @@
-"""Turn what users pass to `remember` (tensor, dict, `datasets.Dataset`, `DataLoader`) into anchor tensors.
+"""Turn what users pass to `remember` (tensor, dict, `datasets.Dataset`, `DataLoader`, raw text with a tokenizer) into
+anchor tensors.
 
 Anchors are kept as a dict of batched tensors keyed by the model's input names; a plain tensor for a custom
 `nn.Module` is stored under `POSITIONAL` and passed as the first positional argument.
@@ -220,6 +221,59 @@ def collect_anchors(
         inputs = select_rows(inputs, keep)
         found = found[keep] if found is not None else None
     return inputs, found
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_text(data: object) -> bool:
+    """Whether `data` is raw text: a str, or a non-empty list or tuple of str."""
+    return isinstance(data, str) or (
+        isinstance(data, (list, tuple)) and bool(data) and all(isinstance(item, str) for item in data)
+    )
+
+
+def text_windows(texts: str | list[str], tokenizer, max_length: int | None) -> AnchorInputs:
+    """Raw text as anchors of a language model: every text tokenized (without special tokens, then the tokenizer's
+    end-of-sequence token where it has one, so that documents stay apart), the tokens of all texts joined and cut
+    into windows of `max_length` tokens, as language-model pretraining packs text. The last, shorter window is
+    right-padded (`attention_mask` 0 there), so no token is lost and none is made up."""
+    if tokenizer is None:
+        raise ValueError(
+            "`remember` got raw text but no `tokenizer`: pass `tokenizer=` (the model's tokenizer, e.g. "
+            "`AutoTokenizer.from_pretrained(...)`) and `max_length=` (tokens per anchor window), or tokenize the "
+            "text yourself and pass the token tensors."
+        )
+    if not _is_int(max_length) or max_length < 1:
+        raise ValueError(
+            f"`remember` got raw text with max_length={max_length!r}; pass `max_length=` as an int >= 1, the tokens "
+            "per anchor window (e.g. max_length=128)."
+        )
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not callable(tokenizer):
+        raise TypeError(
+            f"`tokenizer` must be a callable tokenizer (a transformers tokenizer), got {type(tokenizer).__name__}."
+        )
+    encoded = tokenizer(texts, add_special_tokens=False)
+    rows = encoded["input_ids"] if isinstance(encoded, Mapping) or hasattr(encoded, "keys") else None
+    if rows is None or len(rows) != len(texts):
+        raise TypeError(
+            "`tokenizer(texts)` must return a mapping with 'input_ids', one list of ids per text, as transformers "
+            f"tokenizers do; got {type(encoded).__name__}."
+        )
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tokens = [int(t) for row in rows for t in [*list(row), *([eos] if _is_int(eos) else [])]]
+    if not tokens:
+        raise ValueError("`remember` got raw text with no tokens (empty strings); pass text to remember.")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if _is_int(pad) else (eos if _is_int(eos) else 0)
+    count = -(-len(tokens) // max_length)
+    ids = torch.full((count * max_length,), int(pad), dtype=torch.long)
+    ids[: len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    mask = torch.zeros(count * max_length, dtype=torch.long)
+    mask[: len(tokens)] = 1
+    return {"input_ids": ids.reshape(count, max_length), "attention_mask": mask.reshape(count, max_length)}
 
 
 def _given_labels(labels: object, total: int) -> torch.Tensor | None:

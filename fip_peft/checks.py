@@ -269,8 +269,12 @@ def check_remember_adapter(tuner: FIPModel, adapter_name: object) -> None:
         )
 
 
-def check_finite_reference(reference: torch.Tensor) -> None:
-    """Refuse reference outputs with NaN/inf: the model is already broken on the anchors."""
+def check_finite_reference(reference) -> None:
+    """Refuse reference outputs with NaN/inf (a tensor, a `distances.TopKReference`, or None when recomputed at each
+    step): the model is already broken on the anchors."""
+    reference = getattr(reference, "logprobs", reference)
+    if reference is None:
+        return
     finite = torch.isfinite(reference).flatten(1).all(dim=1) if reference.dim() > 1 else torch.isfinite(reference)
     bad = int((~finite).sum())
     if bad:
@@ -304,7 +308,10 @@ def check_saved_memory_fits(
             f"run on them ({error}). Load the adapter onto the base model it was trained on."
         ) from None
     expected = tuple(tensors["reference"].shape[1:])
-    if tuple(probe.shape[1:]) != expected:
+    found = tuple(probe.shape[1:])
+    if "reference_kind" in tensors and int(tensors["reference_kind"]) != 0:  # top-k or recomputed: positions only
+        expected, found = expected[:-1], found[: len(expected) - 1]
+    if found != expected:
         raise ValueError(
             f"The saved reference outputs of FIP adapter {adapter_name!r} have shape {expected} per anchor, but this "
             f"model outputs {tuple(probe.shape[1:])} on the saved anchors. Load the adapter onto the base model "
@@ -341,7 +348,8 @@ def check_saved_memory(
     if isinstance(reference, torch.Tensor) and reference.numel() and not torch.isfinite(reference).all():
         raise ValueError(f"{where} holds NaN or infinite reference outputs; {advice}")
     labels = tensors.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.numel() and isinstance(reference, torch.Tensor):
+    in_full = "reference_kind" not in tensors or int(tensors["reference_kind"]) == 0  # else no class count is kept
+    if isinstance(labels, torch.Tensor) and labels.numel() and isinstance(reference, torch.Tensor) and in_full:
         classes = reference.shape[-1] if reference.dim() >= 2 else 0
         valid = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool) and bool(
             ((labels == -100) | ((labels >= 0) & (labels < classes))).all()

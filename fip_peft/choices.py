@@ -15,6 +15,7 @@ SparsitySchedule = Literal["cubic", "linear", "constant"]
 SparsityScope = Literal["global", "layer"]
 SparsityCriterion = Literal["magnitude", "saliency", "obs"]
 NonfinitePolicy = Literal["skip", "raise"]
+ReferenceMode = Literal["auto", "full", "top_k", "recompute"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DISTANCES: tuple[str, ...] = get_args(Distance)
@@ -22,3 +23,4 @@ SCHEDULES: tuple[str, ...] = get_args(SparsitySchedule)
 SCOPES: tuple[str, ...] = get_args(SparsityScope)
 CRITERIA: tuple[str, ...] = get_args(SparsityCriterion)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
+REFERENCE_MODES: tuple[str, ...] = get_args(ReferenceMode)

@@ -18,11 +18,13 @@ from .choices import (
     DISTANCES,
     NONFINITE_POLICIES,
     OBJECTIVES,
+    REFERENCE_MODES,
     SCHEDULES,
     SCOPES,
     Distance,
     NonfinitePolicy,
     Objective,
+    ReferenceMode,
     SparsityCriterion,
     SparsitySchedule,
     SparsityScope,
@@ -38,6 +40,9 @@ DEFAULT_BETA_NATURAL = 5.0
 # (docs/benchmarks.md, "Natural solver" and "Projection solver").
 DEFAULT_DAMPING_NATURAL = 0.1
 DEFAULT_DAMPING_PROJECTION = 1.0
+# Classes kept per position by reference_mode="top_k" (and "auto" on large vocabularies), measured on a tiny LM
+# (docs/benchmarks.md, "Compact references (issue 27)").
+DEFAULT_REFERENCE_TOP_K = 64
 # Weight of the cross-entropy on labelled anchors, chosen on validation (docs/benchmarks.md, "Labelled anchors").
 DEFAULT_LABEL_WEIGHT = 2.0
 
@@ -162,6 +167,17 @@ class FIPConfig(PeftConfig):
             `model.record_accuracy(R)`); shown in the model card.
         max_consecutive_skips: With `on_nonfinite="skip"`, this many skipped steps in a row stop training with
             `NonFiniteStepError` (a diverged run would otherwise skip every step forever); `None` never stops.
+        reference_mode: How the reference outputs are kept (docs/concepts.md, "Causal language models"). `"full"`:
+            in full (refused above 2 GiB: per-token logits over a 50k vocabulary for 512 x 128 tokens take 13 GB).
+            `"top_k"`: per position, the log-probabilities of the reference's `reference_top_k` likeliest classes and
+            of the rest merged into one; D is the softmax distance on these k + 1 classes (at most the full D, equal
+            when the rest's mass is small). Needs `distance="kl"` or `"bhattacharyya"`. `"recompute"`: nothing
+            stored; each step reruns the anchors through the base model with the adapters disabled (exact, one more
+            forward pass); refused by `remember` once the model differs from the base model (a trained adapter, a
+            later task) or is merged. `"auto"`: `"top_k"` for a softmax distance over more than 4 x
+            `reference_top_k` classes (a language model), else `"full"` (docs/benchmarks.md, "Compact references").
+        reference_top_k: k of `reference_mode="top_k"`: classes kept per position (>= 1), fewer than the
+            model's classes.
     """
 
     target_modules: list[str] | str | None = field(
@@ -291,6 +307,13 @@ class FIPConfig(PeftConfig):
         default=10,
         metadata={"help": "on_nonfinite='skip': stop (NonFiniteStepError) after this many skipped steps in a row."},
     )
+    reference_mode: ReferenceMode = field(
+        default="auto",
+        metadata={"help": "References kept 'full', as 'top_k', 'recompute'd, or 'auto' (top_k on LMs)."},
+    )
+    reference_top_k: int = field(
+        default=DEFAULT_REFERENCE_TOP_K, metadata={"help": "reference_mode='top_k': classes kept per position."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -342,6 +365,7 @@ class FIPConfig(PeftConfig):
         if not isinstance(self.save_anchors, bool):
             raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
         _check_history(self.task_names, self.accuracy_matrix)
+        _check_reference_mode(self)
         check_config_consistency(self)
 
     def _validate_natural(self) -> None:
@@ -387,6 +411,24 @@ def _check_anchor_output(config: FIPConfig) -> None:
         raise ValueError(
             f"FIPConfig.anchor_output_module={config.anchor_output_module!r} keeps hidden features, which are not "
             f"logits of a distribution: use distance='logits' (squared L2), got distance={config.distance!r}."
+        )
+
+
+def _check_reference_mode(config: FIPConfig) -> None:
+    """`reference_mode` and `reference_top_k` alone, and against the distance, the kept output and the solver."""
+    mode = config.reference_mode
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"FIPConfig.reference_mode must be one of {REFERENCE_MODES}, got {mode!r}.")
+    _check_int("reference_top_k", config.reference_top_k, minimum=1)
+    if mode == "top_k" and config.distance == "logits":
+        raise ValueError(
+            "FIPConfig.reference_mode='top_k' keeps log-probabilities, which the squared-logit distance cannot use: "
+            "set distance='kl' (or 'bhattacharyya'), or reference_mode='full' or 'recompute'."
+        )
+    if mode in ("top_k", "recompute") and isinstance(config.solver, str) and config.solver.startswith("projection"):
+        raise ValueError(
+            f"FIPConfig.reference_mode={mode!r} does not keep the full reference outputs that "
+            f"solver={config.solver!r} measures its drift against: use reference_mode='full', or solver='penalty'."
         )
 
 

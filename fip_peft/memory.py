@@ -2,6 +2,11 @@
 
 It is an `nn.Module` whose tensors are buffers, so it lives on the model's device and, when the config says
 `save_anchors=True`, travels inside `adapter_model.safetensors`.
+
+The references are kept in one of three forms (`FIPConfig.reference_mode`, recorded in the `reference_kind` buffer so
+that a saved memory says which it holds): in full; as top-k log-probabilities plus the rest of the classes
+(`distances.TopKReference`: `reference` holds the k + 1 log-probabilities, `reference_index` the k indices); or not
+at all, recomputed from the base model at every step (`reference` is then empty per anchor, shape (N, 0)).
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ import torch
 from torch import nn
 
 from .anchors import AnchorInputs, concat_inputs, num_rows, pad_labels, select_rows
+from .distances import TopKReference
 from .seeds import counter_seed, generator
 
 ANCHOR_PREFIX = "anchor__"
 NO_LABEL = -100  # as transformers' ignore_index: an anchor (or a token of one) without a label
 MAX_REFERENCE_BYTES = 2 * 1024**3
+# How the references are kept (`reference_kind` buffer), the resolved `FIPConfig.reference_mode`.
+REFERENCE_KINDS = ("full", "top_k", "recompute")
 
 
 class AnchorMemory(nn.Module):
@@ -29,6 +37,8 @@ class AnchorMemory(nn.Module):
         self.persistent = persistent
         self.register_buffer("task_ids", torch.zeros(0, dtype=torch.long), persistent=persistent)
         self.register_buffer("reference", torch.zeros(0), persistent=persistent)
+        self.register_buffer("reference_index", torch.zeros(0, dtype=torch.int32), persistent=persistent)
+        self.register_buffer("reference_kind", torch.zeros((), dtype=torch.long), persistent=persistent)
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long), persistent=persistent)
         self._has_labels = False
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.long), persistent=persistent)
@@ -58,6 +68,11 @@ class AnchorMemory(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # a plain `load_state_dict` fills the buffers in place
         self._has_labels = bool((self.labels != NO_LABEL).any()) if self.labels.numel() else False
+
+    @property
+    def reference_mode(self) -> str:
+        """How this memory keeps its references: "full", "top_k" or "recompute" (see the module docstring)."""
+        return REFERENCE_KINDS[int(self.reference_kind)]
 
     def anchors_per_task(self) -> list[int]:
         return torch.bincount(self.task_ids, minlength=self.num_tasks).tolist() if len(self) else []
@@ -101,18 +116,27 @@ class AnchorMemory(nn.Module):
         self,
         inputs: AnchorInputs,
         task_ids: torch.Tensor,
-        reference: torch.Tensor,
+        reference: torch.Tensor | TopKReference | None,
         scale: float = 1.0,
         labels: torch.Tensor | None = None,
     ) -> None:
-        """Commit a new set of anchors, reference outputs, labels (None: no label) and the distance scale at once."""
+        """Commit a new set of anchors, reference outputs (a tensor in full, a `TopKReference`, or None: recomputed
+        at each step), labels (None: no label) and the distance scale at once."""
         device = self.task_ids.device
         for name in self.input_names:
             delattr(self, ANCHOR_PREFIX + name)
         for name, value in inputs.items():
             self.register_buffer(ANCHOR_PREFIX + name, value.to(device), persistent=self.persistent)
         self.task_ids = task_ids.to(device)
+        if isinstance(reference, TopKReference):
+            kind, index, reference = "top_k", reference.index.to(torch.int32), reference.logprobs
+        elif reference is None:
+            kind, index, reference = "recompute", None, torch.zeros(task_ids.shape[0], 0)
+        else:
+            kind, index = "full", None
         self.reference = reference.to(device)
+        self.reference_index = (torch.zeros(0, dtype=torch.int32) if index is None else index).to(device)
+        self.reference_kind.fill_(REFERENCE_KINDS.index(kind))
         self.labels = (unlabelled(task_ids.shape[0]) if labels is None else labels.long()).to(device)
         self._has_labels = bool((self.labels != NO_LABEL).any()) if self.labels.numel() else False
         self.scale.fill_(scale)
@@ -131,9 +155,20 @@ class AnchorMemory(nn.Module):
         labels = tensors.get("labels")  # adapters saved before labels travelled with anchors have none
         if labels is not None and labels.shape[:1] != tensors["task_ids"].shape[:1]:
             raise ValueError("The saved FIP anchor memory is inconsistent: anchors and labels differ in count.")
-        self.replace(
-            inputs, tensors["task_ids"].long(), tensors["reference"], float(tensors.get("scale", 1.0)), labels
-        )
+        kind = int(tensors["reference_kind"]) if "reference_kind" in tensors else 0  # older adapters: in full
+        if not 0 <= kind < len(REFERENCE_KINDS):
+            raise ValueError(f"The saved FIP anchor memory has an unknown reference_kind {kind}.")
+        reference: torch.Tensor | TopKReference | None = tensors["reference"]
+        if REFERENCE_KINDS[kind] == "top_k":
+            index = tensors.get("reference_index")
+            if index is None or index.shape[:-1] != tensors["reference"].shape[:-1]:
+                raise ValueError(
+                    "The saved FIP anchor memory is inconsistent: top-k references without their indices."
+                )
+            reference = TopKReference(tensors["reference"], index)
+        elif REFERENCE_KINDS[kind] == "recompute":
+            reference = None
+        self.replace(inputs, tensors["task_ids"].long(), reference, float(tensors.get("scale", 1.0)), labels)
         if "sample_step" in tensors:
             self.sample_step.fill_(int(tensors["sample_step"]))
 
@@ -153,11 +188,15 @@ class AnchorMemory(nn.Module):
             return torch.arange(size)
         return torch.randperm(size, generator=generator(counter_seed(seed, step)))[:batch_size]
 
-    def batch(self, index: torch.Tensor) -> tuple[AnchorInputs, torch.Tensor]:
-        """Anchor inputs and reference outputs at `index`, trimmed of columns that are padding in every row."""
+    def batch(self, index: torch.Tensor) -> tuple[AnchorInputs, torch.Tensor | TopKReference | None]:
+        """Anchor inputs and reference outputs at `index`, trimmed of columns that are padding in every row: the
+        references as a tensor (kept in full), a `TopKReference`, or None (`recompute`: the caller runs the base
+        model)."""
         index = index.to(self.task_ids.device)
         inputs = select_rows(self.inputs, index)
+        mode = self.reference_mode
         reference = self.reference[index]
+        top_index = self.reference_index[index] if mode == "top_k" else None
         mask = inputs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
             length = int(mask.sum(dim=1).max())
@@ -166,6 +205,11 @@ class AnchorMemory(nn.Module):
                 inputs = {k: v[:, :length] if v.dim() >= 2 and v.shape[1] == full else v for k, v in inputs.items()}
                 if reference.dim() >= 3 and reference.shape[1] == full:
                     reference = reference[:, :length]
+                    top_index = top_index[:, :length] if top_index is not None else None
+        if mode == "recompute":
+            return inputs, None
+        if top_index is not None:
+            return inputs, TopKReference(reference, top_index)
         return inputs, reference
 
 
@@ -174,11 +218,50 @@ def unlabelled(rows: int) -> torch.Tensor:
     return torch.full((rows,), NO_LABEL, dtype=torch.long)
 
 
-def check_reference_size(num_anchors: int, output_shape: torch.Size) -> None:
-    """Refuse reference outputs too big to keep (e.g. per-token logits over a large vocabulary)."""
-    size = num_anchors * int(torch.Size(output_shape[1:]).numel()) * 4
-    if size > MAX_REFERENCE_BYTES:
+def resolve_reference_mode(config, output_shape: torch.Size) -> str:
+    """The reference mode `remember` uses for outputs of shape (N, ..., C) under `config` (a `FIPConfig`):
+    `reference_mode` itself, or for "auto" "top_k" where a softmax distance compares many classes (more than 4 x
+    `reference_top_k`: a language model's vocabulary) and "full" elsewhere. Refuses a top-k that keeps every class."""
+    mode = config.reference_mode
+    classes = int(output_shape[-1]) if len(output_shape) >= 2 else 1
+    if mode == "auto":
+        softmax = config.distance in ("kl", "bhattacharyya") and config.anchor_output_module is None
+        projection = isinstance(config.solver, str) and config.solver.startswith("projection")
+        return "top_k" if softmax and not projection and classes > 4 * config.reference_top_k else "full"
+    if mode == "top_k" and config.reference_top_k >= classes:
         raise ValueError(
-            f"Reference outputs for {num_anchors} anchors of output shape {tuple(output_shape[1:])} would take "
-            f"{size / 1024**3:.1f} GiB; lower FIPConfig.anchor_budget or pass shorter anchors."
+            f"FIPConfig.reference_top_k={config.reference_top_k} keeps every one of the model's {classes} output "
+            f"classes; set reference_top_k below {classes}, or reference_mode='full' (as small)."
+        )
+    return mode
+
+
+def reference_bytes(num_anchors: int, output_shape: torch.Size, mode: str, top_k: int) -> int:
+    """Bytes the references of `num_anchors` anchors take when kept as `mode` ("full", "top_k", "recompute"), from
+    the outputs' shape (N, ..., C): float32 in full; k + 1 float32 log-probabilities and k int32 indices per position
+    for top-k; nothing when recomputed."""
+    per_anchor = int(torch.Size(output_shape[1:]).numel())
+    if mode == "recompute":
+        return 0
+    if mode == "top_k":
+        positions = per_anchor // max(int(output_shape[-1]), 1)
+        return num_anchors * positions * ((top_k + 1) * 4 + top_k * 4)
+    return num_anchors * per_anchor * 4
+
+
+def check_reference_size(num_anchors: int, output_shape: torch.Size, mode: str = "full", top_k: int = 0) -> None:
+    """Refuse reference outputs too big to keep (e.g. per-token logits over a large vocabulary kept in full)."""
+    size = reference_bytes(num_anchors, output_shape, mode, top_k)
+    if size > MAX_REFERENCE_BYTES:
+        fix = (
+            "set FIPConfig.reference_mode='top_k' with distance='kl' (top-k log-probabilities, a few percent of the "
+            "size) or reference_mode='recompute' (nothing stored), lower FIPConfig.anchor_budget, or pass shorter "
+            "anchors"
+            if mode == "full"
+            else "lower FIPConfig.reference_top_k or FIPConfig.anchor_budget, or pass shorter anchors"
+        )
+        raise ValueError(
+            f"Reference outputs for {num_anchors} anchors of output shape {tuple(output_shape[1:])} kept as "
+            f"reference_mode={mode!r} would take {size / 1024**3:.1f} GiB (the limit is "
+            f"{MAX_REFERENCE_BYTES / 1024**3:.0f} GiB); {fix}."
         )

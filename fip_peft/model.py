@@ -10,8 +10,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .anchor_pass import anchor_outputs, eval_mode, reference_outputs
-from .anchors import collect_anchors, num_rows, transform_anchors
+from .anchor_pass import anchor_outputs, base_outputs, eval_mode, probe_outputs, record_references
+from .anchors import collect_anchors, is_text, num_rows, text_windows, transform_anchors
 from .checks import (
     anchors_to_take,
     check_adaptable_targets,
@@ -27,10 +27,10 @@ from .checks import (
     labels_to_keep,
 )
 from .config import FIPConfig
-from .distances import anchor_label_loss, distance_scale, functional_distance
+from .distances import anchor_label_loss, functional_distance
 from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
-from .memory import AnchorMemory, check_reference_size
+from .memory import AnchorMemory
 from .metric import metric_spectrum
 from .sparsifier import Sparsifier
 from .step_guard import GUARDED_MODELS, install_guard
@@ -146,15 +146,18 @@ class FIPModel(BaseTuner):
         adapter_name: str | None = None,
         task_name: str | None = None,
         labels=None,
+        tokenizer=None,
+        max_length: int | None = None,
     ) -> dict[str, object]:
         """Add anchors from `data` and record the current outputs on every anchor kept so far.
 
         Training after this call keeps the function on all remembered anchors. `data` is a tensor of inputs (custom
         `nn.Module`), a dict of batched tensors, a list of such batches, a `datasets.Dataset` with the model's input
-        columns, or a `DataLoader`. A tuple or list of tensors of different dtypes or shapes reads as one
-        `(inputs, labels, ...)` batch. By default the new task gets an equal share of `anchor_budget`; older tasks
-        shrink to share the rest. `task_name` names the task in the adapter's history (`FIPConfig.task_names`, shown
-        in the model card).
+        columns, a `DataLoader`, or raw text (a str, a list of str, a `datasets.Dataset` with a `text` column) with
+        `tokenizer=` and `max_length=`, packed into windows of `max_length` tokens (`anchors.text_windows`). A tuple or
+        list of tensors of different dtypes or shapes reads as one `(inputs, labels, ...)` batch. By default the new
+        task gets an equal share of `anchor_budget`; older tasks shrink to share the rest. `task_name` names the task
+        in the adapter's history (`FIPConfig.task_names`, shown in the model card).
 
         Labels travel with the anchors: `labels` (class indices, one per example of `data`; per token for token
         outputs, -100 for none), or else the data's own `labels`/`label` field or column, or the second element of
@@ -163,6 +166,7 @@ class FIPModel(BaseTuner):
         outputs alone. They are saved with the adapter like the anchors (`save_anchors`).
         Returns a summary: anchors per task, total and how many are labelled.
         """
+        data = _text_as_anchors(data, tokenizer, max_length)
         check_remember_adapter(self, adapter_name)
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
@@ -174,22 +178,14 @@ class FIPModel(BaseTuner):
         check_same_input_names(new_inputs, memory.input_names)
         check_anchor_inputs(new_inputs, self.model)
         check_remember_budget(config.anchor_budget, memory.anchors_per_task(), num_rows(new_inputs))
-        try:
-            probe = reference_outputs(
-                self.model, {k: v[:2] for k, v in new_inputs.items()}, config.anchor_output_module
-            )
-        except Exception as error:  # the model's own error says what is wrong with the inputs
-            raise ValueError(
-                f"The model cannot run on the anchors given to `remember` (inputs {sorted(new_inputs)}): {error}"
-            ) from error
+        probe = probe_outputs(self.model, new_inputs, config.anchor_output_module)
         check_anchors_match(new_inputs, memory.inputs)
         if new_labels is not None:
             check_anchor_labels(new_labels, probe.shape, config.task_type)
         inputs, task_ids, all_labels = memory.with_new_task(new_inputs, config.anchor_budget, new_labels)
-        check_reference_size(num_rows(inputs), probe.shape)
-        reference = reference_outputs(self.model, inputs, config.anchor_output_module)
+        reference, scale = record_references(self.model, inputs, config, probe, new_inputs)
         check_finite_reference(reference)
-        memory.replace(inputs, task_ids, reference, distance_scale(reference, config.distance), all_labels)
+        memory.replace(inputs, task_ids, reference, scale, all_labels)
         config.task_names = [*config.task_names, task_name or f"task {len(config.task_names)}"]
         labelled = int((all_labels != -100).reshape(len(all_labels), -1).any(dim=1).sum())
         summary = {"anchors_per_task": memory.anchors_per_task(), "total": len(memory), "labelled": labelled}
@@ -233,6 +229,8 @@ class FIPModel(BaseTuner):
             return None
         index = memory.next_batch_index(config.anchor_batch_size, config.anchor_seed)
         inputs, reference = memory.batch(index)
+        if reference is None:  # reference_mode="recompute": the base model's outputs, on the anchors as remembered
+            reference = base_outputs(self.model, inputs, config.anchor_output_module, forward)
         if transform is not None:
             inputs = transform_anchors(transform, inputs)
         with eval_mode(self.model):
@@ -340,3 +338,21 @@ class FIPModel(BaseTuner):
                 check_saved_memory_fits(adapter_name, saved, tuner.model, output_module)
                 tuner.fip_memory[adapter_name].load_tensors(saved)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+
+def _text_as_anchors(data, tokenizer, max_length: int | None):
+    """`remember`'s `data` as token windows when it is raw text (a str, a list of str, a `datasets.Dataset` with a
+    `text` column and no `input_ids`), else `data` itself; refuses a `tokenizer` or `max_length` given with data that
+    is already tokens, which would otherwise be silently ignored."""
+    column = getattr(data, "column_names", None)
+    if isinstance(column, list) and "text" in column and "input_ids" not in column and tokenizer is not None:
+        data = list(data["text"])
+    if is_text(data):
+        return text_windows(data, tokenizer, max_length)
+    if tokenizer is not None or max_length is not None:
+        given = "`tokenizer`" if tokenizer is not None else f"`max_length={max_length}`"
+        raise ValueError(
+            f"`remember` got {given} with data of type {type(data).__name__}, which is not raw text: pass the text "
+            "itself (a str or a list of str) to tokenize, or leave out `tokenizer` and `max_length` for token tensors."
+        )
+    return data
