@@ -161,7 +161,10 @@ def jacobian_rows(
             for block, grad, p in zip(blocks, grads, params, strict=True):
                 block.append(grad.detach() if grad is not None else p.new_zeros((len(directions), *p.shape)))
             residuals.append(drift)
-    return [torch.cat(block) for block in blocks], torch.cat(residuals)
+    for i, block in enumerate(blocks):  # one parameter at a time: no second copy of all of J at once
+        blocks[i] = torch.cat(block)
+        del block
+    return blocks, torch.cat(residuals)
 
 
 def output_directions(
