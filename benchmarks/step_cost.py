@@ -14,7 +14,9 @@ fine-tuning of the same adapter (the same FIP model without remembered anchors, 
 `--interleaved R`: every configuration asked for (and its plain baseline) is built in one process and they take turns,
 `--steps` timed steps each per turn, for R rounds (the order rotating each round), so that a load that comes and goes
 on a shared machine falls on all of them alike. Reported per configuration: the ratio of its mean step time to its
-plain baseline's in each round, as mean, standard deviation, min and max over the rounds. Peak memory then comes from
+plain baseline's in each round, as mean, standard deviation, min and max over the rounds, in wall-clock time and in
+this process's CPU time (with `OMP_NUM_THREADS=1` on a CPU shared with other jobs, the CPU time is the work done,
+much less disturbed by their load than the wall-clock time). Peak memory then comes from
 each configuration run alone in its own process (`--memory-steps` steps, enough for its anchor pass to run).
 """
 
@@ -84,6 +86,7 @@ for _k in (2, 4, 8):
     CONFIGS[f"FIP rank-8 k={_k}"] = {**CONFIGS["FIP rank-8"], "anchor_interval": _k}
 CONFIGS["FIP full-rank k=4 scale"] = {**CONFIGS["FIP full-rank k=4"], "anchor_interval_mode": "scale"}
 CONFIGS["FIP full-rank 8 anchors"] = {**CONFIGS["FIP full-rank"], "anchor_batch_size": 8}
+CONFIGS["FIP full-rank 4 anchors"] = {**CONFIGS["FIP full-rank"], "anchor_batch_size": 4}
 CONFIGS["FIP full-rank 8 anchors k=2"] = {**CONFIGS["FIP full-rank 8 anchors"], "anchor_interval": 2}
 CONFIGS["FIP natural+penalty k=4"] = {**CONFIGS["FIP natural+penalty"], "anchor_interval": 4}
 CONFIGS["FIP sparsify 80% k=4"] = {**CONFIGS["FIP sparsify 80%"], "anchor_interval": 4}
@@ -124,41 +127,50 @@ def build(name: str, batch_size: int, max_length: int, model_path: str | None):
     return model, optimizer, config, batch, device
 
 
-def timed_steps(model, optimizer, batch, device: str, steps: int) -> list[float]:
-    """Seconds of each of `steps` optimizer steps (forward, backward, FIP step, zero_grad)."""
+def timed_steps(model, optimizer, batch, device: str, steps: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds (this process's, all its threads) of each of `steps` optimizer steps (forward,
+    backward, FIP step, zero_grad)."""
     import torch
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
         inputs = {k: v.to(device) for k, v in batch().items()}
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model(**inputs).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return times
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def run_interleaved(
     names: list[str], rounds: int, steps: int, warmup: int, batch_size: int, max_length: int, model_path: str | None
-) -> dict[str, list[float]]:
-    """Mean seconds per step of each configuration in each of `rounds` rounds, all built in this process and taking
-    turns (`steps` timed steps per turn, the order rotated each round)."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Mean wall-clock and CPU seconds per step of each configuration in each of `rounds` rounds, all built in this
+    process and taking turns (`steps` timed steps per turn, the order rotated each round)."""
     built = {name: build(name, batch_size, max_length, model_path) for name in names}
     for model, optimizer, _, batch, device in built.values():
         timed_steps(model, optimizer, batch, device, warmup)
     means: dict[str, list[float]] = {name: [] for name in names}
+    cpu_means: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in order:
             model, optimizer, _, batch, device = built[name]
-            means[name].append(statistics.mean(timed_steps(model, optimizer, batch, device, steps)))
-        print(f"round {round_ + 1}/{rounds}: " + ", ".join(f"{n} {means[n][-1]:.3f}" for n in names), flush=True)
-    return means
+            wall, cpu = timed_steps(model, optimizer, batch, device, steps)
+            means[name].append(statistics.mean(wall))
+            cpu_means[name].append(statistics.mean(cpu))
+        print(
+            f"round {round_ + 1}/{rounds} (wall s, CPU s): "
+            + ", ".join(f"{n} {means[n][-1]:.3f} {cpu_means[n][-1]:.3f}" for n in names),
+            flush=True,
+        )
+    return means, cpu_means
 
 
 def run_one(
@@ -275,7 +287,7 @@ def main() -> None:
 
 def interleaved(args: argparse.Namespace, names: list[str]) -> None:
     """`--interleaved R`: time ratios from `run_interleaved`, peak memory from one process per configuration."""
-    means = run_interleaved(
+    means, cpu_means = run_interleaved(
         names, args.interleaved, args.steps, args.warmup, args.batch_size, args.max_length, args.model
     )
     peaks = {}
@@ -285,17 +297,34 @@ def interleaved(args: argparse.Namespace, names: list[str]) -> None:
         command += ["--model", args.model] if args.model else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         peaks[name] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
-    print(f"{'config':<34}{'s/step':>9}{'x plain (mean sd min max over rounds)':>40}{'peak MiB':>10}{'x plain':>9}")
+
+    def spread(values: dict[str, list[float]], name: str) -> tuple[list[float], str]:
+        ratios = [t / p for t, p in zip(values[name], values[CONFIGS[name]["plain"]], strict=True)]
+        sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+        return ratios, f"{statistics.mean(ratios):.2f} ± {sd:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+    print(
+        f"{'config':<34}{'wall s/step':>12}{'x plain (mean ± sd, min-max)':>30}{'CPU s/step':>11}"
+        f"{'x plain (mean ± sd, min-max)':>30}{'peak MiB':>10}{'x plain':>9}"
+    )
     results = []
     for name in names:
-        plain = CONFIGS[name]["plain"]
-        ratios = [t / p for t, p in zip(means[name], means[plain], strict=True)]
-        spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
-        summary = f"{statistics.mean(ratios):.2f} ± {spread:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-        memory_ratio = peaks[name] / peaks[plain]
-        print(f"{name:<34}{statistics.mean(means[name]):>9.3f}{summary:>40}{peaks[name]:>10.0f}{memory_ratio:>9.2f}")
+        ratios, wall = spread(means, name)
+        cpu_ratios, cpu = spread(cpu_means, name)
+        memory_ratio = peaks[name] / peaks[CONFIGS[name]["plain"]]
+        print(
+            f"{name:<34}{statistics.mean(means[name]):>12.3f}{wall:>30}{statistics.mean(cpu_means[name]):>11.3f}"
+            f"{cpu:>30}{peaks[name]:>10.0f}{memory_ratio:>9.2f}"
+        )
         results.append(
-            {"config": name, "round_seconds_per_step": means[name], "ratios": ratios, "peak_mib": peaks[name]}
+            {
+                "config": name,
+                "round_seconds_per_step": means[name],
+                "round_cpu_seconds_per_step": cpu_means[name],
+                "ratios": ratios,
+                "cpu_ratios": cpu_ratios,
+                "peak_mib": peaks[name],
+            }
         )
     if args.json:
         with open(args.json, "w") as handle:
