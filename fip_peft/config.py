@@ -62,8 +62,12 @@ class FIPConfig(PeftConfig):
             larger than the anchor batch the pass is cheap, with a smaller one it dominates.
         anchor_interval: Optimizer steps per anchor pass (>= 1). 1 runs the pass at every step. k > 1 runs it at
             every k-th step only, which cuts the cost of the passes k-fold; what the steps between add is set by
-            `anchor_interval_mode`. The step counter that decides when the pass runs, and the kept anchor gradient,
-            are saved in the optimizer's `state_dict`, so a resumed run takes its passes at the same steps.
+            `anchor_interval_mode`. It trades accuracy for time: between passes the anchor term is computed at
+            older weights, and the run sees k times fewer anchor batches; a smaller `anchor_batch_size` at every
+            step kept more of the accuracy at the same cost (docs/benchmarks.md, "Cost against retention"), so 1
+            is the default. The step counter that decides when the pass runs, and the kept anchor gradient, are
+            saved in the optimizer's `state_dict`, so a resumed run takes its passes at the same steps. `FIPTrainer`
+            logs `fip_distance` as the mean D over the passes since the last log (none when no pass ran).
         anchor_interval_mode: With `anchor_interval` k > 1. `"reuse"`: the gradient of the last pass is kept and
             added again at every step until the next pass (a slightly stale anchor term, present at every step, at
             the memory of one more gradient): the optimizer sees the same kind of combined gradient at every step,

@@ -64,7 +64,8 @@ class FIPStepMixin:
     def add_anchor_gradient(self) -> torch.Tensor | None:
         """Accumulate (1 / beta) * grad D, plus `label_weight` times the gradient of the labelled anchors'
         cross-entropy, into `.grad`; return D (a tensor, so that no step waits on the device), or None when nothing
-        is remembered or the solver is `"natural"` (no D in its step)."""
+        is remembered, the solver is `"natural"` (no D in its step) or `FIPConfig.anchor_interval` skips the pass at
+        this step (`_add_lazy_anchor_gradient`)."""
         fip_model = self._fip_model
         config = fip_model.peft_config[fip_model.active_adapters[0]]
         if config.solver == "natural":
