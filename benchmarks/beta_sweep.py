@@ -8,6 +8,9 @@ and accuracy gap = plain's task-B test accuracy - FIP's (target <= 0.05).
 
     python benchmarks/beta_sweep.py --model mlp --rank 0 --betas 0.3,0.4,0.5 --seeds 0,1,2
     python benchmarks/beta_sweep.py --model tiny-bert --rank 4 --betas 0.7 --seeds 0,1,2
+    python benchmarks/beta_sweep.py --model mlp --rank 0 --betas 0.4 --fip-option anchor_interval=4
+
+`--fip-option FIELD=VALUE` sets a FIPConfig field of the FIP runs (not of the plain baseline, which has no anchors).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from fip_options import parse_fip_options  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import fip_peft  # noqa: E402
@@ -41,9 +46,10 @@ def base_model(kind: str, seed: int, digits: dict):
 
 def train_task_b(setting: tuple, beta: float | None) -> tuple[float, float]:
     """Train task B; `beta=None` is plain fine-tuning (no anchors). Returns (task-A logit change, task-B accuracy)."""
-    base, config, encode, rank, lr, seed, digits, before = setting
+    base, config, encode, rank, lr, seed, digits, before, options = setting
     torch.manual_seed(seed)
-    model = get_peft_model(clone(base), fip_peft.FIPConfig(rank=rank, beta=beta or 1.0, **config))
+    extra = options if beta is not None else {}
+    model = get_peft_model(clone(base), fip_peft.FIPConfig(rank=rank, beta=beta or 1.0, **config, **extra))
     if beta is not None:
         model.remember(encode(digits["x_a_train"]))
     optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=lr)
@@ -59,7 +65,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=0, help="0 for a full-rank displacement.")
     parser.add_argument("--betas", default="0.4", help="Comma-separated beta values.")
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
+    parser.add_argument(
+        "--fip-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Set a FIPConfig field of the FIP runs (repeatable; VALUE read as JSON when it parses).",
+    )
     args = parser.parse_args()
+    options = parse_fip_options(args.fip_option)
     rank = args.rank or None
     lr = FULL_RANK_LR if rank is None else 10 * FULL_RANK_LR
     betas = [float(b) for b in args.betas.split(",")]
@@ -70,12 +84,12 @@ def main() -> None:
         with torch.no_grad():
             before = logits_of(base.eval(), encode(digits["x_a_test"]))
 
-        setting = (base, config, encode, rank, lr, seed, digits, before)
+        setting = (base, config, encode, rank, lr, seed, digits, before, options)
         plain_change, plain_acc = train_task_b(setting, None)
         for beta in betas:
             change, acc = train_task_b(setting, beta)
             rows[beta].append((change / plain_change, plain_acc - acc))
-    print(f"model={args.model} rank={rank} lr={lr} seeds={args.seeds}")
+    print(f"model={args.model} rank={rank} lr={lr} seeds={args.seeds} options={options}")
     print(f"{'beta':>6}  {'change ratios':<26}{'accuracy gaps':<30}{'worst ratio':>12}{'worst gap':>11}")
     for beta, results in rows.items():
         ratios = ", ".join(f"{r:.3f}" for r, _ in results)

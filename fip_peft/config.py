@@ -30,6 +30,7 @@ from .choices import (
     SparsityScope,
 )
 
+ANCHOR_INTERVAL_MODES = ("reuse", "scale")
 # Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
 # a low-rank displacement can move in few directions, so it needs a weaker hold on the old outputs to learn.
 DEFAULT_BETA_FULL_RANK = 0.4
@@ -78,7 +79,25 @@ class FIPConfig(PeftConfig):
         rank: `None` for a full-rank displacement; an int r for a low-rank displacement `B @ A` (B zero-initialised)
             at LoRA-like memory. LoRA users raise the learning rate about 10x with a low rank.
         anchor_budget: Most anchors kept over all remembered tasks, split evenly across tasks.
-        anchor_batch_size: Anchors drawn per optimizer step to measure D.
+        anchor_batch_size: Anchors drawn per anchor pass to measure D. The pass (a forward and backward pass on
+            this many anchors) costs about as much as a training step on as many examples, so a FIP step costs
+            about (1 + anchor_batch_size / training batch / anchor_interval) plain steps: with a training batch much
+            larger than the anchor batch the pass is cheap, with a smaller one it dominates.
+        anchor_interval: Optimizer steps per anchor pass (>= 1). 1 runs the pass at every step. k > 1 runs it at
+            every k-th step only, which cuts the cost of the passes k-fold; what the steps between add is set by
+            `anchor_interval_mode`. It trades accuracy for time: between passes the anchor term is computed at
+            older weights, and the run sees k times fewer anchor batches; a smaller `anchor_batch_size` at every
+            step kept more of the accuracy at the same cost (docs/benchmarks.md, "Cost against retention"), so 1
+            is the default. The step counter that decides when the pass runs, and the kept anchor gradient, are
+            saved in the optimizer's `state_dict`, so a resumed run takes its passes at the same steps. `FIPTrainer`
+            logs `fip_distance` as the mean D over the passes since the last log (none when no pass ran).
+        anchor_interval_mode: With `anchor_interval` k > 1. `"reuse"`: the gradient of the last pass is kept and
+            added again at every step until the next pass (a slightly stale anchor term, present at every step, at
+            the memory of one more gradient): the optimizer sees the same kind of combined gradient at every step,
+            as with k=1. `"scale"`: the pass's gradient is multiplied by k and the steps between add nothing (lazy
+            regularisation as in StyleGAN2, the same term on average); under Adam-like optimizers, which normalise
+            each gradient entry, a term present one step in k is not the same path: the task loss moves unopposed
+            between passes and the rare large term inflates Adam's second moment.
         save_anchors: Store anchors and reference outputs in the adapter file so that training can resume
             anywhere. Anchors are training inputs: mind their privacy before pushing to a public Hub.
         anchor_seed: Seed of anchor selection and per-step anchor sampling (identical on every process).
@@ -205,7 +224,18 @@ class FIPConfig(PeftConfig):
         default=None, metadata={"help": "None: full-rank displacement; int r: low-rank B @ A displacement."}
     )
     anchor_budget: int = field(default=512, metadata={"help": "Most anchors kept over all tasks, split evenly."})
-    anchor_batch_size: int = field(default=16, metadata={"help": "Anchors drawn per optimizer step."})
+    anchor_batch_size: int = field(default=16, metadata={"help": "Anchors drawn per anchor pass."})
+    anchor_interval: int = field(
+        default=1,
+        metadata={"help": "Optimizer steps per anchor pass (>= 1); k > 1 runs the pass every k-th step only."},
+    )
+    anchor_interval_mode: Literal["reuse", "scale"] = field(
+        default="reuse",
+        metadata={
+            "help": "anchor_interval > 1: 'reuse' re-adds the last pass's gradient at the steps between passes; "
+            "'scale' multiplies the pass's gradient by anchor_interval and adds nothing between."
+        },
+    )
     save_anchors: bool = field(
         default=True, metadata={"help": "Store anchors and reference outputs in the adapter file."}
     )
@@ -360,6 +390,7 @@ class FIPConfig(PeftConfig):
             _check_int("rank", self.rank, minimum=1, hint="or None for a full-rank displacement")
         _check_int("anchor_budget", self.anchor_budget, minimum=1)
         _check_int("anchor_batch_size", self.anchor_batch_size, minimum=1)
+        self._validate_anchor_interval()
         _check_int("anchor_seed", self.anchor_seed, minimum=0)
         _check_anchor_output(self)
         if not isinstance(self.save_anchors, bool):
@@ -367,6 +398,20 @@ class FIPConfig(PeftConfig):
         _check_history(self.task_names, self.accuracy_matrix)
         _check_reference_mode(self)
         check_config_consistency(self)
+
+    def _validate_anchor_interval(self) -> None:
+        _check_int("anchor_interval", self.anchor_interval, minimum=1, hint="1 runs the anchor pass at every step")
+        if self.anchor_interval_mode not in ANCHOR_INTERVAL_MODES:
+            raise ValueError(
+                f"FIPConfig.anchor_interval_mode must be one of {ANCHOR_INTERVAL_MODES}, got "
+                f"{self.anchor_interval_mode!r}."
+            )
+        if self.anchor_interval > 1 and self.solver in ("natural", "projection"):
+            raise ValueError(
+                f"FIPConfig.anchor_interval={self.anchor_interval} spaces out the anchor pass, which "
+                f"solver={self.solver!r} does not run (its step has no D): leave anchor_interval=1, or use "
+                f"solver='{self.solver}+penalty' to space out its penalty's pass."
+            )
 
     def _validate_natural(self) -> None:
         if self.epsilon is not None:

@@ -55,16 +55,25 @@ class FIPStepMixin:
         self.fip_step_was_skipped = False
         self.fip_consecutive_skips = 0
         self.fip_max_grad_norm = getattr(self, "fip_max_grad_norm", None)
+        self.fip_anchor_step = 0
+        self._fip_anchor_cache = None
+        if not getattr(self, "_fip_interval_hooks", False):  # the lazy pass's counter and gradient, checkpointed
+            self.register_state_dict_post_hook(_save_anchor_interval_state)
+            self.register_load_state_dict_pre_hook(_load_anchor_interval_state)
+            self._fip_interval_hooks = True
         fip_model._register_fip_optimizer(self)
 
     def add_anchor_gradient(self) -> torch.Tensor | None:
         """Accumulate (1 / beta) * grad D, plus `label_weight` times the gradient of the labelled anchors'
         cross-entropy, into `.grad`; return D (a tensor, so that no step waits on the device), or None when nothing
-        is remembered or the solver is `"natural"` (no D in its step)."""
+        is remembered, the solver is `"natural"` (no D in its step) or `FIPConfig.anchor_interval` skips the pass at
+        this step (`_add_lazy_anchor_gradient`)."""
         fip_model = self._fip_model
         config = fip_model.active_config
         if config.solver in ("natural", "projection"):
             return None
+        if config.anchor_interval > 1:
+            return self._add_lazy_anchor_gradient(config)
         with torch.enable_grad():
             terms = fip_model.anchor_terms(forward=self._fip_anchor_forward, transform=self.fip_anchor_transform)
             if terms is None:
@@ -74,6 +83,59 @@ class FIPStepMixin:
             if label_loss is not None:
                 objective = objective + config.label_weight * label_loss
             objective.backward()
+        value = distance.detach()
+        self.fip_distance_sum = self.fip_distance_sum + value
+        self.fip_distance_count += 1
+        return value
+
+    def _anchor_objective(self, config) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(1 / beta) D + label_weight * CE on the next anchor batch, and D; None when nothing is remembered."""
+        terms = self._fip_model.anchor_terms(forward=self._fip_anchor_forward, transform=self.fip_anchor_transform)
+        if terms is None:
+            return None
+        distance, label_loss = terms
+        objective = distance / config.beta
+        if label_loss is not None:
+            objective = objective + config.label_weight * label_loss
+        return objective, distance
+
+    def _add_lazy_anchor_gradient(self, config) -> torch.Tensor | None:
+        """`FIPConfig.anchor_interval` k > 1: the anchor pass at every k-th step of this optimizer (counted by
+        `fip_anchor_step`, which a skipped step leaves as it was). `"reuse"`: its gradient is kept and added again at
+        the k - 1 steps that follow; `"scale"`: it is added k times over at the pass, nothing in between."""
+        memory = self._fip_model.memory()
+        step = self.fip_anchor_step
+        self.fip_anchor_step = step + 1
+        cache = self._fip_anchor_cache
+        reuse = config.anchor_interval_mode == "reuse"
+        if step % config.anchor_interval:
+            if reuse and cache is not None and cache[0] is memory.reference:
+                for p, gradient in cache[1]:
+                    p.grad = gradient.clone() if p.grad is None else p.grad.add_(gradient)
+                return None
+            if not reuse:
+                return None
+            # no kept gradient (a resumed run whose checkpoint had none, new anchors since the pass): pass now
+        params = [p for group in self.param_groups for p in group["params"]]
+        task = [p.grad for p in params] if reuse else None
+        if reuse:
+            for p in params:
+                p.grad = None
+        with torch.enable_grad():
+            found = self._anchor_objective(config)
+            if found is not None:
+                objective, distance = found
+                (objective if reuse else objective * config.anchor_interval).backward()
+        if reuse:
+            kept = []
+            for p, gradient in zip(params, task, strict=True):
+                anchor, p.grad = p.grad, gradient
+                if anchor is not None:
+                    kept.append((p, anchor))
+                    p.grad = anchor.clone() if gradient is None else gradient.add_(anchor)
+            self._fip_anchor_cache = None if found is None else (memory.reference, kept)
+        if found is None:
+            return None
         value = distance.detach()
         self.fip_distance_sum = self.fip_distance_sum + value
         self.fip_distance_count += 1
@@ -252,12 +314,13 @@ class FIPStepMixin:
         counters, metric and basis: `refresh` rebinds them, so a shallow copy keeps the old ones)."""
         counters = [(memory.sample_step, memory.sample_step.clone()) for memory in self._fip_model.fip_memory.values()]
         preconditioner = getattr(self, "_fip_preconditioner", None)
-        return counters, preconditioner, None if preconditioner is None else dict(vars(preconditioner))
+        lazy = (self.fip_anchor_step, self._fip_anchor_cache)  # `anchor_interval`'s counter and kept gradient
+        return counters, preconditioner, None if preconditioner is None else dict(vars(preconditioner)), lazy
 
     def _restore_sampling_state(self, saved: tuple) -> None:
         """Undo what a skipped (or refused) step's anchor and metric passes changed, so that the step changes nothing:
         the next step draws the anchor batch and refreshes the metric as this one would have."""
-        counters, preconditioner, state = saved
+        counters, preconditioner, state, (self.fip_anchor_step, self._fip_anchor_cache) = saved
         for counter, value in counters:
             counter.copy_(value)
         self._fip_preconditioner = preconditioner
@@ -301,6 +364,38 @@ class FIPStepMixin:
         if (preconditioner := self._preconditioner()) is None:
             return super().step(closure)
         return preconditioner.step(self, super().step, closure)
+
+
+ANCHOR_INTERVAL_STATE = "fip_anchor_interval"
+
+
+def _save_anchor_interval_state(optimizer: FIPStepMixin, state_dict: dict) -> dict:
+    """Optimizer `state_dict` post-hook: add `FIPConfig.anchor_interval`'s step counter and, with `"reuse"`, the kept
+    anchor gradient (by parameter index, as `state_dict["state"]`), so that a resumed run passes at the same steps
+    and re-adds the same gradient until its next pass."""
+    if getattr(optimizer, "fip_anchor_step", 0) == 0 and getattr(optimizer, "_fip_anchor_cache", None) is None:
+        return state_dict
+    saved = {"step": optimizer.fip_anchor_step}
+    cache = optimizer._fip_anchor_cache
+    if cache is not None:
+        index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+        saved["gradients"] = {index[id(p)]: gradient for p, gradient in cache[1]}
+    state_dict[ANCHOR_INTERVAL_STATE] = saved
+    return state_dict
+
+
+def _load_anchor_interval_state(optimizer: FIPStepMixin, state_dict: dict) -> None:
+    """Optimizer `load_state_dict` pre-hook: restore what `_save_anchor_interval_state` added (a state without it, from
+    a run with `anchor_interval=1` or before its first step, starts the counter at 0 with no kept gradient)."""
+    saved = state_dict.get(ANCHOR_INTERVAL_STATE, {})
+    optimizer.fip_anchor_step = int(saved.get("step", 0))
+    optimizer._fip_anchor_cache = None
+    gradients = saved.get("gradients")
+    if gradients is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    kept = [(p, g.to(device=p.device, dtype=p.dtype)) for p, g in ((params[int(i)], g) for i, g in gradients.items())]
+    optimizer._fip_anchor_cache = (optimizer._fip_model.memory().reference, kept)
 
 
 def _calling_trainer() -> object | None:
