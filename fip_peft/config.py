@@ -378,7 +378,7 @@ class FIPConfig(PeftConfig):
             raise ValueError(f"FIPConfig.distance must be one of {DISTANCES}, got {self.distance!r}.")
         if self.solver not in SOLVERS:
             raise ValueError(f"FIPConfig.solver must be one of {SOLVERS}, got {self.solver!r}.")
-        self._validate_natural()
+        _check_metric_solver(self)
         _check_number("beta", self.beta, positive=True)
         _check_number("label_weight", self.label_weight, positive=False)
         if not 0 <= self.label_weight < float("inf"):
@@ -390,7 +390,7 @@ class FIPConfig(PeftConfig):
             _check_int("rank", self.rank, minimum=1, hint="or None for a full-rank displacement")
         _check_int("anchor_budget", self.anchor_budget, minimum=1)
         _check_int("anchor_batch_size", self.anchor_batch_size, minimum=1)
-        self._validate_anchor_interval()
+        _check_anchor_interval(self)
         _check_int("anchor_seed", self.anchor_seed, minimum=0)
         _check_anchor_output(self)
         if not isinstance(self.save_anchors, bool):
@@ -399,49 +399,51 @@ class FIPConfig(PeftConfig):
         _check_reference_mode(self)
         check_config_consistency(self)
 
-    def _validate_anchor_interval(self) -> None:
-        _check_int("anchor_interval", self.anchor_interval, minimum=1, hint="1 runs the anchor pass at every step")
-        if self.anchor_interval_mode not in ANCHOR_INTERVAL_MODES:
-            raise ValueError(
-                f"FIPConfig.anchor_interval_mode must be one of {ANCHOR_INTERVAL_MODES}, got "
-                f"{self.anchor_interval_mode!r}."
-            )
-        if self.anchor_interval > 1 and self.solver in ("natural", "projection"):
-            raise ValueError(
-                f"FIPConfig.anchor_interval={self.anchor_interval} spaces out the anchor pass, which "
-                f"solver={self.solver!r} does not run (its step has no D): leave anchor_interval=1, or use "
-                f"solver='{self.solver}+penalty' to space out its penalty's pass."
-            )
-
-    def _validate_natural(self) -> None:
-        if self.epsilon is not None:
-            _check_number("epsilon", self.epsilon, positive=True)
-        _check_number("damping", self.damping, positive=True)
-        _check_int("metric_update_interval", self.metric_update_interval, minimum=1)
-        _check_int("metric_basis_interval", self.metric_basis_interval, minimum=1)
-        _check_int("metric_anchors", self.metric_anchors, minimum=1)
-        if self.metric_batch_size is not None:
-            _check_int("metric_batch_size", self.metric_batch_size, minimum=1)
-        _check_int("metric_samples", self.metric_samples, minimum=1)
-        if self.metric_positions is not None:
-            _check_int("metric_positions", self.metric_positions, minimum=1, hint="or None for every position")
-        if self.solver in ("penalty", "projection", "projection+penalty"):
-            if self.epsilon is not None:
-                raise ValueError(
-                    f"FIPConfig.epsilon={self.epsilon} needs a natural solver (solver='natural' or "
-                    f"'natural+penalty'); the {self.solver} solver's step length is the optimizer's lr."
-                )
-            return
-        if self.rank is not None:
-            raise ValueError(
-                f"FIPConfig.solver={self.solver!r} needs FIPConfig.rank=None (a full-rank displacement), got "
-                f"rank={self.rank}: the Kronecker metric preconditions full weight matrices. Use solver='penalty' "
-                "with a low rank."
-            )
-
 
 # The solvers are the values of the Literal on `FIPConfig.solver` (the one place they are written).
 SOLVERS: tuple[str, ...] = get_args(get_type_hints(FIPConfig)["solver"])
+
+
+def _check_anchor_interval(config: FIPConfig) -> None:
+    _check_int("anchor_interval", config.anchor_interval, minimum=1, hint="1 runs the anchor pass at every step")
+    if config.anchor_interval_mode not in ANCHOR_INTERVAL_MODES:
+        raise ValueError(
+            f"FIPConfig.anchor_interval_mode must be one of {ANCHOR_INTERVAL_MODES}, got "
+            f"{config.anchor_interval_mode!r}."
+        )
+    if config.anchor_interval > 1 and config.solver in ("natural", "projection"):
+        raise ValueError(
+            f"FIPConfig.anchor_interval={config.anchor_interval} spaces out the anchor pass, which "
+            f"solver={config.solver!r} does not run (its step has no D): leave anchor_interval=1, or use "
+            f"solver='{config.solver}+penalty' to space out its penalty's pass."
+        )
+
+
+def _check_metric_solver(config: FIPConfig) -> None:
+    if config.epsilon is not None:
+        _check_number("epsilon", config.epsilon, positive=True)
+    _check_number("damping", config.damping, positive=True)
+    _check_int("metric_update_interval", config.metric_update_interval, minimum=1)
+    _check_int("metric_basis_interval", config.metric_basis_interval, minimum=1)
+    _check_int("metric_anchors", config.metric_anchors, minimum=1)
+    if config.metric_batch_size is not None:
+        _check_int("metric_batch_size", config.metric_batch_size, minimum=1)
+    _check_int("metric_samples", config.metric_samples, minimum=1)
+    if config.metric_positions is not None:
+        _check_int("metric_positions", config.metric_positions, minimum=1, hint="or None for every position")
+    if config.solver in ("penalty", "projection", "projection+penalty"):
+        if config.epsilon is not None:
+            raise ValueError(
+                f"FIPConfig.epsilon={config.epsilon} needs a natural solver (solver='natural' or "
+                f"'natural+penalty'); the {config.solver} solver's step length is the optimizer's lr."
+            )
+        return
+    if config.rank is not None:
+        raise ValueError(
+            f"FIPConfig.solver={config.solver!r} needs FIPConfig.rank=None (a full-rank displacement), got "
+            f"rank={config.rank}: the Kronecker metric preconditions full weight matrices. Use solver='penalty' "
+            "with a low rank."
+        )
 
 
 def _check_anchor_output(config: FIPConfig) -> None:
