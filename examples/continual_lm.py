@@ -251,7 +251,7 @@ def train(
                     kl = (reference.exp() * (reference - current)).sum(-1)[keep].mean()
                     extra = kl
                     loss = loss + method.kl_weight * kl
-                extras.append(float(extra))
+                extras.append(float(extra.detach()))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
