@@ -102,7 +102,9 @@ def to_device(tensors: dict, device: str) -> dict:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -124,7 +126,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         base, _ = load_smollm2(args.cache_dir)
         start = time.perf_counter()
         before = evaluate(base.to(args.device), tokenizer, task, heldout, args.split)
-        print(f"seed {seed} before ({time.perf_counter() - start:.0f} s eval):", json.dumps(_round(before)), flush=True)
+        print(
+            f"seed {seed} before ({time.perf_counter() - start:.0f} s eval):", json.dumps(_round(before)), flush=True
+        )
         rows.append({"seed": seed, "method": "base", **before})
         del base
         for name in args.methods:
@@ -148,7 +152,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     row[f"d{key}"] = result[key] - before[key]
             rows.append(row)
             print(f"seed {seed} {name}:", json.dumps(_round(row)), flush=True)
-            (out / "results.json").write_text(json.dumps({"args": vars(args), "commit": commit(), "rows": rows}, indent=1))
+            (out / "results.json").write_text(
+                json.dumps({"args": vars(args), "commit": commit(), "rows": rows}, indent=1)
+            )
             del trained, model
     report(rows, out, args)
     return rows
@@ -161,7 +167,8 @@ def _round(row: dict) -> dict:
 def report(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
     names = ["base", *args.methods]
     lines = [
-        "| method | new-task acc | ppl python docs (change) | ppl jargon (change) | zero-shot acc / p(right) | s/step | peak MiB |",
+        "| method | new-task acc | ppl python docs (change) | ppl jargon (change) | zero-shot acc / p(right) "
+        "| s/step | peak MiB |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     mean = {}

