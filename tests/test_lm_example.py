@@ -60,7 +60,8 @@ def test_python_docs_prose_and_splits_use_disjoint_folders(tmp_path):
 
 def test_jargon_entries_alternate_between_heldout_and_anchor(tmp_path):
     entries = [
-        f"   :word{i}: n.\n\n   A {{word}} that hackers use for thing {i}, explained at some length here, long enough to count."
+        f"   :word{i}: n.\n\n   A {{word}} that hackers use for thing {i}, explained at some length here,"
+        " long enough to count."
         for i in range(4)
     ]
     path = tmp_path / "jargon.txt.gz"
