@@ -217,15 +217,14 @@ def _pareto(mean: dict, path: Path) -> None:
     if base is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for name, m in mean.items():
-        if name == "base":
-            continue
+    for index, (name, m) in enumerate(item for item in mean.items() if item[0] != "base"):
         rise, acc = m["dppl_python_docs"], 100 * m["task_accuracy"]
         ax.scatter([rise], [acc], marker="*" if name.startswith("fip") else "o", s=80)
-        ax.annotate(name, (rise, acc), textcoords="offset points", xytext=(4, 4))
+        ax.annotate(name, (rise, acc), textcoords="offset points", xytext=(4, 4 if index % 2 else -12))
+    ax.set_xscale("symlog", linthresh=2.0)
     ax.axhline(100 * base["task_accuracy"], color="grey", lw=0.5, ls="--", label="before training")
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("held-out perplexity change, python docs (left is better)")
+    ax.set_xlabel("held-out perplexity change, python docs (symlog; left is better)")
     ax.set_ylabel("new-task accuracy, % (up is better)")
     ax.set_title("SmolLM2-135M on fortunes topics: learning vs forgetting")
     ax.legend(loc="lower right")
