@@ -12,6 +12,7 @@ Python docs' tutorial/FAQ and half the Jargon File, and zero-shot abilities scor
 - ``replay16``: LoRA r16 + ``--replay_weight`` x language-modelling loss on a batch of general-text windows per step.
 - ``fip8``, ``fip16``: FIP (distance "kl", top-k references, the package's default beta unless ``--beta``), rank r on
   the same modules, remembering the same general-text windows (``--learning_rate``).
+- ``fip16_recompute``: ``fip16`` with ``reference_mode="recompute"`` (exact full-vocabulary KL to the base model).
 - ``fip_full``: FIP with a full-rank displacement (``--full_learning_rate``); slow on CPU.
 
 KL, replay and FIP use the same windows (``--anchors`` of 128 tokens from the Python library reference / how-tos
@@ -43,7 +44,7 @@ sys.path[:0] = [str(ROOT / "examples"), str(ROOT)]
 from continual_lm import Method, evaluate, general_windows, heldout_sets, train  # noqa: E402
 from data_lm import fortune_task  # noqa: E402
 
-ALL_METHODS = ("full", "lora8", "lora16", "lora16_kl", "replay16", "fip8", "fip16", "fip_full")
+ALL_METHODS = ("full", "lora8", "lora16", "lora16_kl", "replay16", "fip8", "fip16", "fip16_recompute", "fip_full")
 DEFAULT_METHODS = ("full", "lora8", "lora16", "lora16_kl", "replay16", "fip16")
 
 
@@ -57,6 +58,9 @@ def make_method(name: str, args: argparse.Namespace) -> Method:
         "replay16": Method("replay16", "replay", rank=16, learning_rate=lr, replay_weight=args.replay_weight),
         "fip8": Method("fip8", "fip", rank=8, learning_rate=lr, beta=args.beta),
         "fip16": Method("fip16", "fip", rank=16, learning_rate=lr, beta=args.beta),
+        "fip16_recompute": Method(
+            "fip16_recompute", "fip", rank=16, learning_rate=lr, beta=args.beta, extra={"reference_mode": "recompute"}
+        ),
         "fip_full": Method("fip_full", "fip", rank=None, learning_rate=full_lr, beta=args.beta),
     }
     return table[name]
