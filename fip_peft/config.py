@@ -123,18 +123,18 @@ class FIPConfig(PeftConfig):
             stay as they were) and a warning names the step. `"raise"`: `NonFiniteStepError` names the step.
         target_sparsity: `objective="sparsify"`: the fraction s_f of the target weights' entries (base + delta) that
             are exactly zero at the end, in [0, 1). Only target modules count (norms, biases, heads only if targeted).
-            With `sparsity_scope="2:4"` it is 1/2 (leave it unset). Defaults: `sparsity_criterion`, `sparsity_scope` and `sparsity_schedule` left unset (`None`) resolve
-            to the best recipe measured for `target_sparsity` (`fip_peft.sparsity.recommended_recipe`;
-            docs/benchmarks.md, "Sparsification defaults"): at moderate sparsity (below 0.75) magnitude pruning with
-            one global threshold and a cubic ramp, where the mask has little to cut and the walk keeps the rest; at
-            high sparsity (0.75 to 0.85) `"obs"` with every layer at the target (`"layer"`), pruned at the first step
-            (`"constant"`) and repaired by the walk, since compensating the kept weights saves most of what the
-            cut costs; at very high sparsity (0.85 and above) `"saliency"` (global, cubic), whose global threshold
-            leaves the layers the outputs need denser. `"2:4"` resolves to `"obs"`, `"constant"`. A field given
-            explicitly is kept and constrains the others (an explicit `sparsity_scope="global"` rules out obs).
-            Saliency and obs score the weights on the remembered anchors: a resolved one refuses to prune before
-            `remember` (naming the fix), and a resolved obs that meets embeddings among the target layers switches
-            to saliency with a warning. The learning rate is the optimizer's:
+            With `sparsity_scope="2:4"` it is 1/2 (leave it unset). Defaults: `sparsity_criterion`, `sparsity_scope`
+            and `sparsity_schedule` left unset (`None`) resolve to the best recipe measured for `target_sparsity`
+            (`fip_peft.sparsity.recommended_recipe`; docs/benchmarks.md, "Sparsification defaults"): at moderate
+            sparsity (below 0.75) magnitude pruning with one global threshold and a cubic ramp, where the mask has
+            little to cut and the walk keeps the rest; at high sparsity (0.75 to 0.85) `"obs"` with every layer at the
+            target (`"layer"`), pruned at the first step (`"constant"`) and repaired by the walk, since compensating
+            the kept weights saves most of what the cut costs; at very high sparsity (0.85 and above) `"saliency"`
+            (global, cubic), whose global threshold leaves the layers the outputs need denser. `"2:4"` resolves to
+            `"obs"`, `"constant"`. A field given explicitly is kept and constrains the others (an explicit
+            `sparsity_scope="global"` rules out obs). Saliency and obs score the weights on the remembered anchors: a
+            resolved one refuses to prune before `remember` (naming the fix), and a resolved obs that meets embeddings
+            among the target layers switches to saliency with a warning. The learning rate is the optimizer's:
             `recommended_recipe(target).learning_rate` is the Adam rate measured with it for a walk of ~100 steps.
         sparsity_schedule: How the mask's sparsity s_t ramps from 0 to `target_sparsity`: `"cubic"` (Zhu & Gupta,
             s_t = s_f (1 - (1 - t/T)^3)), `"linear"`, or `"constant"` (s_f from the first step, as the authors).
@@ -145,19 +145,19 @@ class FIPConfig(PeftConfig):
             multiple of 4; a ramp prunes toward the pattern and never leaves it). `None`: see Defaults above.
         sparsity_defaults: The names of the `sparsity_*` fields that were left unset and resolved to the measured
             recipe (filled in by the config; saved with it, so a loaded config knows which choices were its own).
-        sparsity_criterion: Which entries go first (`None`: see Defaults above). `"magnitude"`: the smallest |w|. `"saliency"`: the smallest
-            w_ij^2 A_jj G_ii, the optimal-brain-damage saliency under the FIP metric (diagonal of its Kronecker
-            factors A (x) G on `metric_anchors` anchors, gathered as the natural solvers' `metric_*` fields say and
-            refreshed at every mask update): the entries whose removal moves the outputs on the anchors least. It
-            weighs each entry by how much its input carries and how much the outputs depend on its output, so one
-            global threshold compares layers on one scale (docs/benchmarks.md, "Run 10"). Needs remembered
-            anchors. `"obs"`: optimal brain surgeon under the
-            metric's input factor A = E[x x^T] (SparseGPT's solve, `saliency.obs_prune`): at every mask update each
-            layer is pruned to the scheduled sparsity and the kept entries of each row move to make up for the pruned
-            ones, so the layer's outputs on the anchors change as little as the solve finds; the pull uses the OBS
-            saliency w_ij^2 / [A^-1]_jj. Needs remembered anchors and `sparsity_scope="layer"` (or `"2:4"`, with
-            a constant schedule); not for embeddings. Best with `sparsity_schedule="constant"` (one solve at the first step, then the walk repairs; with a
-            ramp the solve runs at every mask update); which of saliency and OBS wins depends on the target
+        sparsity_criterion: Which entries go first (`None`: see Defaults above). `"magnitude"`: the smallest |w|.
+            `"saliency"`: the smallest w_ij^2 A_jj G_ii, the optimal-brain-damage saliency under the FIP metric
+            (diagonal of its Kronecker factors A (x) G on `metric_anchors` anchors, gathered as the natural solvers'
+            `metric_*` fields say and refreshed at every mask update): the entries whose removal moves the outputs on
+            the anchors least. It weighs each entry by how much its input carries and how much the outputs depend on
+            its output, so one global threshold compares layers on one scale (docs/benchmarks.md, "Run 10"). Needs
+            remembered anchors. `"obs"`: optimal brain surgeon under the metric's input factor A = E[x x^T]
+            (SparseGPT's solve, `saliency.obs_prune`): at every mask update each layer is pruned to the scheduled
+            sparsity and the kept entries of each row move to make up for the pruned ones, so the layer's outputs on
+            the anchors change as little as the solve finds; the pull uses the OBS saliency w_ij^2 / [A^-1]_jj. Needs
+            remembered anchors and `sparsity_scope="layer"` (or `"2:4"`, with a constant schedule); not for embeddings.
+            Best with `sparsity_schedule="constant"` (one solve at the first step, then the walk repairs; with a ramp
+            the solve runs at every mask update); which of saliency and OBS wins depends on the target
             (docs/benchmarks.md, "Run 11").
         sparsity_begin_step: Optimizer step at which the mask starts to prune.
         sparsity_ramp_steps: T, optimizer steps from `sparsity_begin_step` until the mask reaches the target.
@@ -291,7 +291,7 @@ class FIPConfig(PeftConfig):
     )
     sparsity_defaults: list[str] = field(
         default_factory=list,
-        metadata={"help": "The sparsity_* fields that were left unset and resolved to the measured recipe (filled in)."},
+        metadata={"help": "The sparsity_* fields left unset and resolved to the measured recipe (filled in)."},
     )
     sparsity_begin_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning begins."})
     sparsity_ramp_steps: int = field(
@@ -455,10 +455,11 @@ def _check_sparsity(config: FIPConfig) -> None:
             "FIPConfig.sparsity_criterion='obs' prunes every target layer to the scheduled sparsity (its solve "
             f"works within a layer), so it needs sparsity_scope='layer' (or '2:4'), got {config.sparsity_scope!r}."
         )
-    if config.sparsity_criterion == "obs" and config.sparsity_scope == "2:4" and config.sparsity_schedule != "constant":
+    obs_ramp = config.sparsity_criterion == "obs" and config.sparsity_schedule != "constant"
+    if obs_ramp and config.sparsity_scope == "2:4":
         raise ValueError(
-            "FIPConfig.sparsity_criterion='obs' with sparsity_scope='2:4' prunes the whole pattern in one solve, so it "
-            f"needs sparsity_schedule='constant', got {config.sparsity_schedule!r} (or use sparsity_criterion="
+            "FIPConfig.sparsity_criterion='obs' with sparsity_scope='2:4' prunes the whole pattern in one solve, so "
+            f"it needs sparsity_schedule='constant', got {config.sparsity_schedule!r} (or use sparsity_criterion="
             "'magnitude' or 'saliency', which can ramp toward the pattern)."
         )
     _check_int("sparsity_begin_step", config.sparsity_begin_step, minimum=0)
@@ -488,7 +489,7 @@ def _resolve_sparsity_recipe(config: FIPConfig) -> None:
     config.sparsity_scope = config.sparsity_scope or recipe.scope
     config.sparsity_schedule = config.sparsity_schedule or recipe.schedule
     if not isinstance(config.sparsity_defaults, list):
-        raise TypeError(f"FIPConfig.sparsity_defaults must be a list of field names, got {config.sparsity_defaults!r}.")
+        raise TypeError(f"FIPConfig.sparsity_defaults must be a list of names, got {config.sparsity_defaults!r}.")
     config.sparsity_defaults = sorted(set(config.sparsity_defaults) | set(unset))
 
 

@@ -79,8 +79,8 @@ def obs_prune(
         n, m = pattern
         if abs(sparsity - n / m) > 1e-9 or cols % m or block % m:
             raise ValueError(
-                f"The {n}:{m} OBS solve prunes to sparsity {n}/{m} exactly, with inputs (and blocks) in groups of {m}; "
-                f"got sparsity {sparsity}, {cols} inputs, block {block}."
+                f"The {n}:{m} OBS solve prunes to sparsity {n}/{m} exactly, with inputs (and blocks) in groups of "
+                f"{m}; got sparsity {sparsity}, {cols} inputs, block {block}."
             )
     u = u.to(w.device)
     chosen_all = torch.zeros_like(w, dtype=torch.bool)

@@ -178,7 +178,8 @@ class Sparsifier:
             if pattern is not None and abs(sparsity - pattern[0] / pattern[1]) > 1e-9:
                 raise ValueError(
                     f"sparsity_criterion='obs' with sparsity_scope={config.sparsity_scope!r} prunes to the whole "
-                    f"pattern ({pattern[0]}/{pattern[1]}) at once, not to {sparsity}: use sparsity_schedule='constant'."
+                    f"pattern ({pattern[0]}/{pattern[1]}) at once, not to {sparsity}: use "
+                    "sparsity_schedule='constant'."
                 )
             covered = self._covered()
             inverses = self._gather_metric(covered)
@@ -211,10 +212,11 @@ class Sparsifier:
         return {key: covered[key].from_matrix(mask)[0] for key, mask in masks.items()}
 
     def check_recipe(self) -> None:
-        """Where `sparsity_criterion` was left unset and resolved from `target_sparsity` (`FIPConfig.sparsity_defaults`),
-        check at run time what the resolution could not know: remembered anchors (saliency and OBS score on them;
-        refused, naming the fix, since a walk without anchors would not keep the function) and embeddings among the
-        target layers (OBS cannot compensate through token ids: saliency instead, with a one-time warning)."""
+        """Where `sparsity_criterion` was left unset and resolved from `target_sparsity` (listed in
+        `FIPConfig.sparsity_defaults`), check at run time what the resolution could not know: remembered anchors
+        (saliency and OBS score on them; refused, naming the fix, since a walk without anchors would not keep the
+        function) and embeddings among the target layers (OBS cannot compensate through token ids: saliency instead,
+        with a one-time warning)."""
         config, name = self.config, self.adapter
         if "sparsity_criterion" not in config.sparsity_defaults or config.sparsity_criterion == "magnitude":
             return

@@ -49,10 +49,12 @@ def scheduled_sparsity(step: int, target: float, schedule: str, begin_step: int 
 # then repaired); from `SALIENCY_FROM` saliency under the FIP metric with a cubic ramp.
 OBS_FROM = 0.75
 SALIENCY_FROM = 0.85
-# The criterion of the 2:4 pattern, and learning-rate advice for an Adam-like optimizer over a walk of ~100 steps:
-# the slower rate below `FAST_LR_FROM`, where the pull has little to move and the task loss more to spoil.
+# The criterion of the 2:4 pattern, and learning-rate advice for an Adam-like optimizer: the slower rate below
+# `FAST_LR_FROM`, where the pull has little to move and the task loss more to spoil, when the ramp is at least as long
+# as the one it was measured with (`SLOW_LR_MIN_RAMP` steps; a shorter ramp needs the faster rate for the pull to
+# empty the weights before the mask cuts them, see `Sparsifier.check_pace`).
 NM_CRITERION = "obs"
-SLOW_LR, FAST_LR, FAST_LR_FROM = 3e-4, 1e-3, 0.6
+SLOW_LR, FAST_LR, FAST_LR_FROM, SLOW_LR_MIN_RAMP = 3e-4, 1e-3, 0.6, 48
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,19 @@ class SparsityRecipe:
 
 
 def recommended_recipe(
-    target_sparsity: float, criterion: str | None = None, scope: str | None = None, schedule: str | None = None
+    target_sparsity: float,
+    criterion: str | None = None,
+    scope: str | None = None,
+    schedule: str | None = None,
+    ramp_steps: int | None = None,
 ) -> SparsityRecipe:
     """The best measured recipe at `target_sparsity`, for the fields left `None` (the others are kept as given and
     constrain the rest: `"obs"` needs `scope="layer"` or `"2:4"`, so an explicit `scope="global"` rules it out).
 
     Unstructured: magnitude (global threshold, cubic ramp) below `OBS_FROM`; OBS (every layer at the target, pruned at
     the first step, the walk repairing) up to `SALIENCY_FROM`; saliency (global, cubic) from there. `scope="2:4"`:
-    `NM_CRITERION` at once (constant schedule). Saliency and OBS need remembered anchors (`FIPModel.remember`)."""
+    `NM_CRITERION` at once (constant schedule). Saliency and OBS need remembered anchors (`FIPModel.remember`).
+    `learning_rate` is the Adam rate measured with the recipe (`ramp_steps`: the ramp it will run, if known)."""
     if criterion is None:
         if scope == "2:4":
             criterion, why = NM_CRITERION, "the 2:4 pattern"
@@ -88,7 +95,7 @@ def recommended_recipe(
             why = (
                 f"target_sparsity {target_sparsity} >= {SALIENCY_FROM}"
                 if target_sparsity >= SALIENCY_FROM
-                else f"target_sparsity {target_sparsity} >= {OBS_FROM} with sparsity_scope={scope!r} (obs needs 'layer')"
+                else f"target_sparsity {target_sparsity} >= {OBS_FROM}, sparsity_scope={scope!r} (obs needs 'layer')"
             )
     else:
         why = f"sparsity_criterion={criterion!r} given"
@@ -96,11 +103,13 @@ def recommended_recipe(
         scope = "layer" if criterion == "obs" else "global"
     if schedule is None:
         schedule = "constant" if criterion == "obs" else "cubic"
-    learning_rate = FAST_LR if target_sparsity >= FAST_LR_FROM else SLOW_LR
+    ramped = schedule != "constant"
+    short = ramped and ramp_steps is not None and ramp_steps < SLOW_LR_MIN_RAMP
+    learning_rate = FAST_LR if target_sparsity >= FAST_LR_FROM or short else SLOW_LR
     return SparsityRecipe(criterion, scope, schedule, learning_rate, why)
 
 
-# ---- N:M structured sparsity -----------------------------------------------------------------------------------------
+# ---- N:M structured sparsity ----------------------------------------------------------------------------------------
 
 NM_PATTERNS = {"2:4": (2, 4)}
 
@@ -128,8 +137,8 @@ def nm_masks(
         rows, cols = score.shape
         if cols % m:
             raise ValueError(
-                f"The {n}:{m} pattern needs the inputs of every pruned weight in groups of {m}, but {name!r} has {cols} "
-                f"inputs: leave it out of target_modules, or use sparsity_scope='layer'."
+                f"The {n}:{m} pattern needs the inputs of every pruned weight in groups of {m}, but {name!r} has "
+                f"{cols} inputs: leave it out of target_modules, or use sparsity_scope='layer'."
             )
         s = score.detach().float().clone()
         if pruned is not None:

@@ -32,7 +32,7 @@ def trained_mlp(digits):
     return train_plain(MLP(), digits["x_a_train"], digits["y_a_train"], steps=60, lr=3e-3)
 
 
-# The magnitude walk these tests are about (at 0.8 the unset fields would resolve to obs: tests/test_sparsity_defaults.py)
+# The magnitude walk these tests are about (at 0.8 unset fields resolve to obs: tests/test_sparsity_defaults.py)
 MAGNITUDE = {"sparsity_criterion": "magnitude", "sparsity_scope": "global", "sparsity_schedule": "cubic"}
 
 
