@@ -80,7 +80,7 @@ from fip_options import parse_fip_options  # noqa: E402
 from sparsify_text import tokenize_split  # noqa: E402
 
 import fip_peft  # noqa: E402
-from fip_peft.sparsity import magnitude_masks  # noqa: E402
+from fip_peft.sparsity import magnitude_masks, recommended_recipe  # noqa: E402
 
 TARGET_REGEX = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -313,7 +313,7 @@ def run_fip(
         ),
     )
     model.remember(train_data)
-    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=args.fip_lr, weight_decay=0.01)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=fip_lr(args, sparsity), weight_decay=0.01)
     scheduler = lr_scheduler(optimizer, args.steps, args.lr_schedule, args.warmup_ratio)
     model.train()
     for batch in tqdm(itertools.islice(stream, args.steps), total=args.steps, desc=f"FIP {sparsity:.0%}", leave=False):
@@ -328,6 +328,17 @@ def run_fip(
     if abs(counted - report["sparsity"]) > 1e-9:
         raise AssertionError(f"sparsity_report says {report['sparsity']} but the merged model has {counted}.")
     return merged
+
+
+def fip_lr(args: argparse.Namespace, sparsity: float) -> float:
+    """`--fip-lr`, or when it is not given the learning rate measured with the recipe FIP's config resolves to at
+    `sparsity` (`fip_peft.sparsity.recommended_recipe`, with the walk's ramp and the `--fip-option` overrides)."""
+    if args.fip_lr is not None:
+        return args.fip_lr
+    options = args.fip_options
+    fields = ("sparsity_criterion", "sparsity_scope", "sparsity_schedule")
+    ramp = options.get("sparsity_ramp_steps", args.steps // 2)
+    return recommended_recipe(sparsity, *(options.get(name) for name in fields), ramp_steps=ramp).learning_rate
 
 
 def run_fip_anchors_only(dense: nn.Module, sparsity: float, **kwargs) -> nn.Module:
@@ -390,8 +401,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fip-lr",
         type=float,
-        default=1e-3,
-        help="AdamW learning rate of FIP (chosen on validation, see --select-lr).",
+        default=None,
+        help="AdamW learning rate of FIP (chosen on validation, see --select-lr). Default: the rate measured with the "
+        "recipe FIP's config resolves to at each sparsity (fip_peft.sparsity.recommended_recipe; 1e-3 from 60%).",
     )
     parser.add_argument(
         "--val-size",
@@ -605,6 +617,7 @@ def main(argv=None) -> None:
                     "groups_2_4": two_four_fraction(pruned),
                     "seconds": seconds,
                     "steps": 0 if method.startswith("one-shot") else args.steps,
+                    **({"lr": fip_lr(args, sparsity)} if LEARNING_RATE_ARGS.get(method) == "fip_lr" else {}),
                 }
             results.append(row)
             low, high = row["layer_sparsity_range"]
