@@ -125,17 +125,11 @@ class FIPConfig(PeftConfig):
             are exactly zero at the end, in [0, 1). Only target modules count (norms, biases, heads only if targeted).
             With `sparsity_scope="2:4"` it is 1/2 (leave it unset). Defaults: `sparsity_criterion`, `sparsity_scope`
             and `sparsity_schedule` left unset (`None`) resolve to the best recipe measured for `target_sparsity`
-            (`fip_peft.sparsity.recommended_recipe`; docs/benchmarks.md, "Sparsification defaults"): at moderate
-            sparsity (below 0.75) magnitude pruning with one global threshold and a cubic ramp, where the mask has
-            little to cut and the walk keeps the rest; at high sparsity (0.75 to 0.85) `"obs"` with every layer at the
-            target (`"layer"`), pruned at the first step (`"constant"`) and repaired by the walk, since compensating
-            the kept weights saves most of what the cut costs; at very high sparsity (0.85 and above) `"saliency"`
-            (global, cubic), whose global threshold leaves the layers the outputs need denser. `"2:4"` resolves to
-            `"obs"`, `"constant"`. A field given explicitly is kept and constrains the others (an explicit
-            `sparsity_scope="global"` rules out obs). Saliency and obs score the weights on the remembered anchors: a
-            resolved one refuses to prune before `remember` (naming the fix), and a resolved obs that meets embeddings
-            among the target layers switches to saliency with a warning. The learning rate is the optimizer's:
-            `recommended_recipe(target).learning_rate` is the Adam rate measured with it for a walk of ~100 steps.
+            (`fip_peft.sparsity.recommended_recipe`, which says why and gives the Adam learning rate measured with it):
+            magnitude / global / cubic at moderate sparsity, obs / layer / constant at high, saliency / global / cubic
+            at very high; obs / constant for `"2:4"`. A field given explicitly is kept and constrains the others. A
+            resolved saliency or obs refuses to prune before `remember` (naming the fix); a resolved obs meeting
+            embeddings switches to saliency with a warning.
         sparsity_schedule: How the mask's sparsity s_t ramps from 0 to `target_sparsity`: `"cubic"` (Zhu & Gupta,
             s_t = s_f (1 - (1 - t/T)^3)), `"linear"`, or `"constant"` (s_f from the first step, as the authors).
             `None`: see Defaults above.
@@ -143,8 +137,7 @@ class FIPConfig(PeftConfig):
             N:M structured sparsity, 2 zeros in every group of 4 consecutive inputs of each row of the (out, in)
             weight matrix (the pattern sparse tensor cores accelerate; every target weight's inputs must be a
             multiple of 4; a ramp prunes toward the pattern and never leaves it). `None`: see Defaults above.
-        sparsity_defaults: The names of the `sparsity_*` fields that were left unset and resolved to the measured
-            recipe (filled in by the config; saved with it, so a loaded config knows which choices were its own).
+        sparsity_defaults: The `sparsity_*` fields left unset and resolved to the measured recipe (filled in; saved).
         sparsity_criterion: Which entries go first (`None`: see Defaults above). `"magnitude"`: the smallest |w|.
             `"saliency"`: the smallest w_ij^2 A_jj G_ii, the optimal-brain-damage saliency under the FIP metric
             (diagonal of its Kronecker factors A (x) G on `metric_anchors` anchors, gathered as the natural solvers'
@@ -266,11 +259,7 @@ class FIPConfig(PeftConfig):
         metadata={"help": "objective='sparsify': fraction of target weight entries to zero, in [0, 1)."},
     )
     sparsity_schedule: SparsitySchedule | None = field(
-        default=None,
-        metadata={
-            "help": "Ramp of the sparsity from 0 to target: 'cubic', 'linear', 'constant'. None: the measured best "
-            "for the criterion ('constant' for obs, else 'cubic')."
-        },
+        default=None, metadata={"help": "Ramp from 0 to target: 'cubic', 'linear', 'constant'. None: measured best."}
     )
     sparsity_scope: SparsityScope | None = field(
         default=None,
