@@ -18,9 +18,13 @@ optimizer steps (``--steps``) at each target sparsity:
   normalises it to unit length and steps by epsilon; constant target, hard zero of the smallest s of all parameters at
   the end. (During the walk the threshold of w_sparse is the quantile of 2^20 magnitudes sampled at random, not of
   all 22.7M, to keep the step affordable on CPU; the final hard zero is exact.)
+- ``one-shot-magnitude`` (not in the default set): magnitude pruning through the adapter, so that
+  ``--fip-option sparsity_scope=2:4`` gives the 2:4 pattern; no training.
 - ``FIP``: this package's defaults: ``FIPConfig(objective="sparsify", target_sparsity=s,
-  sparsity_ramp_steps=steps // 2)``, ``remember`` of the training inputs, task loss + FIP step (AdamW), then
-  ``merge_and_unload()``.
+  sparsity_ramp_steps=steps // 2)``, whose unset ``sparsity_criterion``/``sparsity_scope``/``sparsity_schedule``
+  resolve to the measured recipe for s (``fip_peft.sparsity.recommended_recipe``; ``--fip-option`` overrides them),
+  ``remember`` of the training inputs, task loss + FIP step (AdamW at ``--fip-lr``), then ``merge_and_unload()``.
+  ``--fip-option sparsity_scope=2:4 --sparsities 0.5`` walks to the 2:4 pattern.
 - ``FIP+unlabeled`` (not in the default set): ``FIP`` whose anchors are the training inputs plus
   ``--unlabeled-anchors`` more reviews of the training split without their labels (the end of its seeded shuffle,
   disjoint from the training subset and the validation rows), ``anchor_budget`` set to hold them all. A different
@@ -76,7 +80,7 @@ from fip_options import parse_fip_options  # noqa: E402
 from sparsify_text import tokenize_split  # noqa: E402
 
 import fip_peft  # noqa: E402
-from fip_peft.sparsity import magnitude_masks  # noqa: E402
+from fip_peft.sparsity import magnitude_masks, recommended_recipe  # noqa: E402
 
 TARGET_REGEX = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -100,6 +104,13 @@ def layer_sparsity_range(model: nn.Module) -> list[float]:
     """The smallest and largest fraction of zeros among the target layers (1.0: a layer emptied)."""
     fractions = [float((m.weight == 0).float().mean()) for m in target_linears(model).values()]
     return [min(fractions), max(fractions)]
+
+
+def two_four_fraction(model: nn.Module) -> float:
+    """The fraction of groups of 4 consecutive inputs (of a row of a target weight) with at least 2 zeros: 1.0 when
+    every target weight keeps the 2:4 pattern."""
+    groups = [(m.weight == 0).reshape(m.weight.shape[0], -1, 4).sum(-1) >= 2 for m in target_linears(model).values()]
+    return sum(int(g.sum()) for g in groups) / sum(g.numel() for g in groups)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -196,7 +207,7 @@ def run_one_shot(dense: nn.Module, sparsity: float, **_) -> nn.Module:
 def _one_shot_by(criterion: str, dense: nn.Module, sparsity: float, args, train_data) -> nn.Module:
     """One-shot pruning by `FIPConfig.sparsity_criterion` (a metric criterion, on the anchors), no training."""
     config = {"target_modules": TARGET_REGEX, "objective": "sparsify", "target_sparsity": sparsity}
-    scope = {"sparsity_scope": "layer"} if criterion == "obs" else {}
+    scope = {"sparsity_scope": "layer"} if criterion == "obs" and "sparsity_scope" not in args.fip_options else {}
     model = get_peft_model(
         copy.deepcopy(dense),
         fip_peft.FIPConfig(**config, **{**args.fip_options, "sparsity_criterion": criterion, **scope}),
@@ -204,6 +215,11 @@ def _one_shot_by(criterion: str, dense: nn.Module, sparsity: float, args, train_
     model.remember(train_data)
     model.apply_sparsity_mask()
     return model.merge_and_unload()
+
+
+def run_one_shot_magnitude(dense: nn.Module, sparsity: float, *, args, train_data, **_) -> nn.Module:
+    """One-shot magnitude pruning through the adapter (its `sparsity_scope`, e.g. the 2:4 pattern), no training."""
+    return _one_shot_by("magnitude", dense, sparsity, args, train_data)
 
 
 def run_one_shot_saliency(dense: nn.Module, sparsity: float, *, args, train_data, **_) -> nn.Module:
@@ -297,7 +313,7 @@ def run_fip(
         ),
     )
     model.remember(train_data)
-    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=args.fip_lr, weight_decay=0.01)
+    optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=fip_lr(args, sparsity), weight_decay=0.01)
     scheduler = lr_scheduler(optimizer, args.steps, args.lr_schedule, args.warmup_ratio)
     model.train()
     for batch in tqdm(itertools.islice(stream, args.steps), total=args.steps, desc=f"FIP {sparsity:.0%}", leave=False):
@@ -314,6 +330,17 @@ def run_fip(
     return merged
 
 
+def fip_lr(args: argparse.Namespace, sparsity: float) -> float:
+    """`--fip-lr`, or when it is not given the learning rate measured with the recipe FIP's config resolves to at
+    `sparsity` (`fip_peft.sparsity.recommended_recipe`, with the walk's ramp and the `--fip-option` overrides)."""
+    if args.fip_lr is not None:
+        return args.fip_lr
+    options = args.fip_options
+    fields = ("sparsity_criterion", "sparsity_scope", "sparsity_schedule")
+    ramp = options.get("sparsity_ramp_steps", args.steps // 2)
+    return recommended_recipe(sparsity, *(options.get(name) for name in fields), ramp_steps=ramp).learning_rate
+
+
 def run_fip_anchors_only(dense: nn.Module, sparsity: float, **kwargs) -> nn.Module:
     return run_fip(dense, sparsity, task_loss=False, **kwargs)
 
@@ -326,6 +353,7 @@ def run_fip_unlabeled(dense: nn.Module, sparsity: float, *, train_data, **kwargs
 METHODS = {
     "dense-continued": run_dense_continued,
     "one-shot": run_one_shot,
+    "one-shot-magnitude": run_one_shot_magnitude,
     "one-shot-saliency": run_one_shot_saliency,
     "one-shot-obs": run_one_shot_obs,
     "IMP": run_imp,
@@ -373,8 +401,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fip-lr",
         type=float,
-        default=1e-3,
-        help="AdamW learning rate of FIP (chosen on validation, see --select-lr).",
+        default=None,
+        help="AdamW learning rate of FIP (chosen on validation, see --select-lr). Default: the rate measured with the "
+        "recipe FIP's config resolves to at each sparsity (fip_peft.sparsity.recommended_recipe; 1e-3 from 60%).",
     )
     parser.add_argument(
         "--val-size",
@@ -537,7 +566,7 @@ def main(argv=None) -> None:
             ),
             device,
         )
-        anchored = "FIP" in method or method in ("one-shot-saliency", "one-shot-obs")
+        anchored = "FIP" in method or method in ("one-shot-magnitude", "one-shot-saliency", "one-shot-obs")
         extra = {"train_data": with_unlabeled if method == "FIP+unlabeled" else anchors} if anchored else {}
         start = time.perf_counter()
         pruned = METHODS[method](dense, sparsity, stream=stream, args=args, **extra)
@@ -585,14 +614,17 @@ def main(argv=None) -> None:
                     "accuracy": accuracy(pruned, test_loader),
                     "target_weight_sparsity": target_sparsity_of(pruned),
                     "layer_sparsity_range": layer_sparsity_range(pruned),
+                    "groups_2_4": two_four_fraction(pruned),
                     "seconds": seconds,
                     "steps": 0 if method.startswith("one-shot") else args.steps,
+                    **({"lr": fip_lr(args, sparsity)} if LEARNING_RATE_ARGS.get(method) == "fip_lr" else {}),
                 }
             results.append(row)
             low, high = row["layer_sparsity_range"]
             print(
                 f"{sparsity:.0%} {method:>8}: accuracy {row['accuracy']:.4f} (dense {dense_accuracy:.4f}), "
-                f"target-weight sparsity {row['target_weight_sparsity']:.4f} (layers {low:.2f}-{high:.2f}), "
+                f"target-weight sparsity {row['target_weight_sparsity']:.4f} (layers {low:.2f}-{high:.2f}; groups "
+                f"of 4 with 2 zeros {row.get('groups_2_4', float('nan')):.4f}), "
                 f"{row['seconds']:.0f} s",
                 flush=True,
             )

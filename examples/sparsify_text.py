@@ -163,23 +163,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sparsity-criterion",
         choices=CRITERIA,
-        default="magnitude",
+        default=None,
         help="Entries pruned first (FIPConfig.sparsity_criterion): smallest magnitude, smallest saliency under the "
         "FIP metric on the anchors, or obs (optimal brain surgeon, the rest of each row compensating; needs "
-        "--sparsity-scope layer).",
+        "--sparsity-scope layer or 2:4). Default: the measured best for each sparsity.",
     )
     parser.add_argument(
         "--sparsity-scope",
         choices=SCOPES,
-        default="global",
-        help="One threshold over all target weights, or one per layer (FIPConfig.sparsity_scope).",
+        default=None,
+        help="One threshold over all target weights, one per layer, or the 2:4 pattern (FIPConfig.sparsity_scope). "
+        "Default: layer for obs, else global.",
     )
     parser.add_argument(
         "--sparsity-schedule",
         choices=SCHEDULES,
-        default="cubic",
+        default=None,
         help="Ramp of the mask from 0 to the target over half the steps, or the target from the first step "
-        "(FIPConfig.sparsity_schedule).",
+        "(FIPConfig.sparsity_schedule). Default: constant for obs, else cubic.",
     )
     parser.add_argument("--max-length", type=int, default=48, help="Tokens kept per text.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data subsets and training.")
@@ -195,8 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--unlabeled-anchors must be >= 0, got {args.unlabeled_anchors}.")
     if args.anchor_batch_size < 1:
         parser.error(f"--anchor-batch-size must be >= 1, got {args.anchor_batch_size}.")
-    if args.sparsity_criterion == "obs" and args.sparsity_scope != "layer":
-        parser.error("--sparsity-criterion obs prunes every layer to the target: add --sparsity-scope layer.")
+    if args.sparsity_criterion == "obs" and args.sparsity_scope == "global":
+        parser.error("--sparsity-criterion obs prunes every layer to the target: use --sparsity-scope layer.")
     return args
 
 
@@ -267,9 +268,12 @@ def main(argv: list[str] | None = None) -> None:
                 target_sparsity=sparsity,
                 sparsity_ramp_steps=args.steps // 2,
                 anchor_batch_size=args.anchor_batch_size,
-                sparsity_criterion=args.sparsity_criterion,
-                sparsity_scope=args.sparsity_scope,
-                sparsity_schedule=args.sparsity_schedule,
+                # unset: the measured recipe for this sparsity (FIPConfig's defaults)
+                **{
+                    name: getattr(args, name)
+                    for name in ("sparsity_criterion", "sparsity_scope", "sparsity_schedule")
+                    if getattr(args, name) is not None
+                },
                 # every unlabeled anchor kept; without them, the default budget (512 of the training inputs)
                 **({"anchor_budget": len(anchors)} if args.unlabeled_anchors else {}),
             )

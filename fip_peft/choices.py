@@ -12,7 +12,7 @@ from typing import Literal, get_args
 Objective = Literal["continual", "sparsify"]
 Distance = Literal["logits", "bhattacharyya", "kl"]
 SparsitySchedule = Literal["cubic", "linear", "constant"]
-SparsityScope = Literal["global", "layer"]
+SparsityScope = Literal["global", "layer", "2:4"]
 SparsityCriterion = Literal["magnitude", "saliency", "obs"]
 NonfinitePolicy = Literal["skip", "raise"]
 ReferenceMode = Literal["auto", "full", "top_k", "recompute"]

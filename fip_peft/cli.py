@@ -204,16 +204,26 @@ def _fip_config(args: argparse.Namespace, first_task_rows: int):
         ramp = args.sparsity_ramp_steps
         if ramp is None:  # half of the first task's steps: the second half repairs the last prunings
             ramp = max(1, _steps_of(args, first_task_rows) // 2)
-        kwargs.update(
-            target_sparsity=args.target_sparsity,
-            sparsity_ramp_steps=ramp,
-            sparsity_criterion=args.sparsity_criterion,
-            sparsity_scope=args.sparsity_scope,
-        )
+        kwargs.update(target_sparsity=args.target_sparsity, sparsity_ramp_steps=ramp)
+        for name in ("sparsity_criterion", "sparsity_scope", "sparsity_schedule"):  # unset: the measured recipe
+            if getattr(args, name) is not None:
+                kwargs[name] = getattr(args, name)
     try:
         return FIPConfig(**kwargs)
     except (TypeError, ValueError) as error:
         raise config_error(error) from error
+
+
+def _default_learning_rate(args: argparse.Namespace, first_task_rows: int) -> float:
+    """Sparsify's default learning rate: the one measured with the recipe of the target sparsity and the ramp."""
+    from .sparsity import recommended_recipe
+
+    target = 0.5 if args.target_sparsity is None else args.target_sparsity  # --sparsity-scope 2:4
+    ramp = args.sparsity_ramp_steps
+    if ramp is None:  # as `_fip_config` sets it
+        ramp = max(1, _steps_of(args, first_task_rows) // 2)
+    recipe = recommended_recipe(target, args.sparsity_criterion, args.sparsity_scope, args.sparsity_schedule, ramp)
+    return recipe.learning_rate
 
 
 def _resume_source(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -283,7 +293,8 @@ def _build_model(args: argparse.Namespace, tasks: list[TaskData], labels: list[s
 def run_train(args: argparse.Namespace) -> int:
     """Learn the task files in turn with one FIP adapter, evaluating every task after each; save the adapter after
     each task and at the end."""
-    if args.learning_rate is None:
+    default_rate = args.learning_rate is None
+    if default_rate:  # sparsify's is set once the first task's steps are known (below)
         args.learning_rate = LEARNING_RATE[args.objective]
     check_training_args(args)
     prior = _resume_source(args)
@@ -294,6 +305,8 @@ def run_train(args: argparse.Namespace) -> int:
     tasks = load_task_files(
         args.task, args.text_column, args.label_column, args.test_fraction, args.seed, quiet=args.quiet
     )
+    if default_rate and args.objective == "sparsify":
+        args.learning_rate = _default_learning_rate(args, len(tasks[0].train))
     check_model(args.model, "--model")
     check_model(args.tokenizer, "--tokenizer")
     labels = label_names(tasks, args.label_column)
@@ -328,6 +341,9 @@ def run_train(args: argparse.Namespace) -> int:
     matrix = AccuracyMatrix([task.name for task in tasks]) if test_sets else None
     collator = DataCollatorWithPadding(tokenizer)
     output = Path(args.output_dir)
+    dense = None
+    if args.objective == "sparsify" and test_sets and prior is None:  # the model as given, before any pruning
+        dense = accuracy_row(model, test_sets, tokenizer, args.eval_batch_size, not args.quiet)
     with tempfile.TemporaryDirectory() as scratch:
         steps = tqdm(list(zip(tasks, train_sets, strict=True)), desc="Tasks", disable=args.quiet)
         for index, (task, train) in enumerate(steps):
@@ -362,7 +378,21 @@ def run_train(args: argparse.Namespace) -> int:
     if matrix is not None:
         print(matrix)
     if args.objective == "sparsify":
-        print(f"sparsity: {model.sparsity_report()['sparsity']:.4f} (target {args.target_sparsity})")
+        config = model.peft_config[model.active_adapter]
+        names = ("sparsity_criterion", "sparsity_scope", "sparsity_schedule")
+        recipe = ", ".join(f"{name}={getattr(config, name)!r}" for name in names)
+        print(
+            f"sparsity: {model.sparsity_report()['sparsity']:.4f} (target {config.target_sparsity}; {recipe}, "
+            f"learning rate {args.learning_rate:g})"
+        )
+        if dense is not None and matrix is not None:
+            sparse = matrix.matrix[len(tasks) - 1]
+            tested = [task for task in tasks if task.test is not None]
+            for task, test, before, after in zip(tested, test_sets, dense, sparse, strict=True):
+                print(
+                    f"accuracy on {len(test)} held-out rows of {task.name}: dense {before:.4f}, sparse {after:.4f} "
+                    f"({100 * (after - before):+.1f} points)"
+                )
     print(
         f"adapter saved to {output}"
         + (f" (and after each task in {output / AFTER_TASK.format('N')})" if len(tasks) > 1 else "")

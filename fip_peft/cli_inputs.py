@@ -253,8 +253,11 @@ def check_training_args(args: argparse.Namespace) -> None:
     model are checked next, in that order)."""
     if not 0 <= args.test_fraction < 1:
         raise CLIError(f"--test-fraction must be in [0, 1), got {args.test_fraction}; e.g. --test-fraction 0.2.")
-    if args.objective == "sparsify" and args.target_sparsity is None:
-        raise CLIError("--objective sparsify needs --target-sparsity, e.g. --target-sparsity 0.5.")
+    two_four = getattr(args, "sparsity_scope", None) == "2:4"
+    if args.objective == "sparsify" and args.target_sparsity is None and not two_four:
+        raise CLIError(
+            "--objective sparsify needs --target-sparsity, e.g. --target-sparsity 0.5 (or --sparsity-scope 2:4)."
+        )
     if args.objective != "sparsify" and args.target_sparsity is not None:
         raise CLIError("--target-sparsity needs --objective sparsify (or the `fip-peft sparsify` command).")
     if args.target_sparsity is not None and not 0 <= args.target_sparsity < 1:

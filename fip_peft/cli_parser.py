@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .choices import CRITERIA, DISTANCES, OBJECTIVES, SCOPES
+from .choices import CRITERIA, DISTANCES, OBJECTIVES, SCHEDULES, SCOPES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -102,9 +102,9 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
     parser.add_argument(
         "--target-sparsity",
         type=float,
-        required=sparsify,
         default=None,
-        help="Fraction of the adapted weights' entries to make exactly zero, in [0, 1) (objective sparsify).",
+        help="Fraction of the adapted weights' entries to make exactly zero, in [0, 1) (objective sparsify; "
+        "implied 0.5 by --sparsity-scope 2:4).",
     )
     parser.add_argument(
         "--sparsity-ramp-steps",
@@ -115,15 +115,24 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
     parser.add_argument(
         "--sparsity-criterion",
         choices=CRITERIA,
-        default="magnitude",
+        default=None,
         help="Which weights go first: smallest magnitude, smallest saliency on the remembered inputs, or optimal "
-        "brain surgeon (needs --sparsity-scope layer).",
+        "brain surgeon (needs --sparsity-scope layer or 2:4). Default: the best measured for --target-sparsity "
+        "(magnitude at moderate, obs at high, saliency at very high sparsity; FIPConfig.sparsity_criterion).",
     )
     parser.add_argument(
         "--sparsity-scope",
         choices=SCOPES,
-        default="global",
-        help="global: one threshold over all adapted weights; layer: the same sparsity in each.",
+        default=None,
+        help="global: one threshold over all adapted weights; layer: the same sparsity in each; 2:4: 2 zeros in "
+        "every 4 consecutive inputs of a row (sparsity 0.5). Default: layer for obs, else global.",
+    )
+    parser.add_argument(
+        "--sparsity-schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="How the mask ramps to the target over --sparsity-ramp-steps: cubic, linear, or constant (all at the "
+        "first step, then the walk repairs). Default: constant for obs, else cubic.",
     )
     parser.add_argument(
         "--num-train-epochs",
@@ -142,8 +151,9 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
         "--lr",
         type=float,
         default=None,
-        help="Peak learning rate (AdamW). Default: 1e-4 for continual learning, 1e-3 for sparsify (the pull toward "
-        "sparsity moves each weight by about the learning rate per step). Raise ~10x with --rank.",
+        help="Peak learning rate (AdamW). Default: 1e-4 for continual learning; for sparsify the rate measured "
+        "with the recipe of --target-sparsity (fip_peft.sparsity.recommended_recipe; the pull toward sparsity moves "
+        "each weight by about the learning rate per step). Raise ~10x with --rank.",
     )
     parser.add_argument(
         "--warmup-steps",

@@ -154,22 +154,34 @@ class FIPConfig(PeftConfig):
             stay as they were) and a warning names the step. `"raise"`: `NonFiniteStepError` names the step.
         target_sparsity: `objective="sparsify"`: the fraction s_f of the target weights' entries (base + delta) that
             are exactly zero at the end, in [0, 1). Only target modules count (norms, biases, heads only if targeted).
+            With `sparsity_scope="2:4"` it is 1/2 (leave it unset). Defaults: `sparsity_criterion`, `sparsity_scope`
+            and `sparsity_schedule` left unset (`None`) resolve to the best recipe measured for `target_sparsity`
+            (`fip_peft.sparsity.recommended_recipe`, which says why and gives the Adam learning rate measured with it):
+            magnitude / global / cubic at moderate sparsity, obs / layer / constant at high, saliency / global / cubic
+            at very high; obs / constant for `"2:4"`. A field given explicitly is kept and constrains the others. A
+            resolved saliency or obs refuses to prune before `remember` (naming the fix); a resolved obs meeting
+            embeddings switches to saliency with a warning.
         sparsity_schedule: How the mask's sparsity s_t ramps from 0 to `target_sparsity`: `"cubic"` (Zhu & Gupta,
             s_t = s_f (1 - (1 - t/T)^3)), `"linear"`, or `"constant"` (s_f from the first step, as the authors).
-        sparsity_scope: `"global"`: one threshold over all target weights; `"layer"`: one per weight.
-        sparsity_criterion: Which entries go first. `"magnitude"`: the smallest |w|. `"saliency"`: the smallest
-            w_ij^2 A_jj G_ii, the optimal-brain-damage saliency under the FIP metric (diagonal of its Kronecker
-            factors A (x) G on `metric_anchors` anchors, gathered as the natural solvers' `metric_*` fields say and
-            refreshed at every mask update): the entries whose removal moves the outputs on the anchors least. It
-            weighs each entry by how much its input carries and how much the outputs depend on its output, so one
-            global threshold compares layers on one scale (docs/benchmarks.md, "Run 10"). Needs remembered
-            anchors. `"obs"`: optimal brain surgeon under the
-            metric's input factor A = E[x x^T] (SparseGPT's solve, `saliency.obs_prune`): at every mask update each
-            layer is pruned to the scheduled sparsity and the kept entries of each row move to make up for the pruned
-            ones, so the layer's outputs on the anchors change as little as the solve finds; the pull uses the OBS
-            saliency w_ij^2 / [A^-1]_jj. Needs remembered anchors and `sparsity_scope="layer"`; not for embeddings.
-            Best with `sparsity_schedule="constant"` (one solve at the first step, then the walk repairs; with a
-            ramp the solve runs at every mask update); which of saliency and OBS wins depends on the target
+            `None`: see Defaults above.
+        sparsity_scope: `"global"`: one threshold over all target weights; `"layer"`: one per weight; `"2:4"`:
+            N:M structured sparsity, 2 zeros in every group of 4 consecutive inputs of each row of the (out, in)
+            weight matrix (the pattern sparse tensor cores accelerate; every target weight's inputs must be a
+            multiple of 4; a ramp prunes toward the pattern and never leaves it). `None`: see Defaults above.
+        sparsity_defaults: The `sparsity_*` fields left unset and resolved to the measured recipe (filled in; saved).
+        sparsity_criterion: Which entries go first (`None`: see Defaults above). `"magnitude"`: the smallest |w|.
+            `"saliency"`: the smallest w_ij^2 A_jj G_ii, the optimal-brain-damage saliency under the FIP metric
+            (diagonal of its Kronecker factors A (x) G on `metric_anchors` anchors, gathered as the natural solvers'
+            `metric_*` fields say and refreshed at every mask update): the entries whose removal moves the outputs on
+            the anchors least. It weighs each entry by how much its input carries and how much the outputs depend on
+            its output, so one global threshold compares layers on one scale (docs/benchmarks.md, "Run 10"). Needs
+            remembered anchors. `"obs"`: optimal brain surgeon under the metric's input factor A = E[x x^T]
+            (SparseGPT's solve, `saliency.obs_prune`): at every mask update each layer is pruned to the scheduled
+            sparsity and the kept entries of each row move to make up for the pruned ones, so the layer's outputs on
+            the anchors change as little as the solve finds; the pull uses the OBS saliency w_ij^2 / [A^-1]_jj. Needs
+            remembered anchors and `sparsity_scope="layer"` (or `"2:4"`, with a constant schedule); not for embeddings.
+            Best with `sparsity_schedule="constant"` (one solve at the first step, then the walk repairs; with a ramp
+            the solve runs at every mask update); which of saliency and OBS wins depends on the target
             (docs/benchmarks.md, "Run 11").
         sparsity_begin_step: Optimizer step at which the mask starts to prune.
         sparsity_ramp_steps: T, optimizer steps from `sparsity_begin_step` until the mask reaches the target.
@@ -299,18 +311,29 @@ class FIPConfig(PeftConfig):
         default=None,
         metadata={"help": "objective='sparsify': fraction of target weight entries to zero, in [0, 1)."},
     )
-    sparsity_schedule: SparsitySchedule = field(
-        default="cubic", metadata={"help": "Ramp of the sparsity from 0 to target: 'cubic', 'linear', 'constant'."}
+    sparsity_schedule: SparsitySchedule | None = field(
+        default=None, metadata={"help": "Ramp from 0 to target: 'cubic', 'linear', 'constant'. None: measured best."}
     )
-    sparsity_scope: SparsityScope = field(
-        default="global", metadata={"help": "Magnitude threshold over all target weights ('global') or per layer."}
+    sparsity_scope: SparsityScope | None = field(
+        default=None,
+        metadata={
+            "help": "Threshold over all target weights ('global'), one per layer ('layer'), or the '2:4' pattern "
+            "(2 zeros in every 4 consecutive inputs of a row; target_sparsity 0.5). None: 'layer' for obs, else "
+            "'global'."
+        },
     )
-    sparsity_criterion: SparsityCriterion = field(
-        default="magnitude",
+    sparsity_criterion: SparsityCriterion | None = field(
+        default=None,
         metadata={
             "help": "Entries pruned first: smallest 'magnitude' |w|, smallest 'saliency' under the metric, or 'obs' "
-            "(optimal brain surgeon: the rest of each row compensates; needs sparsity_scope='layer')."
+            "(optimal brain surgeon: the rest of each row compensates; needs sparsity_scope='layer' or '2:4'). "
+            "None: the best measured for target_sparsity (magnitude at moderate, obs at high, saliency at very "
+            "high sparsity)."
         },
+    )
+    sparsity_defaults: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The sparsity_* fields left unset and resolved to the measured recipe (filled in)."},
     )
     sparsity_begin_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning begins."})
     sparsity_ramp_steps: int = field(
@@ -487,11 +510,20 @@ def _check_sparsity(config: FIPConfig) -> None:
                 f"objective={config.objective!r})."
             )
         return
+    if config.sparsity_scope == "2:4":
+        if config.target_sparsity is None:
+            config.target_sparsity = 0.5
+        elif config.target_sparsity != 0.5:
+            raise ValueError(
+                f"FIPConfig.sparsity_scope='2:4' zeroes 2 of every 4 consecutive inputs, exactly half of the weights: "
+                f"leave target_sparsity unset (or 0.5), got target_sparsity={config.target_sparsity}."
+            )
     if config.target_sparsity is None:
         raise ValueError("FIPConfig.objective='sparsify' needs target_sparsity, e.g. target_sparsity=0.8.")
     _check_number("target_sparsity", config.target_sparsity, positive=False)
     if not 0.0 <= config.target_sparsity < 1.0:
         raise ValueError(f"FIPConfig.target_sparsity must be in [0, 1), got {config.target_sparsity}.")
+    _resolve_sparsity_recipe(config)
     if config.rank is not None:
         raise ValueError(
             f"FIPConfig.objective='sparsify' needs a full-rank displacement (rank=None), got rank={config.rank}: "
@@ -503,10 +535,17 @@ def _check_sparsity(config: FIPConfig) -> None:
         raise ValueError(f"FIPConfig.sparsity_scope must be one of {SCOPES}, got {config.sparsity_scope!r}.")
     if config.sparsity_criterion not in CRITERIA:
         raise ValueError(f"FIPConfig.sparsity_criterion must be one of {CRITERIA}, got {config.sparsity_criterion!r}.")
-    if config.sparsity_criterion == "obs" and config.sparsity_scope != "layer":
+    if config.sparsity_criterion == "obs" and config.sparsity_scope not in ("layer", "2:4"):
         raise ValueError(
             "FIPConfig.sparsity_criterion='obs' prunes every target layer to the scheduled sparsity (its solve "
-            f"works within a layer), so it needs sparsity_scope='layer', got {config.sparsity_scope!r}."
+            f"works within a layer), so it needs sparsity_scope='layer' (or '2:4'), got {config.sparsity_scope!r}."
+        )
+    obs_ramp = config.sparsity_criterion == "obs" and config.sparsity_schedule != "constant"
+    if obs_ramp and config.sparsity_scope == "2:4":
+        raise ValueError(
+            "FIPConfig.sparsity_criterion='obs' with sparsity_scope='2:4' prunes the whole pattern in one solve, so "
+            f"it needs sparsity_schedule='constant', got {config.sparsity_schedule!r} (or use sparsity_criterion="
+            "'magnitude' or 'saliency', which can ramp toward the pattern)."
         )
     _check_int("sparsity_begin_step", config.sparsity_begin_step, minimum=0)
     _check_int("sparsity_ramp_steps", config.sparsity_ramp_steps, minimum=0)
@@ -516,6 +555,27 @@ def _check_sparsity(config: FIPConfig) -> None:
     _check_number("sparsity_lambda", config.sparsity_lambda, positive=False)
     if config.sparsity_lambda < 0:
         raise ValueError(f"FIPConfig.sparsity_lambda must be >= 0, got {config.sparsity_lambda}.")
+
+
+def _resolve_sparsity_recipe(config: FIPConfig) -> None:
+    """Fill the unset (None) `sparsity_criterion`, `sparsity_scope` and `sparsity_schedule` with the best measured
+    recipe for `target_sparsity` (`sparsity.recommended_recipe`), and record which in `sparsity_defaults`. Configs
+    saved before these defaults carry all three explicitly and load unchanged."""
+    from .sparsity import recommended_recipe
+
+    names = ("sparsity_criterion", "sparsity_scope", "sparsity_schedule")
+    unset = [name for name in names if getattr(config, name) is None]
+    if not unset:
+        return
+    recipe = recommended_recipe(
+        config.target_sparsity, config.sparsity_criterion, config.sparsity_scope, config.sparsity_schedule
+    )
+    config.sparsity_criterion = config.sparsity_criterion or recipe.criterion
+    config.sparsity_scope = config.sparsity_scope or recipe.scope
+    config.sparsity_schedule = config.sparsity_schedule or recipe.schedule
+    if not isinstance(config.sparsity_defaults, list):
+        raise TypeError(f"FIPConfig.sparsity_defaults must be a list of names, got {config.sparsity_defaults!r}.")
+    config.sparsity_defaults = sorted(set(config.sparsity_defaults) | set(unset))
 
 
 # ---- checks of several fields --------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def anchor_forward(fip_model: nn.Module, root: nn.Module | None, optimized: list
             "The FIP optimizer was created before `fully_shard`, so it holds the parameters from before sharding: "
             "create it after sharding, `create_fip_optimizer(sharded_model, ...)`."
         )
-    criteria = {config.sparsity_criterion for config in fip_model.peft_config.values()} - {"magnitude"}
+    sparsify = [config for config in fip_model.peft_config.values() if config.objective == "sparsify"]
+    criteria = {config.sparsity_criterion for config in sparsify} - {"magnitude"}
     if criteria:
         raise NotImplementedError(
             f"FIPConfig.sparsity_criterion={sorted(criteria)[0]!r} is not supported on FSDP2 (`fully_shard`) "

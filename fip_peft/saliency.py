@@ -58,16 +58,30 @@ def obs_input_weights(u: torch.Tensor) -> torch.Tensor:
 
 
 def obs_prune(
-    matrix: torch.Tensor, u: torch.Tensor, sparsity: float, pruned: torch.Tensor, block: int = OBS_BLOCK
+    matrix: torch.Tensor,
+    u: torch.Tensor,
+    sparsity: float,
+    pruned: torch.Tensor,
+    block: int = OBS_BLOCK,
+    pattern: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimal brain surgeon under the input factor A = E[x x^T]: prune round(`sparsity` x numel) entries of
     `matrix` (out, in), those already `pruned` first, and move the kept entries of each row to make up for them, so
     that the layer's outputs x W^T on the anchors change as little as the greedy solve finds. Column blocks of `block`
     are pruned left to right, each choosing its share of the entries by w_ij^2 / U_jj^2 after the compensation of
     the blocks before (SparseGPT, Frantar & Alistarh 2023; `u` = `obs_inverse_factor(A)`).
-    Returns the new matrix (exact zeros where pruned) and its pruned mask."""
+    With an N:M `pattern` (`sparsity` must then be N / M) each group of M consecutive columns instead chooses the N
+    entries of every row with the smallest scores when the solve reaches it, from the weights as compensated so far
+    (SparseGPT's N:M solve). Returns the new matrix (exact zeros where pruned) and its pruned mask."""
     w = matrix.detach().float().clone()
     rows, cols = w.shape
+    if pattern is not None:
+        n, m = pattern
+        if abs(sparsity - n / m) > 1e-9 or cols % m or block % m:
+            raise ValueError(
+                f"The {n}:{m} OBS solve prunes to sparsity {n}/{m} exactly, with inputs (and blocks) in groups of "
+                f"{m}; got sparsity {sparsity}, {cols} inputs, block {block}."
+            )
     u = u.to(w.device)
     chosen_all = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, cols, block):
@@ -76,12 +90,17 @@ def obs_prune(
         score = w1.pow(2) / u1.diagonal().pow(2)[None, :]
         already = pruned[:, start:end].to(w.device)
         score[already] = -1.0
-        count = round(sparsity * rows * end) - round(sparsity * rows * start)
-        count = max(count, int(already.sum()))
         chosen = torch.zeros_like(already)
-        chosen.view(-1)[score.flatten().topk(count, largest=False).indices] = True
+        if pattern is None:
+            count = round(sparsity * rows * end) - round(sparsity * rows * start)
+            count = max(count, int(already.sum()))
+            chosen.view(-1)[score.flatten().topk(count, largest=False).indices] = True
         errors = torch.zeros_like(w1)
         for i in range(end - start):
+            if pattern is not None and i % m == 0:
+                group = w1[:, i : i + m].pow(2) / u1.diagonal()[i : i + m].pow(2)[None, :]
+                group[already[:, i : i + m]] = -1.0
+                chosen[:, i : i + m].scatter_(1, group.topk(n, dim=1, largest=False).indices, True)
             kept = torch.where(chosen[:, i], torch.zeros_like(w1[:, i]), w1[:, i])
             errors[:, i] = (w1[:, i] - kept) / u1[i, i]
             w1[:, i:] -= errors[:, i : i + 1] * u1[i : i + 1, i:]

@@ -25,7 +25,7 @@ from .metric import fip_covered_layer, gather_factors
 from .natural import CoveredLayer
 from .saliency import metric_saliency, obs_input_weights, obs_inverse_factor, obs_prune
 from .seeds import counter_seed
-from .sparsity import count_zeros, mean_pruned_magnitude, scheduled_sparsity, score_masks
+from .sparsity import count_zeros, mean_pruned_magnitude, nm_masks, nm_pattern, scheduled_sparsity, score_masks
 
 if TYPE_CHECKING:
     from .config import FIPConfig
@@ -148,7 +148,7 @@ class Sparsifier:
             return
         layers = {key: layer for key, layer in self.layers().items() if layer.fip_delta[name].requires_grad}
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
-        target = score_masks(self.scores(weights), config.target_sparsity, config.sparsity_scope)
+        target = self.masks(self.scores(weights), config.target_sparsity)
         with torch.no_grad():
             for key, layer in layers.items():
                 delta = layer.fip_delta[name]
@@ -171,21 +171,72 @@ class Sparsifier:
         layers = self.layers()
         if any(layer.merged for layer in layers.values()):
             raise ValueError("Unmerge the adapter (`unmerge_adapter()`) before changing its sparsity mask.")
+        self.check_recipe()
         weights = {key: layer.sparse_weight(name) for key, layer in layers.items()}
         if config.sparsity_criterion == "obs":
+            pattern = nm_pattern(config.sparsity_scope)
+            if pattern is not None and abs(sparsity - pattern[0] / pattern[1]) > 1e-9:
+                raise ValueError(
+                    f"sparsity_criterion='obs' with sparsity_scope={config.sparsity_scope!r} prunes to the whole "
+                    f"pattern ({pattern[0]}/{pattern[1]}) at once, not to {sparsity}: use "
+                    "sparsity_schedule='constant'."
+                )
             covered = self._covered()
             inverses = self._gather_metric(covered)
             for key, layer in layers.items():
                 pruned = covered[key].as_matrix(~layer.fip_mask[name])
-                matrix, pruned = obs_prune(covered[key].as_matrix(weights[key]), inverses[key], sparsity, pruned)
+                matrix, pruned = obs_prune(
+                    covered[key].as_matrix(weights[key]), inverses[key], sparsity, pruned, pattern=pattern
+                )
                 layer.set_sparse_weight(
                     name, covered[key].from_matrix(matrix)[0], ~covered[key].from_matrix(pruned)[0]
                 )
         else:
             scores = self.scores(weights, refresh=True)
-            for key, mask in score_masks(scores, sparsity, config.sparsity_scope).items():
+            for key, mask in self.masks(scores, sparsity).items():
                 layers[key].set_mask(name, mask)
         self.state.pruned_to = max(self.state.pruned_to, sparsity)
+
+    def masks(self, scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+        """Keep masks of the projection at `sparsity` by `scores` (weight-shaped), within `sparsity_scope`: one
+        threshold over all weights, one per weight, or the N:M pattern on each weight's (out, in) matrix (the entries
+        the mask already pruned chosen first, so the pattern holds at every step)."""
+        config = self.config
+        pattern = nm_pattern(config.sparsity_scope)
+        if pattern is None:
+            return score_masks(scores, sparsity, config.sparsity_scope)
+        covered, layers = self._covered(), self.layers()
+        matrices = {key: covered[key].as_matrix(score) for key, score in scores.items()}
+        pruned = {key: covered[key].as_matrix(~layers[key].fip_mask[self.adapter]) for key in scores}
+        masks = nm_masks(matrices, sparsity, pattern, pruned)
+        return {key: covered[key].from_matrix(mask)[0] for key, mask in masks.items()}
+
+    def check_recipe(self) -> None:
+        """Where `sparsity_criterion` was left unset and resolved from `target_sparsity` (listed in
+        `FIPConfig.sparsity_defaults`), check at run time what the resolution could not know: remembered anchors
+        (saliency and OBS score on them; refused, naming the fix, since a walk without anchors would not keep the
+        function) and embeddings among the target layers (OBS cannot compensate through token ids: saliency instead,
+        with a one-time warning)."""
+        config, name = self.config, self.adapter
+        if "sparsity_criterion" not in config.sparsity_defaults or config.sparsity_criterion == "magnitude":
+            return
+        if len(self.fip_model.memory(name)) == 0:
+            raise ValueError(
+                f"FIPConfig.sparsity_criterion was left unset and resolved to {config.sparsity_criterion!r} for "
+                f"target_sparsity={config.target_sparsity} (the best measured recipe), which scores the weights on "
+                f"the remembered anchors, and adapter {name!r} has none: call `model.remember(data)` before training "
+                "(without anchors the walk cannot keep the function), or set sparsity_criterion='magnitude'."
+            )
+        if config.sparsity_criterion == "obs":
+            embeddings = [key for key, layer in self._covered().items() if layer.kind == "embedding"]
+            if embeddings:
+                logger.warning(
+                    f"FIP sparsify: sparsity_criterion was left unset and resolved to 'obs' for target_sparsity="
+                    f"{config.target_sparsity}, but the target layers include embeddings {embeddings[:3]}, which OBS "
+                    "cannot prune (their inputs are token ids): using sparsity_criterion='saliency' instead. Set "
+                    "sparsity_criterion explicitly to silence this."
+                )
+                config.sparsity_criterion = "saliency"
 
     def scores(self, weights: dict[str, torch.Tensor], refresh: bool = False) -> dict[str, torch.Tensor]:
         """Each effective target weight's entries scored by `sparsity_criterion` (prune the smallest first). The
@@ -261,8 +312,9 @@ class Sparsifier:
         steps = ramp_end(config)
         if steps == 0 or config.sparsity_lambda == 0:
             return
+        self.check_recipe()
         weights = {key: layer.sparse_weight(self.adapter) for key, layer in self.layers().items()}
-        masks = score_masks(self.scores(weights), config.target_sparsity, config.sparsity_scope)
+        masks = self.masks(self.scores(weights), config.target_sparsity)
         magnitude = mean_pruned_magnitude(weights, masks)
         if learning_rate * steps < magnitude / 2:
             knob = "sparsity_begin_step" if config.sparsity_schedule == "constant" else "sparsity_ramp_steps"

@@ -6,11 +6,17 @@ target weights together (`scope="global"`) or within each weight (`scope="layer"
 the optimal-brain-surgeon saliency under its input factor (`criterion="obs"`, `saliency.obs_input_weights`; the mask
 itself then comes from `saliency.obs_prune`, which also compensates the kept entries); an entry already zero scores 0
 under all three. Masks here are boolean tensors shaped like the weights, True where an entry is kept.
+
+`scope="2:4"` is N:M structured sparsity (`nm_masks`): in every group of 4 consecutive inputs of a row of the (out,
+in) weight matrix, 2 entries are zero, the pattern sparse tensor cores accelerate; its target sparsity is 1/2.
+
+`recommended_recipe` is the table of measured recipes that `FIPConfig`'s unset sparsity fields resolve from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +40,121 @@ def scheduled_sparsity(step: int, target: float, schedule: str, begin_step: int 
     if schedule == "linear":
         return float(target) * progress
     return float(target) * (1.0 - (1.0 - progress) ** 3)
+
+
+# ---- the measured defaults -----------------------------------------------------------------------------------------
+
+# Chosen by measurement on MiniLM / Rotten Tomatoes (docs/benchmarks.md, "Sparsification defaults (issue 29)"): below
+# this target sparsity magnitude pruning walks best; from it the OBS solve (every layer at the target, pruned at once,
+# then repaired); from `SALIENCY_FROM` saliency under the FIP metric with a cubic ramp.
+OBS_FROM = 0.75
+SALIENCY_FROM = 0.85
+# The criterion of the 2:4 pattern, and learning-rate advice for an Adam-like optimizer: the slower rate below
+# `FAST_LR_FROM`, where the pull has little to move and the task loss more to spoil, when the ramp is at least as long
+# as the one it was measured with (`SLOW_LR_MIN_RAMP` steps; a shorter ramp needs the faster rate for the pull to
+# empty the weights before the mask cuts them, see `Sparsifier.check_pace`).
+NM_CRITERION = "obs"
+SLOW_LR, FAST_LR, FAST_LR_FROM, SLOW_LR_MIN_RAMP = 3e-4, 1e-3, 0.6, 48
+
+
+@dataclass(frozen=True)
+class SparsityRecipe:
+    """A sparsify recipe: `criterion`, `scope` and `schedule` (the `FIPConfig.sparsity_*` fields),
+    `learning_rate` (advice for an Adam-like optimizer: the pull moves each entry by about it per step) and `why`."""
+
+    criterion: str
+    scope: str
+    schedule: str
+    learning_rate: float
+    why: str
+
+
+def recommended_recipe(
+    target_sparsity: float,
+    criterion: str | None = None,
+    scope: str | None = None,
+    schedule: str | None = None,
+    ramp_steps: int | None = None,
+) -> SparsityRecipe:
+    """The best measured recipe at `target_sparsity`, for the fields left `None` (the others are kept as given and
+    constrain the rest: `"obs"` needs `scope="layer"` or `"2:4"`, so an explicit `scope="global"` rules it out).
+
+    Unstructured: magnitude (global threshold, cubic ramp) below `OBS_FROM`; OBS (every layer at the target, pruned at
+    the first step, the walk repairing) up to `SALIENCY_FROM`; saliency (global, cubic) from there. `scope="2:4"`:
+    `NM_CRITERION` at once (constant schedule). Saliency and OBS need remembered anchors (`FIPModel.remember`).
+    `learning_rate` is the Adam rate measured with the recipe (`ramp_steps`: the ramp it will run, if known)."""
+    if criterion is None:
+        if scope == "2:4":
+            criterion, why = NM_CRITERION, "the 2:4 pattern"
+        elif target_sparsity < OBS_FROM:
+            criterion, why = "magnitude", f"target_sparsity {target_sparsity} < {OBS_FROM}"
+        elif target_sparsity < SALIENCY_FROM and scope in (None, "layer"):
+            criterion, why = "obs", f"{OBS_FROM} <= target_sparsity {target_sparsity} < {SALIENCY_FROM}"
+        else:
+            criterion = "saliency"
+            why = (
+                f"target_sparsity {target_sparsity} >= {SALIENCY_FROM}"
+                if target_sparsity >= SALIENCY_FROM
+                else f"target_sparsity {target_sparsity} >= {OBS_FROM}, sparsity_scope={scope!r} (obs needs 'layer')"
+            )
+    else:
+        why = f"sparsity_criterion={criterion!r} given"
+    if scope is None:
+        scope = "layer" if criterion == "obs" else "global"
+    if schedule is None:
+        schedule = "constant" if criterion == "obs" else "cubic"
+    ramped = schedule != "constant"
+    short = ramped and ramp_steps is not None and ramp_steps < SLOW_LR_MIN_RAMP
+    learning_rate = FAST_LR if target_sparsity >= FAST_LR_FROM or short else SLOW_LR
+    return SparsityRecipe(criterion, scope, schedule, learning_rate, why)
+
+
+# ---- N:M structured sparsity ----------------------------------------------------------------------------------------
+
+NM_PATTERNS = {"2:4": (2, 4)}
+
+
+def nm_pattern(scope: str) -> tuple[int, int] | None:
+    """(N, M) of an N:M `scope` (N zeros in every M consecutive inputs of a row), None for "global" and "layer"."""
+    return NM_PATTERNS.get(scope)
+
+
+def nm_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    pattern: tuple[int, int],
+    pruned: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep masks of N:M sparsity on (out, in) score matrices: in every group of M consecutive inputs of a row, the
+    N entries with the smallest scores (those already `pruned` first) are the candidates; at `sparsity` N / M all of
+    them go (the exact pattern), below it the smallest `sparsity` x numel of each matrix among them (a ramp toward
+    the pattern that never leaves it: masks only lose entries, and the pruned ones stay candidates)."""
+    n, m = pattern
+    if not 0.0 <= sparsity <= n / m + 1e-9:
+        raise ValueError(f"sparsity must be in [0, {n}/{m}] with the {n}:{m} pattern, got {sparsity}.")
+    masks = {}
+    for name, score in scores.items():
+        rows, cols = score.shape
+        if cols % m:
+            raise ValueError(
+                f"The {n}:{m} pattern needs the inputs of every pruned weight in groups of {m}, but {name!r} has "
+                f"{cols} inputs: leave it out of target_modules, or use sparsity_scope='layer'."
+            )
+        s = score.detach().float().clone()
+        if pruned is not None:
+            s[pruned[name].to(s.device)] = -1.0
+        candidates = torch.zeros_like(s, dtype=torch.bool)
+        groups = s.reshape(rows, cols // m, m)
+        candidates.view(rows, cols // m, m).scatter_(-1, groups.topk(n, dim=-1, largest=False).indices, True)
+        count = _num_pruned(s.numel(), sparsity)
+        if count >= int(candidates.sum()):
+            prune = candidates
+        else:
+            prune = torch.zeros_like(candidates)
+            ranked = torch.where(candidates, s, torch.full_like(s, float("inf")))
+            prune.view(-1)[ranked.flatten().topk(count, largest=False).indices] = True
+        masks[name] = ~prune
+    return masks
 
 
 def _num_pruned(numel: int, sparsity: float) -> int:
@@ -86,8 +207,8 @@ def score_masks(scores: Mapping[str, torch.Tensor], sparsity: float, scope: str 
     Entries tied with the threshold are pruned with it, so a weight that already has many exact zeros may end up
     sparser than asked, never less sparse.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer' (N:M patterns: `nm_masks`), got {scope!r}.")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}.")
     if not scores:

@@ -108,5 +108,6 @@ def test_sparsify_example_refuses_obs_with_a_global_threshold_before_any_work():
     from sparsify_text import parse_args as example_args
 
     with pytest.raises(SystemExit):
-        example_args(["--sparsity-criterion", "obs"])
+        example_args(["--sparsity-criterion", "obs", "--sparsity-scope", "global"])
     assert example_args(["--sparsity-criterion", "obs", "--sparsity-scope", "layer"]).sparsity_scope == "layer"
+    assert example_args(["--sparsity-criterion", "obs"]).sparsity_scope is None  # resolved by FIPConfig: "layer"

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -143,7 +144,9 @@ def test_sparsify_reaches_the_target_sparsity(base, tmp_path, capsys):
     argv = ["sparsify", "--model", str(base), "--task", str(films), "--target-sparsity", "0.5"]
     argv += ["--output-dir", str(tmp_path / "sparse"), "--max-steps", "4", "--quiet", "--cpu"]
     assert main(argv) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "sparsity_criterion='magnitude'" in out  # the measured default at 0.5
+    assert re.search(r"accuracy on \d+ held-out rows of films: dense [\d.]+, sparse [\d.]+", out)
     main(["info", str(tmp_path / "sparse"), "--json"])
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["objective"] == "sparsify"

@@ -121,7 +121,9 @@ def test_obs_mask_has_the_asked_sparsity_in_every_layer_and_merges_to_the_same_f
 
 def test_obs_with_one_global_threshold_is_refused_naming_sparsity_scope():
     with pytest.raises(ValueError, match=r"sparsity_criterion='obs'.*sparsity_scope='layer'"):
-        fip_peft.FIPConfig(objective="sparsify", target_sparsity=0.5, sparsity_criterion="obs")
+        fip_peft.FIPConfig(
+            objective="sparsify", target_sparsity=0.5, sparsity_criterion="obs", sparsity_scope="global"
+        )
 
 
 def test_obs_on_an_embedding_is_refused_before_any_change():

@@ -32,8 +32,12 @@ def trained_mlp(digits):
     return train_plain(MLP(), digits["x_a_train"], digits["y_a_train"], steps=60, lr=3e-3)
 
 
+# The magnitude walk these tests are about (at 0.8 unset fields resolve to obs: tests/test_sparsity_defaults.py)
+MAGNITUDE = {"sparsity_criterion": "magnitude", "sparsity_scope": "global", "sparsity_schedule": "cubic"}
+
+
 def sparsify_model(base: nn.Module, **config) -> PeftModel:
-    settings = {"target_sparsity": 0.8, "sparsity_ramp_steps": 20, "sparsity_update_every": 5} | config
+    settings = {"target_sparsity": 0.8, "sparsity_ramp_steps": 20, "sparsity_update_every": 5} | MAGNITUDE | config
     return get_peft_model(
         copy.deepcopy(base), fip_peft.FIPConfig(target_modules=TARGETS, objective="sparsify", **settings)
     )
