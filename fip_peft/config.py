@@ -375,56 +375,63 @@ class FIPConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.damping is None:
-            projection = isinstance(self.solver, str) and self.solver.startswith("projection")
-            self.damping = DEFAULT_DAMPING_PROJECTION if projection else DEFAULT_DAMPING_NATURAL
-        if self.beta is None and self.solver in ("natural+penalty", "projection+penalty"):
-            self.beta = DEFAULT_BETA_NATURAL
-        elif self.beta is None and is_int(self.rank):
-            self.beta = DEFAULT_BETA_LOW_RANK
-        elif self.beta is None:
-            self.beta = DEFAULT_BETA_FULL_RANK
-        if self.label_weight is None:
-            self.label_weight = DEFAULT_LABEL_WEIGHT if self.objective == "continual" else 0.0
-        self._validate()
+        _resolve_defaults(self)
+        _validate(self)
 
     @classmethod
     def check_kwargs(cls, **kwargs):
         """Drop (with a warning) fields that a newer fip_peft wrote into `adapter_config.json`."""
         return drop_unknown_config_fields(cls, kwargs)
 
-    def _validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"FIPConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
-        _check_sparsity(self)
-        if self.distance not in DISTANCES:
-            raise ValueError(f"FIPConfig.distance must be one of {DISTANCES}, got {self.distance!r}.")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"FIPConfig.solver must be one of {SOLVERS}, got {self.solver!r}.")
-        _check_metric_solver(self)
-        _check_number("beta", self.beta, positive=True)
-        _check_number("label_weight", self.label_weight, positive=False)
-        if not 0 <= self.label_weight < float("inf"):
-            raise ValueError(
-                f"FIPConfig.label_weight must be a finite number >= 0 (0 keeps the outputs alone), got "
-                f"{self.label_weight}."
-            )
-        if self.rank is not None:
-            _check_int("rank", self.rank, minimum=1, hint="or None for a full-rank displacement")
-        _check_int("anchor_budget", self.anchor_budget, minimum=1)
-        _check_int("anchor_batch_size", self.anchor_batch_size, minimum=1)
-        _check_anchor_interval(self)
-        _check_int("anchor_seed", self.anchor_seed, minimum=0)
-        _check_anchor_output(self)
-        if not isinstance(self.save_anchors, bool):
-            raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(self.save_anchors).__name__}.")
-        _check_history(self.task_names, self.accuracy_matrix)
-        _check_reference_mode(self)
-        check_config_consistency(self)
-
 
 # The solvers are the values of the Literal on `FIPConfig.solver` (the one place they are written).
 SOLVERS: tuple[str, ...] = get_args(get_type_hints(FIPConfig)["solver"])
+
+
+def _resolve_defaults(config: FIPConfig) -> None:
+    """Resolve the fields left `None` to the defaults measured for this configuration."""
+    if config.damping is None:
+        projection = isinstance(config.solver, str) and config.solver.startswith("projection")
+        config.damping = DEFAULT_DAMPING_PROJECTION if projection else DEFAULT_DAMPING_NATURAL
+    if config.beta is None and config.solver in ("natural+penalty", "projection+penalty"):
+        config.beta = DEFAULT_BETA_NATURAL
+    elif config.beta is None and is_int(config.rank):
+        config.beta = DEFAULT_BETA_LOW_RANK
+    elif config.beta is None:
+        config.beta = DEFAULT_BETA_FULL_RANK
+    if config.label_weight is None:
+        config.label_weight = DEFAULT_LABEL_WEIGHT if config.objective == "continual" else 0.0
+
+
+def _validate(config: FIPConfig) -> None:
+    """Refuse invalid fields, naming the field, the value and what would work."""
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"FIPConfig.objective must be one of {OBJECTIVES}, got {config.objective!r}.")
+    _check_sparsity(config)
+    if config.distance not in DISTANCES:
+        raise ValueError(f"FIPConfig.distance must be one of {DISTANCES}, got {config.distance!r}.")
+    if config.solver not in SOLVERS:
+        raise ValueError(f"FIPConfig.solver must be one of {SOLVERS}, got {config.solver!r}.")
+    _check_metric_solver(config)
+    _check_number("beta", config.beta, positive=True)
+    _check_number("label_weight", config.label_weight, positive=False)
+    if not 0 <= config.label_weight < float("inf"):
+        raise ValueError(
+            f"FIPConfig.label_weight must be a finite number >= 0 (0 keeps the outputs alone), got "
+            f"{config.label_weight}."
+        )
+    if config.rank is not None:
+        _check_int("rank", config.rank, minimum=1, hint="or None for a full-rank displacement")
+    _check_int("anchor_budget", config.anchor_budget, minimum=1)
+    _check_int("anchor_batch_size", config.anchor_batch_size, minimum=1)
+    _check_anchor_interval(config)
+    _check_int("anchor_seed", config.anchor_seed, minimum=0)
+    _check_anchor_output(config)
+    if not isinstance(config.save_anchors, bool):
+        raise TypeError(f"FIPConfig.save_anchors must be a bool, got {type(config.save_anchors).__name__}.")
+    _check_history(config.task_names, config.accuracy_matrix)
+    _check_reference_mode(config)
+    check_config_consistency(config)
 
 
 def _check_anchor_interval(config: FIPConfig) -> None:
