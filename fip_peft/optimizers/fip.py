@@ -75,13 +75,10 @@ class FIPStepMixin:
         if config.anchor_interval > 1:
             return self._add_lazy_anchor_gradient(config)
         with torch.enable_grad():
-            terms = fip_model.anchor_terms(forward=self._fip_anchor_forward, transform=self.fip_anchor_transform)
-            if terms is None:
+            found = self._anchor_objective(config)
+            if found is None:
                 return None
-            distance, label_loss = terms
-            objective = distance / config.beta
-            if label_loss is not None:
-                objective = objective + config.label_weight * label_loss
+            objective, distance = found
             objective.backward()
         value = distance.detach()
         self.fip_distance_sum = self.fip_distance_sum + value
