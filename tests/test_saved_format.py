@@ -15,18 +15,20 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def load(folder: Path) -> PeftModel:
+    """The fixture's adapter on its base, after checking it computes the outputs the old code saved."""
     base = TinyMLP()
     base.load_state_dict(load_file(folder / "base.safetensors"))
-    return PeftModel.from_pretrained(base, folder / "adapter", is_trainable=True)
+    model = PeftModel.from_pretrained(base, folder / "adapter", is_trainable=True)
+    expected = load_file(folder / "expected.safetensors")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["inputs"]), expected["outputs"], rtol=0, atol=1e-6)
+    return model
 
 
 def test_a_saved_continual_adapter_loads_with_its_anchors_history_and_outputs():
     folder = FIXTURES / "saved_adapter_continual"
     model = load(folder)
-    expected = load_file(folder / "expected.safetensors")
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(expected["inputs"]), expected["outputs"], rtol=0, atol=1e-6)
     memory = model.base_model.memory()
     assert memory.anchors_per_task() == [6, 6]
     assert bool((memory.labels[:6] != -100).all()) and bool((memory.labels[6:] == -100).all())
@@ -39,9 +41,6 @@ def test_a_saved_sparsify_adapter_and_its_checkpointed_sparsity_state_resume_the
     folder = FIXTURES / "saved_adapter_sparsify"
     model = load(folder)
     expected = load_file(folder / "expected.safetensors")
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(expected["inputs"]), expected["outputs"], rtol=0, atol=1e-6)
     model.train()
     state = json.loads((folder / "sparsity_state.json").read_text())
     model.set_sparsity_step(state["sparsity_step"])
