@@ -94,7 +94,8 @@ class OutputProjector:
         info = {"adapter": self.adapter, "steps": self.steps, "refreshes": self.refreshes, "kind": "projection"}
         tensors = {}
         if self.projection is not None:
-            tensors = {f"jacobian/{i}": b.contiguous().clone().cpu() for i, b in enumerate(self.projection.blocks)}
+            # each block has its own storage (no clone needed for safetensors); `.cpu()` copies only off the CPU
+            tensors = {f"jacobian/{i}": b.detach().cpu().contiguous() for i, b in enumerate(self.projection.blocks)}
         return info, tensors
 
     def load_state(self, info: dict, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
