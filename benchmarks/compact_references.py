@@ -20,7 +20,7 @@ from peft import get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import fip_peft
-from fip_peft.distances import functional_distance
+from fip_peft.math.distances import functional_distance
 
 
 def tiny_lm(vocab: int, peak: float) -> GPT2LMHeadModel:

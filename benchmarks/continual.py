@@ -63,8 +63,8 @@ from baselines import Example, OnlineEWC, ReplayBuffer  # noqa: E402
 from fip_options import parse_fip_options  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fip_peft.config import SOLVERS  # noqa: E402
-from fip_peft.evaluation import AccuracyMatrix  # noqa: E402
+from fip_peft.apps.evaluation import AccuracyMatrix  # noqa: E402
+from fip_peft.method.config import SOLVERS  # noqa: E402
 
 # Every method trains and is evaluated here: the GPU when there is one (memory is then CUDA's allocated memory).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

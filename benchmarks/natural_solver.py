@@ -114,7 +114,7 @@ def run(sequence: str, method: str, seed: int, budgets: list[float] | None, vari
     from peft import get_peft_model
 
     import fip_peft
-    from fip_peft.evaluation import average_accuracy, backward_transfer
+    from fip_peft.apps.evaluation import average_accuracy, backward_transfer
     from tests._tasks import MLP
 
     torch.set_num_threads(1)

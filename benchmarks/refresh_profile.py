@@ -35,8 +35,8 @@ from peft import get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 import fip_peft
-from fip_peft.metric import covered_layers, gather_factors
-from fip_peft.natural import _DiagonalFactor
+from fip_peft.math.natural import _DiagonalFactor
+from fip_peft.method.metric import covered_layers, gather_factors
 
 
 def timed(function, device: str, repeats: int) -> tuple[float, object]:

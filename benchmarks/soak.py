@@ -63,9 +63,9 @@ from continual_vision import SmallCNN  # noqa: E402
 from data import load_fashion_mnist, split_tasks  # noqa: E402
 
 import fip_peft  # noqa: E402
-from fip_peft.checks import NonFiniteStepError  # noqa: E402
-from fip_peft.evaluation import AccuracyMatrix  # noqa: E402
-from fip_peft.trainer import _checkpoint_problem  # noqa: E402
+from fip_peft.apps.evaluation import AccuracyMatrix  # noqa: E402
+from fip_peft.integrations.trainer import _checkpoint_problem  # noqa: E402
+from fip_peft.method.checks import NonFiniteStepError  # noqa: E402
 
 CLASSES_PER_TASK = 2
 TARGETS = ["conv1", "conv2", "fc1"]

@@ -22,7 +22,8 @@ optimizer steps (``--steps``) at each target sparsity:
   ``--fip-option sparsity_scope=2:4`` gives the 2:4 pattern; no training.
 - ``FIP``: this package's defaults: ``FIPConfig(objective="sparsify", target_sparsity=s,
   sparsity_ramp_steps=steps // 2)``, whose unset ``sparsity_criterion``/``sparsity_scope``/``sparsity_schedule``
-  resolve to the measured recipe for s (``fip_peft.sparsity.recommended_recipe``; ``--fip-option`` overrides them),
+  resolve to the measured recipe for s (``fip_peft.math.sparsity.recommended_recipe``; ``--fip-option`` overrides
+  them),
   ``remember`` of the training inputs, task loss + FIP step (AdamW at ``--fip-lr``), then ``merge_and_unload()``.
   ``--fip-option sparsity_scope=2:4 --sparsities 0.5`` walks to the 2:4 pattern.
 - ``FIP+unlabeled`` (not in the default set): ``FIP`` whose anchors are the training inputs plus
@@ -80,7 +81,7 @@ from fip_options import parse_fip_options  # noqa: E402
 from sparsify_text import tokenize_split  # noqa: E402
 
 import fip_peft  # noqa: E402
-from fip_peft.sparsity import magnitude_masks, recommended_recipe  # noqa: E402
+from fip_peft.math.sparsity import magnitude_masks, recommended_recipe  # noqa: E402
 
 TARGET_REGEX = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -332,7 +333,7 @@ def run_fip(
 
 def fip_lr(args: argparse.Namespace, sparsity: float) -> float:
     """`--fip-lr`, or when it is not given the learning rate measured with the recipe FIP's config resolves to at
-    `sparsity` (`fip_peft.sparsity.recommended_recipe`, with the walk's ramp and the `--fip-option` overrides)."""
+    `sparsity` (`fip_peft.math.sparsity.recommended_recipe`, with the walk's ramp and the `--fip-option` overrides)."""
     if args.fip_lr is not None:
         return args.fip_lr
     options = args.fip_options
@@ -403,7 +404,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=None,
         help="AdamW learning rate of FIP (chosen on validation, see --select-lr). Default: the rate measured with the "
-        "recipe FIP's config resolves to at each sparsity (fip_peft.sparsity.recommended_recipe; 1e-3 from 60%).",
+        "recipe FIP's config resolves to at each sparsity (fip_peft.math.sparsity.recommended_recipe; 1e-3 from 60%).",
     )
     parser.add_argument(
         "--val-size",

@@ -24,7 +24,7 @@ from peft import get_peft_model  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import fip_peft  # noqa: E402
-from fip_peft.evaluation import average_accuracy, backward_transfer  # noqa: E402
+from fip_peft.apps.evaluation import average_accuracy, backward_transfer  # noqa: E402
 from tests._tasks import MLP, accuracy, run_steps  # noqa: E402
 
 TASKS = [(2 * t, 2 * t + 1) for t in range(5)]

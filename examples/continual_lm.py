@@ -59,7 +59,7 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def general_windows(tokenizer, split: str, count: int, max_length: int) -> dict[str, torch.Tensor]:
     """`count` packed windows of general text, half Python docs and half Jargon File (`split` heldout/anchor)."""
-    from fip_peft.anchors import text_windows
+    from fip_peft.method.anchors import text_windows
 
     chars = count * max_length * 6  # ~4 characters per token, with room
     halves = []
@@ -294,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def heldout_sets(tokenizer, count: int, max_length: int) -> dict[str, dict[str, torch.Tensor]]:
-    from fip_peft.anchors import text_windows
+    from fip_peft.method.anchors import text_windows
 
     sets = {}
     for name, texts in (

@@ -59,8 +59,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging
 
 import fip_peft
-from fip_peft.cli_parser import HelpFormatter
-from fip_peft.evaluation import AccuracyMatrix, evaluate_tasks
+from fip_peft.apps.cli_parser import HelpFormatter
+from fip_peft.apps.evaluation import AccuracyMatrix, evaluate_tasks
 
 logger = logging.get_logger("fip_peft.examples.continual_text")
 

@@ -61,9 +61,9 @@ from transformers import (
 )
 
 import fip_peft
-from fip_peft.cli_parser import HelpFormatter
-from fip_peft.config import DEFAULT_BETA_FULL_RANK, DEFAULT_BETA_LOW_RANK
-from fip_peft.evaluation import AccuracyMatrix
+from fip_peft.apps.cli_parser import HelpFormatter
+from fip_peft.apps.evaluation import AccuracyMatrix
+from fip_peft.method.config import DEFAULT_BETA_FULL_RANK, DEFAULT_BETA_LOW_RANK
 
 logger = logging.getLogger("fip_peft.examples.continual_vision")
 

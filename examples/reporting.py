@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fip_peft.evaluation import AccuracyMatrix, plot_accuracy_matrix
+from fip_peft.apps.evaluation import AccuracyMatrix, plot_accuracy_matrix
 
 
 def side_by_side(left: str, right: str, left_title: str, right_title: str, gap: int = 4) -> str:

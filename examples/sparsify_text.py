@@ -46,9 +46,9 @@ from peft import get_peft_model
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 import fip_peft
-from fip_peft.cli_parser import HelpFormatter
-from fip_peft.evaluation import evaluate_tasks
-from fip_peft.sparsity import CRITERIA, SCHEDULES, SCOPES, magnitude_masks
+from fip_peft.apps.cli_parser import HelpFormatter
+from fip_peft.apps.evaluation import evaluate_tasks
+from fip_peft.math.sparsity import CRITERIA, SCHEDULES, SCOPES, magnitude_masks
 
 # The encoder's linear layers: query/key/value, attention output, intermediate and output of every layer.
 TARGET_MODULES = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"

@@ -2,7 +2,7 @@
 the tuples the validation and the command line's `choices` read are derived from them.
 
 Free of torch and peft, so that `fip-peft --help` lists them without importing either. `FIPConfig.solver`'s
-values are the `Literal` written on that field in `fip_peft/config.py` (`config.SOLVERS` is derived from it).
+values are the `Literal` written on that field in `fip_peft/method/config.py` (`config.SOLVERS` is derived from it).
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def train_with_fully_shard(batch: int) -> dict[str, torch.Tensor]:
 def metric_factors(across_processes: bool) -> dict[str, torch.Tensor]:
     """The natural solver's factors on the 32 anchors, in chunks of 8 (dense A and G per layer), the anchors they
     count and the anchor passes this process ran to gather them."""
-    from fip_peft.metric import covered_layers, gather_factors
+    from fip_peft.method.metric import covered_layers, gather_factors
 
     model = fip_bert(solver="natural", metric_batch_size=8)
     fip_model = model.base_model

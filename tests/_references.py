@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from fip_peft.natural import CoveredLayer, KroneckerFactors, LayerMetric
+from fip_peft.math.natural import CoveredLayer, KroneckerFactors, LayerMetric
 
 
 def kronecker_metric(
@@ -25,8 +25,8 @@ def kronecker_metric(
     """K-FAC factors A and G of every covered layer from one forward pass `forward()` on the anchors (returning the
     model's output f) and one backward pass per output direction, then their damped eigen form.
 
-    `KroneckerFactors` does the same over several chunks of anchors (and `fip_peft.metric.gather_factors` over the
-    processes of a distributed run).
+    `KroneckerFactors` does the same over several chunks of anchors (and `fip_peft.method.metric.gather_factors` over
+    the processes of a distributed run).
     """
     factors = KroneckerFactors(layers)
     factors.add(forward, distance, samples, generator, mask)

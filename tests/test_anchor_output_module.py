@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.layer import FIPLayer
+from fip_peft.method.layer import FIPLayer
 from tests._tasks import MLP, as_tokens, bert_model, tiny_bert, train_plain
 
 

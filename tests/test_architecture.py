@@ -83,9 +83,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_sees_the_imports_it_must_see():
     graph = import_graph()
-    assert "fip_peft.config" in graph["fip_peft.model"]
-    assert "fip_peft.layer" in graph["fip_peft.metric"]  # `from . import layer as fip_layers`
-    assert "fip_peft.model" not in graph["fip_peft.checks"]  # only under TYPE_CHECKING
+    assert "fip_peft.method.config" in graph["fip_peft.method.model"]
+    assert "fip_peft.method.layer" in graph["fip_peft.method.metric"]  # `from . import layer as fip_layers`
+    assert "fip_peft.method.model" not in graph["fip_peft.method.checks"]  # only under TYPE_CHECKING
 
 
 def test_no_module_of_fip_peft_imports_itself_back_at_run_time():
@@ -93,10 +93,43 @@ def test_no_module_of_fip_peft_imports_itself_back_at_run_time():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
-def test_the_tuner_does_not_import_its_optimizers_or_integrations():
-    imports = import_graph()["fip_peft.model"]
-    assert not {m for m in imports if m.startswith("fip_peft.optimizers")}
-    assert not imports & {"fip_peft.trainer", "fip_peft.saving", "fip_peft.cli", "fip_peft.model_card"}
+# The layers of the package, lowest first (docs/architecture.md): a module imports its own layer and the ones below.
+LAYERS = (
+    "fip_peft.choices",
+    "fip_peft.math",
+    "fip_peft.method",
+    "fip_peft.optimizers",
+    "fip_peft.integrations",
+    "fip_peft.apps",
+)
+
+
+def layer_of(module: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if module == layer or module.startswith(layer + "."))
+
+
+def test_every_module_sits_in_one_layer():
+    modules = set(import_graph()) - {"fip_peft", "fip_peft._moved", "fip_peft.__main__"}
+    assert all(any(m == layer or m.startswith(layer + ".") for layer in LAYERS) for m in modules), sorted(modules)
+
+
+def test_imports_go_down_the_layers_never_up():
+    upward = {
+        (module, imported)
+        for module, imports in import_graph().items()
+        if module not in ("fip_peft", "fip_peft._moved", "fip_peft.__main__")
+        for imported in imports - {"fip_peft"}
+        if layer_of(imported) > layer_of(module)
+    }
+    assert not upward, f"imports that go up a layer: {sorted(upward)}"
+
+
+def test_the_math_knows_no_model_class_and_no_peft():
+    for path in (PACKAGE / "math").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in imported if m.split(".")[0] in ("peft", "transformers", "accelerate")}, path.name
 
 
 def test_no_class_is_longer_than_one_reading():
@@ -109,6 +142,6 @@ def test_no_class_is_longer_than_one_reading():
 
 
 def test_the_tuner_keeps_the_peft_glue_and_delegates_the_rest():
-    tree = ast.parse((PACKAGE / "model.py").read_text())
+    tree = ast.parse((PACKAGE / "method" / "model.py").read_text())
     (tuner,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "FIPModel"]
     assert tuner.end_lineno - tuner.lineno + 1 <= MAX_TUNER_LINES

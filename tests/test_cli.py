@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast, pipeline
 
 from fip_peft import FIPConfig
-from fip_peft.cli import build_parser, main, train_pooler_as_new, untrained_pooler
-from fip_peft.model_card import PLACEHOLDER_ID
+from fip_peft.apps.cli import build_parser, main, train_pooler_as_new, untrained_pooler
+from fip_peft.integrations.model_card import PLACEHOLDER_ID
 
 WORDS = {
     "films": (
@@ -221,7 +221,7 @@ def test_help_explains_every_option(command):
 
 def test_fip_peft_is_installed_as_a_console_script():
     scripts = entry_points(group="console_scripts")
-    assert scripts["fip-peft"].value == "fip_peft.cli:main"
+    assert scripts["fip-peft"].value == "fip_peft.apps.cli:main"
 
 
 def test_eval_refuses_labels_the_adapter_does_not_know(trained, tmp_path, capsys):
@@ -503,11 +503,12 @@ def test_version_prints_the_package_version(capsys):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["-m", "fip_peft.cli", "--help"],
-        ["-m", "fip_peft.cli", "train", "--help"],
-        ["-c", "import sys; sys.argv = ['fip-peft', '--version']; from fip_peft.cli import main; main()"],
+        ["-m", "fip_peft", "--help"],
+        ["-m", "fip_peft.apps.cli", "--help"],
+        ["-m", "fip_peft", "train", "--help"],
+        ["-c", "import sys; sys.argv = ['fip-peft', '--version']; from fip_peft.apps.cli import main; main()"],
     ],
-    ids=["python-m-help", "train-help", "console-script-version"],
+    ids=["python-m-help", "python-m-apps-cli-help", "train-help", "console-script-version"],
 )
 def test_help_and_version_answer_without_loading_torch_transformers_or_peft(argv):
     """`--help` answers in well under 2 seconds because it imports none of the heavy libraries."""
@@ -520,7 +521,7 @@ def test_help_and_version_answer_without_loading_torch_transformers_or_peft(argv
 
 
 def test_a_command_still_registers_fip_with_peft_in_a_fresh_process(tmp_path):
-    code = "from fip_peft.cli import main\nfrom peft.utils import PeftType\nprint(PeftType('FIP'))\n"
+    code = "from fip_peft.apps.cli import main\nfrom peft.utils import PeftType\nprint(PeftType('FIP'))\n"
     assert "FIP" in run_fresh(code)
 
 

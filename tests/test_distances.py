@@ -2,7 +2,7 @@
 
 import torch
 
-from fip_peft.distances import functional_distance
+from fip_peft.math.distances import functional_distance
 
 
 def test_token_distance_averages_over_the_valid_positions_of_the_mask():

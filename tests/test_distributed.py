@@ -17,8 +17,8 @@ from torch.distributed.fsdp import fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import fip_peft
-from fip_peft.distributed import check_supported_engine
-from fip_peft.trainer import FIP_STATE_NAME, loss_uses_num_items
+from fip_peft.integrations.trainer import FIP_STATE_NAME, loss_uses_num_items
+from fip_peft.optimizers.distributed import check_supported_engine
 from tests import _ddp_worker as worker
 
 ATOL = 1e-5

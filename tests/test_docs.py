@@ -28,8 +28,8 @@ def test_the_site_links_to_html_files_so_it_browses_from_disk(site):
 def test_the_fipconfig_reference_links_fipmodel_and_keeps_its_heading_short(site):
     page = (site / "reference.html").read_text()
     assert "[<code>FIPModel</code>]" not in page and "[FIPModel]" not in page
-    assert re.search(r'<a [^>]*href="#fip_peft\.model\.FIPModel"[^>]*>', page)
-    heading = re.search(r'<h2 id="fip_peft.config.FIPConfig".*?</h2>', page, flags=re.DOTALL).group(0)
+    assert re.search(r'<a [^>]*href="#fip_peft\.method\.model\.FIPModel"[^>]*>', page)
+    heading = re.search(r'<h2 id="fip_peft.method.config.FIPConfig".*?</h2>', page, flags=re.DOTALL).group(0)
     text = " ".join(re.sub(r"<[^>]+>", " ", heading).split())
     assert "target_modules" not in heading and len(text) < 40, text
 

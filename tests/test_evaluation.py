@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fip_peft.evaluation import (
+from fip_peft.apps.evaluation import (
     ACCURACY_METRIC_PATH,
     AccuracyMatrix,
     average_accuracy,

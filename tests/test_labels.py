@@ -162,7 +162,7 @@ def test_label_weight_must_be_finite_and_not_negative(value):
 
 
 def test_label_weight_defaults_to_the_label_term_for_continual_learning_and_off_for_sparsifying():
-    assert fip_peft.FIPConfig(target_modules=["fc1"]).label_weight == fip_peft.config.DEFAULT_LABEL_WEIGHT > 0
+    assert fip_peft.FIPConfig(target_modules=["fc1"]).label_weight == fip_peft.method.config.DEFAULT_LABEL_WEIGHT > 0
     sparsify = fip_peft.FIPConfig(target_modules=["fc1"], objective="sparsify", target_sparsity=0.5)
     assert sparsify.label_weight == 0.0
 
@@ -180,7 +180,7 @@ def test_saved_labels_outside_the_classes_are_refused_at_load(digits, tmp_path):
 
 
 def test_the_card_s_privacy_note_says_that_labels_are_stored_too(digits):
-    from fip_peft.model_card import fip_card_section
+    from fip_peft.integrations.model_card import fip_card_section
 
     model = _labelled_mlp(digits)
     assert "and the labels of 40 of them" in fip_card_section(model)

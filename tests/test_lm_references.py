@@ -11,8 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import fip_peft
 from fip_peft import FIPConfig
-from fip_peft.distances import functional_distance, gathered_log_probs, top_k_reference
-from fip_peft.memory import reference_bytes
+from fip_peft.math.distances import functional_distance, gathered_log_probs, top_k_reference
+from fip_peft.method.memory import reference_bytes
 
 VOCAB = 300
 # The temperature that makes the tiny LMs' next-token distributions peaked like a trained LM's: their top 64 classes
@@ -178,7 +178,7 @@ def test_auto_keeps_top_k_for_a_vocabulary_under_kl_and_full_for_the_logit_dista
 
 
 def test_full_references_too_big_name_reference_mode_and_change_nothing(monkeypatch):
-    monkeypatch.setattr("fip_peft.memory.MAX_REFERENCE_BYTES", 1024)
+    monkeypatch.setattr("fip_peft.method.memory.MAX_REFERENCE_BYTES", 1024)
     model = fip_lm("gpt2", "full")
     with pytest.raises(ValueError, match=r"reference_mode='full'.*reference_mode='top_k'"):
         model.remember(token_anchors(rows=4))

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import fip_peft
-from fip_peft.evaluation import AccuracyMatrix
-from fip_peft.model_card import BEGIN, END
+from fip_peft.apps.evaluation import AccuracyMatrix
+from fip_peft.integrations.model_card import BEGIN, END
 from tests._tasks import MLP, as_tokens, digits_tasks, tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.metric import covered_layers
-from fip_peft.natural import KroneckerFactors, RowSelector, _Factor, output_directions
+from fip_peft.math.natural import KroneckerFactors, RowSelector, _Factor, output_directions
+from fip_peft.method.metric import covered_layers
 from fip_peft.optimizers.preconditioner import MetricPreconditioner
 from tests._references import conjugate_gradient, gauss_newton_matvec, kronecker_metric
 from tests._tasks import MLP, train_plain
@@ -368,7 +368,7 @@ def test_invalid_natural_solver_settings_raise_naming_the_field(config, field):
 
 
 def test_natural_plus_penalty_default_beta_is_the_natural_default():
-    from fip_peft.config import DEFAULT_BETA_NATURAL
+    from fip_peft.method.config import DEFAULT_BETA_NATURAL
 
     assert fip_peft.FIPConfig(solver="natural+penalty").beta == DEFAULT_BETA_NATURAL
 
@@ -526,7 +526,7 @@ def test_a_factor_of_only_zero_rows_has_no_eigen_directions():
 
 @pytest.mark.parametrize("positions", [None, 4])
 def test_metric_positions_sets_the_rows_of_a_refresh_on_a_transformer(digits, positions):
-    from fip_peft.metric import gather_factors
+    from fip_peft.method.metric import gather_factors
     from tests._tasks import as_tokens, tiny_bert
 
     config = fip_peft.FIPConfig(task_type="SEQ_CLS", solver="natural", anchor_budget=32, metric_positions=positions)

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.saliency import OBS_DAMPING, obs_input_weights, obs_inverse_factor, obs_prune
+from fip_peft.math.saliency import OBS_DAMPING, obs_input_weights, obs_inverse_factor, obs_prune
 from tests._tasks import MLP, train_plain
 from tests.test_sparsify import EmbedConv
 

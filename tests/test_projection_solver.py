@@ -10,8 +10,8 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
+from fip_peft.math.projection import OutputProjection
 from fip_peft.optimizers.projection import OutputProjector, jacobian_rows, output_directions
-from fip_peft.projection import OutputProjection
 from tests._tasks import MLP, as_tokens, tiny_bert, train_plain
 
 
@@ -227,7 +227,7 @@ def test_projection_solvers_refuse_epsilon_naming_the_field(solver):
 
 
 def test_damping_resolves_per_solver_unless_given():
-    from fip_peft.config import DEFAULT_DAMPING_NATURAL, DEFAULT_DAMPING_PROJECTION
+    from fip_peft.method.config import DEFAULT_DAMPING_NATURAL, DEFAULT_DAMPING_PROJECTION
 
     assert fip_peft.FIPConfig(solver="projection+penalty").damping == DEFAULT_DAMPING_PROJECTION
     assert fip_peft.FIPConfig(solver="natural").damping == DEFAULT_DAMPING_NATURAL

@@ -5,7 +5,7 @@ from peft import PeftModel, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import fip_peft
-from fip_peft._registration import register
+from fip_peft.integrations._registration import register
 from tests._tasks import MLP
 
 

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import fip_peft
-from fip_peft.checks import NonFiniteStepError
+from fip_peft.method.checks import NonFiniteStepError
 from tests._tasks import MLP, as_tokens, bert_model, logits_of, mlp_model, tiny_bert
 
 

@@ -9,8 +9,8 @@ from peft import get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.metric import fip_covered_layer, gather_factors
-from fip_peft.saliency import metric_saliency
+from fip_peft.math.saliency import metric_saliency
+from fip_peft.method.metric import fip_covered_layer, gather_factors
 from tests._tasks import MLP, as_tokens, assert_same_walk, resumed_and_uninterrupted, sparsify_bert, train_plain
 
 

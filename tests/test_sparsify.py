@@ -11,7 +11,7 @@ from torch import nn
 from transformers import TrainingArguments, get_linear_schedule_with_warmup
 
 import fip_peft
-from fip_peft.sparsity import BAND_SELECT_MIN, kth_smallest, magnitude_masks, scheduled_sparsity
+from fip_peft.math.sparsity import BAND_SELECT_MIN, kth_smallest, magnitude_masks, scheduled_sparsity
 from tests._tasks import (
     MLP,
     as_tokens,
@@ -211,7 +211,7 @@ def test_no_projection_is_computed_once_the_mask_is_at_the_target(trained_mlp, d
     model, optimizer = _at_target(trained_mlp, digits)
     masks = {name: getattr(model.base_model.model, name).fip_mask["default"].clone() for name in TARGETS}
     calls = []
-    monkeypatch.setattr(fip_peft.sparsifier, "score_masks", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(fip_peft.method.sparsifier, "score_masks", lambda *args, **kwargs: calls.append(args))
     for _ in range(4):
         optimizer.zero_grad()
         optimizer.step()

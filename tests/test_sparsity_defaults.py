@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import fip_peft
-from fip_peft.sparsity import nm_masks, recommended_recipe
+from fip_peft.math.sparsity import nm_masks, recommended_recipe
 from tests._tasks import MLP, train_plain
 
 TARGETS = ["fc1", "fc2"]

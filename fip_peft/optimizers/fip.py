@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..checks import NonFiniteStepError, is_number
-from ..distributed import all_processes, anchor_forward, check_same_anchors, local_tensor
-from ..model import FIPModel
-from ..model_io import loss_uses_num_items
+from ..method.checks import NonFiniteStepError, is_number
+from ..method.model import FIPModel
+from ..method.model_io import loss_uses_num_items
+from .distributed import all_processes, anchor_forward, check_same_anchors, local_tensor
 from .preconditioner import MetricPreconditioner
 from .projection import OutputProjector
 

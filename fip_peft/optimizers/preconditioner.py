@@ -1,6 +1,6 @@
 """The natural FIP step (`solver="natural"` / `"natural+penalty"`) on a model: when the metric is refreshed, and how
-the optimizer's step uses it. The layers it covers and the gathering of its factors are in `fip_peft/metric.py`, the
-math in `fip_peft/natural.py`."""
+the optimizer's step uses it. The layers it covers and the gathering of its factors are in `fip_peft/method/metric.py`,
+the math in `fip_peft/math/natural.py`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.utils import logging
 
-from ..metric import covered_layers, gather_factors
-from ..natural import CoveredLayer, Eigen, LayerMetric
-from ..seeds import DIRECTION_SEED_OFFSET, counter_seed
+from ..math.natural import CoveredLayer, Eigen, LayerMetric
+from ..math.seeds import DIRECTION_SEED_OFFSET, counter_seed
+from ..method.metric import covered_layers, gather_factors
 
 if TYPE_CHECKING:
-    from ..model import FIPModel
+    from ..method.model import FIPModel
 
 logger = logging.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """The projected FIP step (`solver="projection"` / `"projection+penalty"`) on a model: which anchors and output
 directions give the Jacobian's rows, when it is refreshed, and how the optimizer's update is projected. The math
-lives in `fip_peft/projection.py`.
+lives in `fip_peft/math/projection.py`.
 
 The projection is applied to the wrapped optimizer's *update* (w_new - w_old after AdamW, SGD, ...), not to its
 gradient: an adaptive optimizer divides each coordinate of the gradient by its own running scale, which would blow the
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..anchor_pass import anchor_outputs, eval_mode
-from ..projection import OutputProjection
+from ..math.projection import OutputProjection
+from ..method.anchor_pass import anchor_outputs, eval_mode
 
 logger = logging.get_logger(__name__)
 

@@ -10,6 +10,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from ..math.distances import anchor_label_loss, functional_distance
+from .accuracy import AccuracyMatrix
 from .anchor_pass import anchor_outputs, base_outputs, eval_mode, probe_outputs, record_references
 from .anchors import collect_anchors, is_text, num_rows, text_windows, transform_anchors
 from .checks import (
@@ -27,8 +29,6 @@ from .checks import (
     labels_to_keep,
 )
 from .config import FIPConfig
-from .distances import anchor_label_loss, functional_distance
-from .evaluation import AccuracyMatrix
 from .layer import FIPLayer, fip_layer_class
 from .memory import AnchorMemory
 from .metric import metric_spectrum
@@ -196,7 +196,9 @@ class FIPModel(BaseTuner):
         """Keep the accuracy matrix R with the adapter (`FIPConfig.accuracy_matrix`, saved in adapter_config.json)
         so that the model card and `fip-peft info` show it."""
         if not isinstance(matrix, AccuracyMatrix):
-            raise TypeError(f"`matrix` must be a fip_peft.evaluation.AccuracyMatrix, got {type(matrix).__name__}.")
+            raise TypeError(
+                f"`matrix` must be a fip_peft.method.accuracy.AccuracyMatrix, got {type(matrix).__name__}."
+            )
         self.peft_config[self._adapter(adapter_name)].accuracy_matrix = matrix.to_dict()
 
     def anchor_distance(
@@ -205,7 +207,7 @@ class FIPModel(BaseTuner):
         """D(w, w_ref) / scale on the next batch of anchors (with grad), or None when nothing is remembered.
 
         Run in eval mode so that dropout does not blur how far the function moved. `forward`: the module to run the
-        anchors through instead of the base model (the FSDP2-sharded root, see `fip_peft.distributed`).
+        anchors through instead of the base model (the FSDP2-sharded root, see `fip_peft.optimizers.distributed`).
         """
         terms = self.anchor_terms(adapter_name, forward, with_labels=False)
         return None if terms is None else terms[0]

@@ -1,9 +1,9 @@
 """The FIP metric on a model: which layers it covers and how its Kronecker factors are gathered on the anchors.
 
 Shared by the natural solvers (`fip_peft.optimizers.preconditioner`), the saliency and OBS sparsity criteria
-(`fip_peft.sparsifier`) and `FIPModel.metric_spectrum`. The factor algebra is in `fip_peft.natural`; this module adds
-the model side (the layers, the anchors, the seeds, the processes). It reads a `FIPModel` passed in and never
-imports `fip_peft.model`, which imports it.
+(`fip_peft.method.sparsifier`) and `FIPModel.metric_spectrum`. The factor algebra is in `fip_peft.math.natural`; this
+module adds the model side (the layers, the anchors, the seeds, the processes). It reads a `FIPModel` passed in and
+never imports `fip_peft.method.model`, which imports it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..math.natural import CoveredLayer, KroneckerFactors, process_share
+from ..math.seeds import counter_seed, generator
 from . import layer as fip_layers
 from .anchor_pass import anchor_outputs, eval_mode
 from .checks import is_int
-from .distributed import process_share
-from .natural import CoveredLayer, KroneckerFactors
-from .seeds import counter_seed, generator
 
 if TYPE_CHECKING:
     from .model import FIPModel
@@ -72,11 +71,11 @@ def gather_factors(
     """The Kronecker factors of `layers` on the anchors at `index` (eval mode), gathered in chunks of
     `metric_batch_size` anchors (default `anchor_batch_size`: a refresh holds no more activations than a step).
     The i-th anchor of `index` draws its output directions from seed `counter_seed(seed, i)` and chunk c its
-    sampled positions from `counter_seed(seed, -1 - c)` (`fip_peft.seeds`), so neither depends on the chunk size or
-    on which process gathers the chunk. `diagonal_only`: only their diagonals (no outer products).
+    sampled positions from `counter_seed(seed, -1 - c)` (`fip_peft.math.seeds`), so neither depends on the chunk size
+    or on which process gathers the chunk. `diagonal_only`: only their diagonals (no outer products).
     `across_processes` (every process must call it at the same time, as an optimizer step does): in a multi-process
     run each process gathers a contiguous share of the chunks and the shares are summed, so a refresh costs each of
-    N processes 1 / N of the passes (`fip_peft.distributed.process_share`)."""
+    N processes 1 / N of the passes (`fip_peft.math.natural.process_share`)."""
     config = fip_model.peft_config[adapter]
     memory = fip_model.memory(adapter)
     model = fip_model.model

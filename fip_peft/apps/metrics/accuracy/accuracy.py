@@ -20,7 +20,7 @@ Args:
 Returns:
     accuracy (`float`): the (weighted) fraction, or count, of correct predictions.
 Examples:
-    >>> metric = evaluate.load("path/to/fip_peft/metrics/accuracy")
+    >>> metric = evaluate.load("path/to/fip_peft/apps/metrics/accuracy")
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])
     {'accuracy': 0.6666666666666666}
 """

@@ -3,7 +3,7 @@
 Two checks, both refusing before anything moves: a training forward pass of a `FIPModel` with remembered anchors and
 no FIP optimizer (`check_fip_step`, a forward pre-hook on the base model), and a step of any optimizer that is not a
 FIP optimizer but would move such a model's parameters (`_guard_optimizer_step`, a global optimizer step pre-hook).
-They read the tuner passed in and never import `fip_peft.model`.
+They read the tuner passed in and never import `fip_peft.method.model`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .choices import CRITERIA, SCHEDULES, SCOPES  # noqa: F401 - the examples read them from here
+from ..choices import CRITERIA, SCHEDULES, SCOPES  # noqa: F401 - the examples read them from here
 
 
 def scheduled_sparsity(step: int, target: float, schedule: str, begin_step: int = 0, ramp_steps: int = 0) -> float:

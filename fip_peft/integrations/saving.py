@@ -32,11 +32,11 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_sta
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .anchor_pass import reference_outputs
-from .checks import nonfinite_names
-from .distributed import DTensor
+from ..method.anchor_pass import reference_outputs
+from ..method.checks import nonfinite_names
+from ..method.step_guard import GUARDED_MODELS
+from ..optimizers.distributed import DTensor
 from .labels import LABELS_FILE, write_labels
-from .step_guard import GUARDED_MODELS
 
 MODEL_CARD_NAME = "README.md"
 # Remembered anchors whose outputs `save_pretrained` checks before writing.
@@ -47,7 +47,7 @@ _INSTALLED = "_fip_saving_installed"
 
 
 def _holds_fip(model: PeftModel) -> bool:
-    from .model import FIPModel
+    from ..method.model import FIPModel
 
     return isinstance(getattr(model, "base_model", None), FIPModel)
 

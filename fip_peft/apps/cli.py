@@ -130,7 +130,7 @@ def load_classifier(name: str, flag: str, labels: list[str] | None):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
-    from .labels import label_kwargs
+    from ..integrations.labels import label_kwargs
 
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
@@ -188,7 +188,7 @@ def _steps_of(args: argparse.Namespace, rows: int) -> int:
 
 
 def _fip_config(args: argparse.Namespace, first_task_rows: int):
-    from .config import FIPConfig
+    from ..method.config import FIPConfig
 
     kwargs = {
         "task_type": "SEQ_CLS",
@@ -216,7 +216,7 @@ def _fip_config(args: argparse.Namespace, first_task_rows: int):
 
 def _default_learning_rate(args: argparse.Namespace, first_task_rows: int) -> float:
     """Sparsify's default learning rate: the one measured with the recipe of the target sparsity and the ramp."""
-    from .sparsity import recommended_recipe
+    from ..math.sparsity import recommended_recipe
 
     target = 0.5 if args.target_sparsity is None else args.target_sparsity  # --sparsity-scope 2:4
     ramp = args.sparsity_ramp_steps
@@ -320,8 +320,8 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, DataCollatorWithPadding, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from .evaluation import AccuracyMatrix
-    from .trainer import FIPTrainer
+    from ..integrations.trainer import FIPTrainer
+    from ..method.accuracy import AccuracyMatrix
 
     set_seed(args.seed)
     if prior is None:
@@ -473,7 +473,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 )
     _quiet_libraries(args.quiet)
 
-    from .evaluation import AccuracyMatrix
+    from ..method.accuracy import AccuracyMatrix
 
     rows = []
     for adapter in adapters:
@@ -520,7 +520,7 @@ def adapter_info(path: str, model_name: str | None = None) -> dict[str, Any]:
             key = next((k for k in handle.keys() if k.endswith("fip_memory.task_ids")), None)
             task_ids = handle.get_tensor(key) if key else None
     counts = torch.bincount(task_ids).tolist() if task_ids is not None and task_ids.numel() else []
-    from .evaluation import task_history
+    from ..method.accuracy import task_history
 
     keys = ["base_model_name_or_path", "objective", "distance", "beta", "rank", "anchor_budget", "save_anchors"]
     keys += ["target_sparsity"] if config.get("objective") == "sparsify" else []
@@ -559,7 +559,7 @@ def run_info(args: argparse.Namespace) -> int:
         anchors = task["anchors"] if task["anchors"] is not None else "none saved"
         print(f"  {index}: {task['task']}  anchors {anchors}")
     if info["accuracy_matrix"]:
-        from .evaluation import AccuracyMatrix
+        from ..method.accuracy import AccuracyMatrix
 
         print(AccuracyMatrix.from_dict(info["accuracy_matrix"]))
     if "sparsity" in info:

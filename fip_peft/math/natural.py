@@ -1,7 +1,7 @@
 """The math of the metric-preconditioned FIP step (`solver="natural"`): Kronecker factors of the metric, how they are
 estimated on the anchors (forward hooks and sampled output directions), their damped inverse and their spectrum.
-The model side (which layers, which anchors, which seeds) is `fip_peft.metric`; the sparsity scores read from the
-factors are `fip_peft.saliency`; exact matrix-free references for the tests are in `tests/_references.py`.
+The model side (which layers, which anchors, which seeds) is `fip_peft.method.metric`; the sparsity scores read from
+the factors are `fip_peft.math.saliency`; exact matrix-free references for the tests are in `tests/_references.py`.
 
 The paper's step solves argmin_theta theta^T g theta + beta <theta, grad L> with |theta| <= epsilon, where
 g = E[J^T M J] over the anchors. Its solution is theta proportional to -(g + lambda I)^-1 grad L. Here g is
@@ -511,7 +511,7 @@ class KroneckerFactors:
 
     def all_reduce(self, device: torch.device) -> None:
         """Sum, in place on every process (each must call it at the same time), the factors each process gathered on
-        its share of the anchors (`fip_peft.distributed.process_share`). Every process then holds the factors one
+        its share of the anchors (`process_share`). Every process then holds the factors one
         process would have gathered from every share in turn (up to the order of the sums)."""
         self.num_anchors = int(_summed(torch.tensor([self.num_anchors], device=device)))
         for key in sorted(self.inputs):
@@ -575,3 +575,13 @@ def _summed(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over the processes of the default group, in place."""
     dist.all_reduce(tensor)
     return tensor
+
+
+def process_share(count: int) -> range:
+    """Which of `count` work items this process takes when they are split over the processes of the default group:
+    a contiguous block (blocks in rank order). All of them outside a multi-process run, or when there are fewer
+    items than processes."""
+    if not (dist.is_available() and dist.is_initialized()) or not count >= dist.get_world_size() > 1:
+        return range(count)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return range(count * rank // world, count * (rank + 1) // world)

@@ -44,7 +44,7 @@ def label_kwargs(labels: list[str]) -> dict[str, Any]:
 
 def fip_adapters(model) -> dict[str, object]:
     """The configs of the FIP adapters of the `PeftModel` `model`, by name (empty for any other model)."""
-    from .model import FIPModel  # fip_peft.model imports much; labels are read without it
+    from ..method.model import FIPModel  # fip_peft.method.model imports much; labels are read without it
 
     if not isinstance(getattr(model, "base_model", None), FIPModel):
         return {}

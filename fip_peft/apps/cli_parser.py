@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .choices import CRITERIA, DISTANCES, OBJECTIVES, SCHEDULES, SCOPES
+from ..choices import CRITERIA, DISTANCES, OBJECTIVES, SCHEDULES, SCOPES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -152,7 +152,8 @@ def _add_training_args(parser: argparse.ArgumentParser, sparsify: bool) -> None:
         type=float,
         default=None,
         help="Peak learning rate (AdamW). Default: 1e-4 for continual learning; for sparsify the rate measured "
-        "with the recipe of --target-sparsity (fip_peft.sparsity.recommended_recipe; the pull toward sparsity moves "
+        "with the recipe of --target-sparsity (fip_peft.math.sparsity.recommended_recipe; the pull toward sparsity "
+        "moves "
         "each weight by about the learning rate per step). Raise ~10x with --rank.",
     )
     parser.add_argument(

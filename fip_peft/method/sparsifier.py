@@ -1,13 +1,13 @@
 """`Sparsifier`: the walk of `objective="sparsify"` for one adapter, on a `FIPModel`.
 
 Each optimizer step (`step`, called by the FIP optimizer) advances the schedule: on mask-update steps the mask is
-pruned to the scheduled sparsity s_t (`fip_peft.sparsity.scheduled_sparsity`); then the pull lambda (w - P_s_f(w))
+pruned to the scheduled sparsity s_t (`fip_peft.math.sparsity.scheduled_sparsity`); then the pull lambda (w - P_s_f(w))
 is added to the gradient of `delta`, P_s_f the projection of the current weights at the target sparsity by
-`FIPConfig.sparsity_criterion`. Scores: `fip_peft.sparsity` (magnitude, masks, counts) and `fip_peft.saliency`
-(saliency and OBS under the metric, gathered by `fip_peft.metric`).
+`FIPConfig.sparsity_criterion`. Scores: `fip_peft.math.sparsity` (magnitude, masks, counts) and
+`fip_peft.math.saliency` (saliency and OBS under the metric, gathered by `fip_peft.method.metric`).
 
-To add a criterion: its score in `fip_peft.saliency` (or `fip_peft.sparsity` if it needs no metric), its name in
-`fip_peft.sparsity.CRITERIA` (which `FIPConfig.sparsity_criterion` checks against), and its case in
+To add a criterion: its score in `fip_peft.math.saliency` (or `fip_peft.math.sparsity` if it needs no metric), its name
+in `fip_peft.math.sparsity.CRITERIA` (which `FIPConfig.sparsity_criterion` checks against), and its case in
 `Sparsifier.scores` (and in `Sparsifier.prune` if it moves the kept weights, as OBS does).
 """
 
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.utils import logging
 
+from ..math.natural import CoveredLayer
+from ..math.saliency import metric_saliency, obs_input_weights, obs_inverse_factor, obs_prune
+from ..math.seeds import counter_seed
+from ..math.sparsity import count_zeros, mean_pruned_magnitude, nm_masks, nm_pattern, scheduled_sparsity, score_masks
 from .checks import is_int, is_number
 from .layer import FIPLayer
 from .metric import fip_covered_layer, gather_factors
-from .natural import CoveredLayer
-from .saliency import metric_saliency, obs_input_weights, obs_inverse_factor, obs_prune
-from .seeds import counter_seed
-from .sparsity import count_zeros, mean_pruned_magnitude, nm_masks, nm_pattern, scheduled_sparsity, score_masks
 
 if TYPE_CHECKING:
     from .config import FIPConfig

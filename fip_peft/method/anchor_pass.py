@@ -1,9 +1,9 @@
 """Running the anchors through a model as the functional distance sees them: in eval mode (dropout would blur how
 far the function moved), reading the kept output (the model's, or that of `FIPConfig.anchor_output_module`).
 
-Model-free helpers: they take the base model and the settings they need, so that the tuner (`fip_peft.model`), the
-metric's gathering (`fip_peft.metric`) and the save checks (`fip_peft.saving`) share them without importing each
-other.
+Model-free helpers: they take the base model and the settings they need, so that the tuner (`fip_peft.method.model`),
+the metric's gathering (`fip_peft.method.metric`) and the save checks (`fip_peft.integrations.saving`) share them
+without importing each other.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from ..math.distances import TopKReference, distance_scale, top_k_reference
 from .anchors import POSITIONAL, AnchorInputs, num_rows
-from .distances import TopKReference, distance_scale, top_k_reference
 from .memory import check_reference_size, resolve_reference_mode
 from .model_io import model_output
 

@@ -1,10 +1,10 @@
 """Sparsity scores under the FIP metric: which entries of a target weight `objective="sparsify"` prunes first with
-`sparsity_criterion="saliency"` or `"obs"` (`fip_peft.sparsifier` gathers the metric and applies them; the magnitude
-criterion needs no metric).
+`sparsity_criterion="saliency"` or `"obs"` (`fip_peft.method.sparsifier` gathers the metric and applies them; the
+magnitude criterion needs no metric).
 
 Optimal brain damage (`metric_saliency`, LeCun et al. 1990) scores entry (i, j) of a layer's weight by the increase of
 the functional distance D when it alone is zeroed, to second order: 1/2 w_ij^2 g_(ij),(ij), with g the metric. Under
-the Kronecker metric A (x) G (`fip_peft.natural`) the diagonal is g_(ij),(ij) = G_ii A_jj, so the scores need only
+the Kronecker metric A (x) G (`fip_peft.math.natural`) the diagonal is g_(ij),(ij) = G_ii A_jj, so the scores need only
 the factors' diagonals.
 
 Optimal brain surgeon (`obs_prune`, Hassibi & Stork 1993, as SparseGPT solves it, Frantar & Alistarh 2023) also moves

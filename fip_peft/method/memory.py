@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..math.distances import TopKReference
+from ..math.seeds import counter_seed, generator
 from .anchors import AnchorInputs, concat_inputs, num_rows, pad_labels, select_rows
-from .distances import TopKReference
-from .seeds import counter_seed, generator
 
 ANCHOR_PREFIX = "anchor__"
 NO_LABEL = -100  # as transformers' ignore_index: an anchor (or a token of one) without a label

@@ -154,13 +154,3 @@ def all_processes(flag: torch.Tensor) -> torch.Tensor:
     value = flag.to(torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return value.bool()
-
-
-def process_share(count: int) -> range:
-    """Which of `count` work items this process takes when they are split over the processes of the default group:
-    a contiguous block (blocks in rank order). All of them outside a multi-process run, or when there are fewer
-    items than processes."""
-    if not (dist.is_available() and dist.is_initialized()) or not count >= dist.get_world_size() > 1:
-        return range(count)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    return range(count * rank // world, count * (rank + 1) // world)

@@ -12,8 +12,7 @@ from typing import Literal, get_args, get_type_hints
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .checks import is_int, is_number
-from .choices import (
+from ..choices import (
     CRITERIA,
     DISTANCES,
     NONFINITE_POLICIES,
@@ -29,6 +28,7 @@ from .choices import (
     SparsitySchedule,
     SparsityScope,
 )
+from .checks import is_int, is_number
 
 ANCHOR_INTERVAL_MODES = ("reuse", "scale")
 # Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
@@ -50,7 +50,7 @@ DEFAULT_LABEL_WEIGHT = 2.0
 
 @dataclass
 class FIPConfig(PeftConfig):
-    """Configuration of a [`FIPModel`][fip_peft.model.FIPModel].
+    """Configuration of a [`FIPModel`][fip_peft.method.model.FIPModel].
 
     The adapter holds the weight displacement `delta` of each target module from its base weight, so the adapted
     weight is `W + delta`. Training moves `delta` along a functionally invariant path: every optimizer step descends
@@ -156,7 +156,8 @@ class FIPConfig(PeftConfig):
             are exactly zero at the end, in [0, 1). Only target modules count (norms, biases, heads only if targeted).
             With `sparsity_scope="2:4"` it is 1/2 (leave it unset). Defaults: `sparsity_criterion`, `sparsity_scope`
             and `sparsity_schedule` left unset (`None`) resolve to the best recipe measured for `target_sparsity`
-            (`fip_peft.sparsity.recommended_recipe`, which says why and gives the Adam learning rate measured with it):
+            (`fip_peft.math.sparsity.recommended_recipe`, which says why and gives the Adam learning rate measured with
+            it):
             magnitude / global / cubic at moderate sparsity, obs / layer / constant at high, saliency / global / cubic
             at very high; obs / constant for `"2:4"`. A field given explicitly is kept and constrains the others. A
             resolved saliency or obs refuses to prune before `remember` (naming the fix); a resolved obs meeting
@@ -568,7 +569,7 @@ def _resolve_sparsity_recipe(config: FIPConfig) -> None:
     """Fill the unset (None) `sparsity_criterion`, `sparsity_scope` and `sparsity_schedule` with the best measured
     recipe for `target_sparsity` (`sparsity.recommended_recipe`), and record which in `sparsity_defaults`. Configs
     saved before these defaults carry all three explicitly and load unchanged."""
-    from .sparsity import recommended_recipe
+    from ..math.sparsity import recommended_recipe
 
     names = ("sparsity_criterion", "sparsity_scope", "sparsity_schedule")
     unset = [name for name in names if getattr(config, name) is None]
@@ -632,7 +633,7 @@ def drop_unknown_config_fields(config_cls: type, kwargs: dict) -> dict:
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        from . import __version__
+        from .. import __version__
 
         warnings.warn(
             f"The FIP adapter config has fields {unknown} that fip_peft {__version__} does not know; they are "

@@ -82,7 +82,7 @@ def _cell(value: object) -> str:
 
 def _task_history(tuner, name: str, config) -> list[str]:
     """One row per task of the adapter's history: its name and the anchors the adapter keeps for it."""
-    from .evaluation import task_history
+    from ..method.accuracy import task_history
 
     lines = ["| # | task | anchors kept |", "| --- | --- | --- |"]
     for index, (task, anchors) in enumerate(task_history(config.task_names, tuner.memory(name).anchors_per_task())):
@@ -93,7 +93,7 @@ def _task_history(tuner, name: str, config) -> list[str]:
 
 
 def _accuracy_section(matrix: dict) -> list[str]:
-    from .evaluation import AccuracyMatrix
+    from ..method.accuracy import AccuracyMatrix
 
     R = AccuracyMatrix.from_dict(matrix)
     lines = [

@@ -39,7 +39,7 @@ def register() -> None:
     install_labels()
     if PeftType.FIP in PEFT_TYPE_TO_TUNER_MAPPING:
         return
-    from .config import FIPConfig
-    from .model import FIPModel
+    from ..method.config import FIPConfig
+    from ..method.model import FIPModel
 
     register_peft_method(name=NAME.lower(), config_cls=FIPConfig, model_cls=FIPModel, prefix="fip_")

@@ -289,7 +289,7 @@ def check_saved_memory_fits(
 ) -> None:
     """Refuse a saved anchor memory `model` cannot use (`check_saved_memory`, then a forward pass on two of its
     anchors whose outputs must have the saved references' shape), before it is loaded. A failed load leaves the
-    model as it was (`fip_peft.saving`)."""
+    model as it was (`fip_peft.integrations.saving`)."""
     from .anchor_pass import reference_outputs
     from .memory import ANCHOR_PREFIX
 

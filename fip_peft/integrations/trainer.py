@@ -13,9 +13,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .distributed import check_same_anchors, check_supported_engine
-from .model_io import loss_uses_num_items
-from .optimizers.fip import _check_anchor_transform, attach_fip_step, find_fip_model
+from ..method.model_io import loss_uses_num_items
+from ..optimizers.distributed import check_same_anchors, check_supported_engine
+from ..optimizers.fip import _check_anchor_transform, attach_fip_step, find_fip_model
 from .saving import check_saved_adapter
 
 logger = logging.get_logger(__name__)
