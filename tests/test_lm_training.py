@@ -63,6 +63,51 @@ def test_remember_tokenizes_the_text_column_of_a_dataset():
     assert len(model.base_model.memory()) == 5
 
 
+def test_text_remembered_by_a_causal_lm_is_labelled_by_its_own_next_tokens():
+    model = fip_lm("gpt2", "top_k", reference_top_k=16)
+    summary = model.remember("the cat sat on a mat", tokenizer=word_tokenizer(), max_length=4)  # 7 tokens, 2 windows
+    memory = model.base_model.memory()
+    assert summary["labelled"] == summary["total"] == 2 and memory.has_labels
+    ids, mask = memory.inputs["input_ids"], memory.inputs["attention_mask"]
+    assert torch.equal(memory.labels, ids.masked_fill(mask == 0, -100))  # padding carries no label
+
+
+def test_explicit_labels_and_label_weight_zero_override_the_text_s_own_tokens():
+    model = fip_lm("gpt2", "top_k", reference_top_k=16)
+    model.remember("the cat sat on a mat", tokenizer=word_tokenizer(), max_length=4, labels=torch.full((2, 4), -100))
+    assert not model.base_model.memory().has_labels
+    quiet = fip_lm("gpt2", "top_k", reference_top_k=16, label_weight=0.0)
+    quiet.remember("the cat sat on a mat", tokenizer=word_tokenizer(), max_length=4)
+    assert quiet.base_model.memory().has_labels and quiet.peft_config["default"].label_weight == 0.0
+
+
+def language_modelling_loss(model, windows: dict[str, torch.Tensor]) -> float:
+    labels = windows["input_ids"].masked_fill(windows["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        return float(model(**windows, labels=labels).loss)
+
+
+def test_the_label_term_keeps_a_causal_lm_predicting_the_remembered_text():
+    """Training on other text moves the LM away from the remembered text; with the default label term (the
+    remembered windows' own next tokens) its language-modelling loss there stays lower than with the outputs alone."""
+    tokenizer = word_tokenizer()
+    new_task = token_anchors(rows=16, length=16)
+    losses = {}
+    for label_weight in (0.0, None):
+        model = fip_lm("gpt2", "full", rank=4, anchor_batch_size=4, beta=5.0, label_weight=label_weight)
+        model.remember(TEXTS, tokenizer=tokenizer, max_length=16)
+        windows = {k: v for k, v in model.base_model.memory().inputs.items()}
+        optimizer = fip_peft.create_fip_optimizer(model, torch.optim.AdamW, lr=3e-2)
+        torch.manual_seed(0)
+        for step in range(12):
+            batch = {k: v[step % 4 * 4 : step % 4 * 4 + 4] for k, v in new_task.items()}
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        losses[label_weight] = language_modelling_loss(model.eval(), windows)
+    assert losses[None] < 0.9 * losses[0.0], losses
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_fip_steps_run_with_gradient_checkpointing_and_keep_the_same_distance(kind):
     """Checkpointing recomputes activations in the backward pass; the FIP step's D and its gradient are the same."""

@@ -161,15 +161,16 @@ class FIPModel(BaseTuner):
 
         Labels travel with the anchors: `labels` (class indices, one per example of `data`; per token for token
         outputs, -100 for none), or else the data's own `labels`/`label` field or column, or the second element of
-        `(inputs, labels)` batches. The FIP step then adds `FIPConfig.label_weight` times their cross-entropy on the
-        anchors' logits (DER++'s label term) to the output-keeping term. Anchors without labels are kept by their
-        outputs alone. They are saved with the adapter like the anchors (`save_anchors`).
+        `(inputs, labels)` batches; raw text remembered by a causal LM is labelled by its own next tokens. The FIP
+        step then adds `FIPConfig.label_weight` times their cross-entropy on the anchors' logits (DER++'s label term)
+        to the output-keeping term. Anchors without labels are kept by their outputs alone. They are saved with the
+        adapter like the anchors (`save_anchors`).
         Returns a summary: anchors per task, total and how many are labelled.
         """
-        data = _text_as_anchors(data, tokenizer, max_length)
         check_remember_adapter(self, adapter_name)
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
+        data = _text_as_anchors(data, tokenizer, max_length, next_tokens=config.task_type == "CAUSAL_LM")
         memory = self.fip_memory[name]
         wanted = anchors_to_take(num_anchors, task_name, config.anchor_budget, memory.num_tasks)
         generator = torch.Generator().manual_seed(config.anchor_seed + memory.num_tasks)
@@ -342,15 +343,20 @@ class FIPModel(BaseTuner):
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
 
-def _text_as_anchors(data, tokenizer, max_length: int | None):
+def _text_as_anchors(data, tokenizer, max_length: int | None, next_tokens: bool = False):
     """`remember`'s `data` as token windows when it is raw text (a str, a list of str, a `datasets.Dataset` with a
     `text` column and no `input_ids`), else `data` itself; refuses a `tokenizer` or `max_length` given with data that
-    is already tokens, which would otherwise be silently ignored."""
+    is already tokens, which would otherwise be silently ignored. `next_tokens` (a causal LM): the windows carry their
+    own tokens as labels (-100 on padding), as `DataCollatorForLanguageModeling` makes them, so that the label term
+    keeps the model predicting the remembered text (DER++'s label term; `label_weight=0` keeps the outputs alone)."""
     column = getattr(data, "column_names", None)
     if isinstance(column, list) and "text" in column and "input_ids" not in column and tokenizer is not None:
         data = list(data["text"])
     if is_text(data):
-        return text_windows(data, tokenizer, max_length)
+        windows = text_windows(data, tokenizer, max_length)
+        if next_tokens:
+            windows["labels"] = windows["input_ids"].masked_fill(windows["attention_mask"] == 0, -100)
+        return windows
     if tokenizer is not None or max_length is not None:
         given = "`tokenizer`" if tokenizer is not None else f"`max_length={max_length}`"
         raise ValueError(
