@@ -12,6 +12,8 @@ Python docs' tutorial/FAQ and half the Jargon File, and zero-shot abilities scor
 - ``replay16``: LoRA r16 + ``--replay_weight`` x language-modelling loss on a batch of general-text windows per step.
 - ``fip8``, ``fip16``: FIP (distance "kl", top-k references, the package's default beta unless ``--beta``), rank r on
   the same modules, remembering the same general-text windows (``--learning_rate``).
+- ``fip16_outputs``: ``fip16`` with ``label_weight=0``: the next-token distributions alone, without the label term
+  (the remembered windows' own next tokens, which FIP uses by default for text remembered by a causal LM).
 - ``fip16_recompute``: ``fip16`` with ``reference_mode="recompute"`` (exact full-vocabulary KL to the base model).
 - ``fip_full``: FIP with a full-rank displacement (``--full_learning_rate``); slow on CPU.
 
@@ -44,7 +46,18 @@ sys.path[:0] = [str(ROOT / "examples"), str(ROOT)]
 from continual_lm import Method, evaluate, general_windows, heldout_sets, train  # noqa: E402
 from data_lm import fortune_task  # noqa: E402
 
-ALL_METHODS = ("full", "lora8", "lora16", "lora16_kl", "replay16", "fip8", "fip16", "fip16_recompute", "fip_full")
+ALL_METHODS = (
+    "full",
+    "lora8",
+    "lora16",
+    "lora16_kl",
+    "replay16",
+    "fip8",
+    "fip16",
+    "fip16_outputs",
+    "fip16_recompute",
+    "fip_full",
+)
 DEFAULT_METHODS = ("full", "lora8", "lora16", "lora16_kl", "replay16", "fip16")
 
 
@@ -58,6 +71,9 @@ def make_method(name: str, args: argparse.Namespace) -> Method:
         "replay16": Method("replay16", "replay", rank=16, learning_rate=lr, replay_weight=args.replay_weight),
         "fip8": Method("fip8", "fip", rank=8, learning_rate=lr, beta=args.beta),
         "fip16": Method("fip16", "fip", rank=16, learning_rate=lr, beta=args.beta),
+        "fip16_outputs": Method(
+            "fip16_outputs", "fip", rank=16, learning_rate=lr, beta=args.beta, extra={"label_weight": 0.0}
+        ),
         "fip16_recompute": Method(
             "fip16_recompute", "fip", rank=16, learning_rate=lr, beta=args.beta, extra={"reference_mode": "recompute"}
         ),

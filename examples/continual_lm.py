@@ -208,7 +208,8 @@ def build(method: Method, model, tokenizer, anchors: dict[str, torch.Tensor], an
             anchor_batch_size=anchor_batch_size, anchor_budget=len(anchors["input_ids"]), **method.extra,
         )  # fmt: skip
         model = get_peft_model(model, config)
-        model.remember(anchors)
+        # labelled by their own next tokens, as `remember(texts, tokenizer=...)` labels raw text for a causal LM
+        model.remember({**anchors, "labels": anchors["input_ids"].masked_fill(anchors["attention_mask"] == 0, -100)})
         return model, fip_peft.create_fip_optimizer(
             model, torch.optim.AdamW, lr=method.learning_rate, weight_decay=0.0
         )
