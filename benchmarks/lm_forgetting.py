@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             train_per_topic=args.train_per_topic, validation_per_topic=args.eval_per_topic,
             test_per_topic=args.eval_per_topic, seed=seed,
         )  # fmt: skip
-        heldout = {k: to_device(v, args.device) for k, v in heldout_sets(tokenizer, args.heldout, 128).items()}
+        heldout = {
+            k: to_device(v, args.device) for k, v in heldout_sets(tokenizer, args.heldout, 128, args.split).items()
+        }
         anchors = to_device(general_windows(tokenizer, "anchor", args.anchors, 128), args.device)
         base, _ = load_smollm2(args.cache_dir)
         start = time.perf_counter()
