@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--output_dir", default="outputs/lm_forgetting")
     parser.add_argument("--quick", action="store_true", help="smoke sizes: 2 steps, 4 anchors, tiny evaluation")
+    parser.add_argument(
+        "--figure_from", nargs="+", default=None, metavar="RESULTS_JSON",
+        help="train nothing: draw --output_dir/sweep.png from these results.json files (validation runs: the beta / "
+        "KL-weight curves; test runs: mean and min-max over seeds per method)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.max_steps, args.anchors, args.heldout, args.anchor_batch_size = 2, 4, 2, 2
@@ -141,7 +146,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             train_per_topic=args.train_per_topic, validation_per_topic=args.eval_per_topic,
             test_per_topic=args.eval_per_topic, seed=seed,
         )  # fmt: skip
-        heldout = {k: to_device(v, args.device) for k, v in heldout_sets(tokenizer, args.heldout, 128).items()}
+        heldout = {
+            k: to_device(v, args.device) for k, v in heldout_sets(tokenizer, args.heldout, 128, args.split).items()
+        }
         anchors = to_device(general_windows(tokenizer, "anchor", args.anchors, 128), args.device)
         base, _ = load_smollm2(args.cache_dir)
         start = time.perf_counter()
@@ -253,5 +260,74 @@ def _pareto(mean: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _setting(row: dict, args: dict) -> float | None:
+    if row["method"].startswith("fip"):
+        return args["beta"]
+    return args["kl_weight"] if row["method"].endswith("_kl") else None
+
+
+def sweep_figure(paths: list[str], path: Path) -> None:
+    """Left: the validation runs in `paths` (new-task accuracy against python-docs perplexity change), FIP's points
+    joined in order of beta and LoRA+KL's in order of KL weight. Right: the test runs, mean over seeds per method
+    with min-max bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for run_ in (r for r in runs if r["args"]["split"] == "validation"):
+        for row in run_["rows"]:
+            if row["method"] == "base":
+                continue
+            value = _setting(row, run_["args"])
+            curves.setdefault(row["method"], []).append(
+                (value if value is not None else 0.0, row["dppl_python_docs"], 100 * row["task_accuracy"])
+            )
+    ax = axes[0]
+    for name, points in sorted(curves.items()):
+        points = sorted(set(points))
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="*" if name.startswith("fip") else "o",
+                label=name)  # fmt: skip
+        for value, rise, acc in points:
+            if name in ("fip16", "lora16_kl"):
+                offset = (3, 3) if name.startswith("fip") else (3, -9)
+                ax.annotate(f"{value:g}", (rise, acc), textcoords="offset points", xytext=offset, fontsize=7)
+    ax.set_title("validation, seed 0 (labels: beta / KL weight)")
+    ax = axes[1]
+    groups: dict[str, list[dict]] = {}
+    for run_ in (r for r in runs if r["args"]["split"] == "test"):
+        for row in run_["rows"]:
+            if row["method"] != "base":
+                groups.setdefault(row["method"], []).append(row)
+    for name, rows in groups.items():
+        rises = [r["dppl_python_docs"] for r in rows]
+        accs = [100 * r["task_accuracy"] for r in rows]
+        x, y = sum(rises) / len(rises), sum(accs) / len(accs)
+        ax.errorbar(
+            [x], [y], xerr=[[x - min(rises)], [max(rises) - x]], yerr=[[y - min(accs)], [max(accs) - y]],
+            marker="*" if name.startswith("fip") else "o", capsize=3, label=f"{name} ({len(rows)} seeds)",
+        )  # fmt: skip
+    ax.set_title("test, mean and min-max over seeds")
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=2.0)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_xlabel("python-docs perplexity change (symlog; left is better)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("new-task accuracy, % (up is better)")
+    fig.suptitle("SmolLM2-135M on fortunes topics: learning vs forgetting")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    arguments = parse_args()
+    if arguments.figure_from:
+        Path(arguments.output_dir).mkdir(parents=True, exist_ok=True)
+        sweep_figure(arguments.figure_from, Path(arguments.output_dir) / "sweep.png")
+    else:
+        run(arguments)

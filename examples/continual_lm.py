@@ -294,17 +294,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def heldout_sets(tokenizer, count: int, max_length: int) -> dict[str, dict[str, torch.Tensor]]:
+def heldout_sets(tokenizer, count: int, max_length: int, split: str = "test") -> dict[str, dict[str, torch.Tensor]]:
+    """`count` held-out windows per general text: the first `count` for `split="test"`, the next `count` (disjoint
+    text, same files) for `split="validation"`, so that settings picked on validation never see the test text."""
     from fip_peft.method.anchors import text_windows
 
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', not {split!r}")
+    offset = count if split == "validation" else 0
+    chars = (offset + count) * max_length * 6
     sets = {}
     for name, texts in (
-        ("python_docs", python_doc_texts("heldout", max_chars=count * max_length * 6)),
-        ("jargon", jargon_texts("heldout", max_chars=count * max_length * 6)),
+        ("python_docs", python_doc_texts("heldout", max_chars=chars)),
+        ("jargon", jargon_texts("heldout", max_chars=chars)),
     ):
         windows = text_windows(texts, tokenizer, max_length)
         full = windows["attention_mask"].all(dim=1)
-        sets[name] = {k: v[full][:count] for k, v in windows.items()}
+        sets[name] = {k: v[full][offset : offset + count] for k, v in windows.items()}
+        if len(sets[name]["input_ids"]) < count:
+            raise ValueError(f"only {len(sets[name]['input_ids'])} {split} windows of {name}, {count} asked")
     return sets
 
 
