@@ -22,9 +22,12 @@ NEW_TEXTS = [" ".join(WORDS[::-1][i::3][:7]) for i in range(3)] * 4
 
 
 def fip_llama():
+    # label_weight=0: the next-token distributions alone, whose KL these tests read; the label term (the remembered
+    # text's own tokens) also trains the model on that text (tests/test_lm_training.py pins it)
     config = FIPConfig(
-        task_type="CAUSAL_LM", distance="kl", rank=4, reference_mode="full", anchor_batch_size=8, beta=0.05
-    )
+        task_type="CAUSAL_LM", distance="kl", rank=4, reference_mode="full", anchor_batch_size=8, beta=0.05,
+        label_weight=0.0,
+    )  # fmt: skip
     return get_peft_model(tiny_lm("llama", peak=4.0), config)
 
 
