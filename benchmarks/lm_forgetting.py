@@ -266,6 +266,10 @@ def _setting(row: dict, args: dict) -> float | None:
     return args["kl_weight"] if row["method"].endswith("_kl") else None
 
 
+def _color(name: str) -> str:
+    return f"C{ALL_METHODS.index(name)}" if name in ALL_METHODS else "black"
+
+
 def sweep_figure(paths: list[str], path: Path) -> None:
     """Left: the validation runs in `paths` (new-task accuracy against python-docs perplexity change), FIP's points
     joined in order of beta and LoRA+KL's in order of KL weight. Right: the test runs, mean over seeds per method
@@ -290,7 +294,7 @@ def sweep_figure(paths: list[str], path: Path) -> None:
     for name, points in sorted(curves.items()):
         points = sorted(set(points))
         ax.plot([p[1] for p in points], [p[2] for p in points], marker="*" if name.startswith("fip") else "o",
-                label=name)  # fmt: skip
+                label=name, color=_color(name))  # fmt: skip
         for value, rise, acc in points:
             if name in ("fip16", "lora16_kl"):
                 offset = (3, 3) if name.startswith("fip") else (3, -9)
@@ -309,14 +313,15 @@ def sweep_figure(paths: list[str], path: Path) -> None:
         ax.errorbar(
             [x], [y], xerr=[[x - min(rises)], [max(rises) - x]], yerr=[[y - min(accs)], [max(accs) - y]],
             marker="*" if name.startswith("fip") else "o", capsize=3, label=f"{name} ({len(rows)} seeds)",
+            color=_color(name),
         )  # fmt: skip
     ax.set_title("test, mean and min-max over seeds")
-    for ax in axes:
+    for ax, corner in zip(axes, ("lower right", "upper left"), strict=True):
         ax.set_xscale("symlog", linthresh=2.0)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_xlabel("python-docs perplexity change (symlog; left is better)")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc=corner)
     axes[0].set_ylabel("new-task accuracy, % (up is better)")
     fig.suptitle("SmolLM2-135M on fortunes topics: learning vs forgetting")
     fig.tight_layout()
