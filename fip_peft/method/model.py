@@ -163,10 +163,8 @@ class FIPModel(BaseTuner):
         outputs, -100 for none), or else the data's own `labels`/`label` field or column, or the second element of
         `(inputs, labels)` batches; raw text remembered by a causal LM is labelled by its own next tokens. The FIP
         step then adds `FIPConfig.label_weight` times their cross-entropy on the anchors' logits (DER++'s label term)
-        to the output-keeping term. Anchors without labels are kept by their outputs alone. They are saved with the
-        adapter like the anchors (`save_anchors`).
-        Returns a summary: anchors per task, total and how many are labelled.
-        """
+        to the output-keeping term; anchors without labels are kept by their outputs alone. Labels are saved with the
+        anchors (`save_anchors`). Returns a summary: anchors per task, total and how many are labelled."""
         check_remember_adapter(self, adapter_name)
         name = self._adapter(adapter_name)
         config: FIPConfig = self.peft_config[name]
