@@ -16,6 +16,7 @@ SparsityScope = Literal["global", "layer", "2:4"]
 SparsityCriterion = Literal["magnitude", "saliency", "obs"]
 NonfinitePolicy = Literal["skip", "raise"]
 ReferenceMode = Literal["auto", "full", "top_k", "recompute"]
+AnchorIntervalMode = Literal["reuse", "scale"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DISTANCES: tuple[str, ...] = get_args(Distance)
@@ -24,3 +25,4 @@ SCOPES: tuple[str, ...] = get_args(SparsityScope)
 CRITERIA: tuple[str, ...] = get_args(SparsityCriterion)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
 REFERENCE_MODES: tuple[str, ...] = get_args(ReferenceMode)
+ANCHOR_INTERVAL_MODES: tuple[str, ...] = get_args(AnchorIntervalMode)

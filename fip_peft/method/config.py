@@ -13,6 +13,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ..choices import (
+    ANCHOR_INTERVAL_MODES,
     CRITERIA,
     DISTANCES,
     NONFINITE_POLICIES,
@@ -20,6 +21,7 @@ from ..choices import (
     REFERENCE_MODES,
     SCHEDULES,
     SCOPES,
+    AnchorIntervalMode,
     Distance,
     NonfinitePolicy,
     Objective,
@@ -30,7 +32,6 @@ from ..choices import (
 )
 from .checks import is_int, is_number
 
-ANCHOR_INTERVAL_MODES = ("reuse", "scale")
 # Defaults of `beta`, measured on the acceptance tasks (tests/test_function_preservation.py, docs/benchmarks.md):
 # a low-rank displacement can move in few directions, so it needs a weaker hold on the old outputs to learn.
 DEFAULT_BETA_FULL_RANK = 0.4
@@ -242,7 +243,7 @@ class FIPConfig(PeftConfig):
         default=1,
         metadata={"help": "Optimizer steps per anchor pass (>= 1); k > 1 runs the pass every k-th step only."},
     )
-    anchor_interval_mode: Literal["reuse", "scale"] = field(
+    anchor_interval_mode: AnchorIntervalMode = field(
         default="reuse",
         metadata={
             "help": "anchor_interval > 1: 'reuse' re-adds the last pass's gradient at the steps between passes; "
