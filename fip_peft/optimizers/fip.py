@@ -80,10 +80,7 @@ class FIPStepMixin:
                 return None
             objective, distance = found
             objective.backward()
-        value = distance.detach()
-        self.fip_distance_sum = self.fip_distance_sum + value
-        self.fip_distance_count += 1
-        return value
+        return self._record_distance(distance)
 
     def _anchor_objective(self, config) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(1 / beta) D + label_weight * CE on the next anchor batch, and D; None when nothing is remembered."""
@@ -131,8 +128,10 @@ class FIPStepMixin:
                     kept.append((p, anchor))
                     p.grad = anchor.clone() if gradient is None else gradient.add_(anchor)
             self._fip_anchor_cache = None if found is None else (memory.reference, kept)
-        if found is None:
-            return None
+        return None if found is None else self._record_distance(distance)
+
+    def _record_distance(self, distance: torch.Tensor) -> torch.Tensor:
+        """Add the pass's D to what `FIPTrainer` averages into `fip_distance`, and return it detached."""
         value = distance.detach()
         self.fip_distance_sum = self.fip_distance_sum + value
         self.fip_distance_count += 1
