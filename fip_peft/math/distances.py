@@ -143,8 +143,21 @@ def distance_scale(reference: torch.Tensor, kind: str) -> float:
     """
     if kind != "logits" or reference.numel() == 0:
         return 1.0
-    centred = reference.float() - reference.float().mean(dim=-1, keepdim=True)
-    return max(float(centred.pow(2).sum(dim=-1).mean()), 1e-8)
+    return scale_of_rows(row_scales(reference))
+
+
+def row_scales(outputs: torch.Tensor) -> torch.Tensor:
+    """Per anchor, the mean over its positions of the centred squared norm of its outputs (`distance_scale`'s
+    summand), so that the scale of outputs too big to hold at once is computed chunk by chunk (`scale_of_rows`)."""
+    centred = outputs.float() - outputs.float().mean(dim=-1, keepdim=True)
+    norms = centred.pow(2).sum(dim=-1)
+    return norms.reshape(norms.shape[0], -1).mean(dim=1) if norms.dim() else norms.reshape(1)  # (N,) outputs: one
+
+
+def scale_of_rows(rows: torch.Tensor) -> float:
+    """`distance_scale` from the `row_scales` of every anchor (anchors have the same positions, so the mean of the
+    rows' means is the mean over all positions)."""
+    return max(float(rows.mean()), 1e-8)
 
 
 def anchor_label_loss(

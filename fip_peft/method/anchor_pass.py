@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..math.distances import TopKReference, distance_scale, top_k_reference
+from ..math.distances import TopKReference, distance_scale, row_scales, scale_of_rows, top_k_reference
 from .anchors import POSITIONAL, AnchorInputs, num_rows
 from .memory import check_reference_size, resolve_reference_mode
 from .model_io import model_output
@@ -175,18 +175,8 @@ def record_references(
             model, inputs, output_module, lambda out: top_k_reference(out, k).to("cpu"), per_anchor_bytes
         )
         return TopKReference(*(torch.cat(parts) for parts in zip(*chunks, strict=True))), 1.0  # softmax: scale-free
-    with adapters_disabled(model):  # recompute: only the scale of the base model's outputs is kept
-        scales = reference_outputs(
-            model, inputs, output_module, lambda out: _row_scales(out, config.distance), per_anchor_bytes
-        )
-    return None, max(float(torch.cat(scales).mean()), 1e-8) if config.distance == "logits" else 1.0
-
-
-def _row_scales(outputs: torch.Tensor, distance: str) -> torch.Tensor:
-    """Per anchor, the mean over its positions of the centred squared norm of its outputs (`distance_scale`'s
-    summand), so that the scale of references never kept can be computed chunk by chunk."""
-    rows = outputs.shape[0]
-    if distance != "logits" or outputs.numel() == 0:
-        return torch.ones(rows)
-    centred = outputs.float() - outputs.float().mean(dim=-1, keepdim=True)
-    return centred.pow(2).sum(dim=-1).reshape(rows, -1).mean(dim=1).cpu()
+    if config.distance != "logits":  # recompute, softmax distance: scale-free, nothing of the base model is kept
+        return None, 1.0
+    with adapters_disabled(model):  # recompute, logit distance: only the scale of the base model's outputs is kept
+        scales = reference_outputs(model, inputs, output_module, lambda out: row_scales(out).cpu(), per_anchor_bytes)
+    return None, scale_of_rows(torch.cat(scales))
